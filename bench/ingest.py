@@ -1,0 +1,657 @@
+#!/usr/bin/env python
+"""Ingest benchmark: crm-bridge against a bare aiohttp handler, same client, same payload.
+
+    python bench/ingest.py [--requests N] [--concurrency C] [--duration S] [--rounds R]
+
+Two servers run as separate processes for the whole run:
+
+* bare: an aiohttp handler that reads the body, json.loads it and answers 202 with a small JSON
+  body, storing nothing (this file, `_bare` mode);
+* bridge: `crm-bridge serve` with a temporary config: SQLite store in a temp dir, the supersend
+  source with a token sent in `X-Webhook-Token`, hubspot and salesforce without credentials (they
+  run dry) and the rules of config.example.yaml, so rules are evaluated and deliveries stored and
+  (dry-)delivered as in real use.
+
+Each measured round is a fresh load-generator process (this file, `_load` mode): one aiohttp
+ClientSession with TCPConnector(limit=C), C workers each sending N/C requests (every body unique:
+contact.email and contact.updatedAt vary, so nothing is de-duplicated), after an unmeasured
+warm-up. Rounds interleave the targets in ABBA order (bare, bridge | bridge, bare | ...), and the
+summary is the median over rounds. Between segments the bench waits until both servers are idle,
+so the bridge's delivery backlog never runs during the bare handler's round; how long the bridge
+took to drain is reported.
+
+After the run the bridge is stopped and its SQLite file opened: the number of stored events must
+equal the number of unique payloads acknowledged with 202 (warm-ups included), and the number of
+stored deliveries the number the 202 answers listed. Exit status 1 if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import copy
+import json
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PAYLOAD = ROOT / "tests" / "data" / "supersend-click.json"
+EXAMPLE_CONFIG = ROOT / "config.example.yaml"
+TOKEN = "bench-token-" + uuid.uuid4().hex[:12]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+START_TIMEOUT = 30.0  # seconds a server gets to start listening
+STOP_TIMEOUT = 40.0  # seconds a server gets to stop on SIGTERM before SIGKILL
+IDLE_TIMEOUT = 20.0  # seconds the bench waits at most for servers to go idle between segments
+
+# Used only when tests/data/supersend-click.json or config.example.yaml cannot be read.
+FALLBACK_PAYLOAD: dict[str, Any] = {
+    "type": "click",
+    "CampaignId": "d9ff359d-8d50-378b-989a-34100a0503c1",
+    "contact": {
+        "id": "345b2b81-b2cf-4879-bf46-73a33275e22b",
+        "first_name": None,
+        "last_name": None,
+        "email": "andrew@xoxo.capital",
+        "interest": "interested",
+        "clicked": True,
+        "appointment": False,
+        "createdAt": "2023-01-26T04:41:10.639Z",
+        "updatedAt": "2023-01-26T04:48:04.762Z",
+        "Sender": {"id": "2744c004", "provider": "smtp", "email": "ap@supersend.io"},
+    },
+}
+FALLBACK_RULES: list[dict[str, Any]] = [
+    {
+        "name": "interested-to-hubspot",
+        "when": "type == 'interest' and contact.interest == 'interested'",
+        "connector": "hubspot",
+        "action": "upsert_contact",
+        "fields": {
+            "firstname": "{{ contact.first_name }}",
+            "lastname": "{{ contact.last_name }}",
+            "hs_lead_status": "OPEN",
+        },
+    },
+    {
+        "name": "interested-to-salesforce",
+        "when": "type == 'interest' and contact.interest == 'interested'",
+        "connector": "salesforce",
+        "action": "upsert_lead",
+        "fields": {"LastName": "{{ contact.last_name }}", "LeadSource": "Supersend"},
+    },
+    {
+        "name": "interested-click-to-hubspot",
+        "when": "type == 'click' and contact.interest == 'interested'",
+        "connector": "hubspot",
+        "action": "upsert_contact",
+        "fields": {
+            "firstname": "{{ contact.first_name }}",
+            "lastname": "{{ contact.last_name }}",
+            "hs_lead_status": "OPEN",
+        },
+    },
+]
+
+
+# --------------------------------------------------------------------------- bare server mode
+
+
+async def _bare_serve(port: int) -> None:
+    from aiohttp import web
+
+    async def handle(request: web.Request) -> web.Response:
+        data = json.loads(await request.read())
+        return web.json_response(
+            {"event_id": uuid.uuid4().hex, "duplicate": False, "type": data.get("type")},
+            status=202,
+        )
+
+    app = web.Application(client_max_size=256 * 1024)
+    app.router.add_post("/webhooks/{source}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    host, bound = runner.addresses[0][:2]
+    line = {"action": "server.listening", "url": f"http://{host}:{bound}"}
+    print(json.dumps(line), file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+# --------------------------------------------------------------------------- load generator mode
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def make_bodies(template: dict[str, Any], tag: str, count: int) -> list[bytes]:
+    """`count` distinct bodies: the template with a unique contact.email and updatedAt each."""
+    base = datetime(2024, 1, 1, tzinfo=UTC)
+    out = []
+    for i in range(count):
+        data = copy.deepcopy(template)
+        contact = data.setdefault("contact", {})
+        contact["email"] = f"bench-{tag}-{i}@example.com"
+        stamp = base + timedelta(milliseconds=i)
+        contact["updatedAt"] = stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        out.append(json.dumps(data).encode())
+    return out
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of an already sorted list (0 when empty)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, min(len(sorted_values), round(pct / 100 * len(sorted_values) + 0.5)))
+    return sorted_values[rank - 1]
+
+
+@dataclass
+class LoadStats:
+    sent: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    acked: int = 0  # answered 202
+    acked_new: int = 0  # answered 202 and not flagged as a duplicate
+    duplicates: int = 0
+    deliveries: int = 0  # deliveries listed in the 202 answers
+    latencies: list[float] = field(default_factory=list)
+
+    def record(self, status: int, raw: bytes, latency: float) -> None:
+        self.statuses[status] += 1
+        self.latencies.append(latency)
+        if status != 202:
+            return
+        self.acked += 1
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            self.errors["202 without JSON"] += 1
+            return
+        if answer.get("duplicate"):
+            self.duplicates += 1
+        else:
+            self.acked_new += 1
+            self.deliveries += len(answer.get("deliveries") or ())
+
+
+async def _send_all(
+    session: Any,
+    url: str,
+    headers: dict[str, str],
+    bodies: list[bytes],
+    deadline: float,
+    stats: LoadStats,
+) -> None:
+    import aiohttp
+
+    for body in bodies:
+        if time.perf_counter() > deadline:
+            return
+        stats.sent += 1
+        start = time.perf_counter()
+        try:
+            async with session.post(url, data=body, headers=headers) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            stats.errors[type(exc).__name__] += 1
+            continue
+        stats.record(status, raw, time.perf_counter() - start)
+
+
+async def _phase(
+    session: Any,
+    url: str,
+    headers: dict[str, str],
+    bodies: list[bytes],
+    workers: int,
+    seconds: float,
+) -> tuple[LoadStats, float]:
+    stats = LoadStats()
+    deadline = time.perf_counter() + seconds
+    start = time.perf_counter()
+    await asyncio.gather(
+        *(
+            _send_all(session, url, headers, bodies[w::workers], deadline, stats)
+            for w in range(workers)
+        )
+    )
+    return stats, time.perf_counter() - start
+
+
+async def _load(args: argparse.Namespace) -> dict[str, Any]:
+    import aiohttp
+
+    template = json.loads(Path(args.payload).read_text())
+    warm = make_bodies(template, f"{args.tag}w", args.warmup)
+    bodies = make_bodies(template, f"{args.tag}m", args.requests)
+    headers = {"Content-Type": "application/json", "X-Webhook-Token": args.token}
+    connector = aiohttp.TCPConnector(limit=args.concurrency)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        warm_stats, _ = await _phase(
+            session, args.url, headers, warm, args.concurrency, args.warmup_seconds
+        )
+        server_cpu0, client_cpu0 = _cpu_seconds(args.pid), _own_cpu_seconds()
+        stats, elapsed = await _phase(
+            session, args.url, headers, bodies, args.concurrency, args.duration
+        )
+        server_cpu = _cpu_seconds(args.pid) - server_cpu0
+        client_cpu = _own_cpu_seconds() - client_cpu0
+    lat = sorted(stats.latencies)
+    return {
+        "requests": stats.sent,
+        "statuses": {str(k): v for k, v in sorted(stats.statuses.items())},
+        "errors": dict(stats.errors) | {f"warm-up {k}": v for k, v in warm_stats.errors.items()},
+        "elapsed": elapsed,
+        "acked": stats.acked,
+        "rate": stats.acked / elapsed if elapsed > 0 else 0.0,
+        "p50_ms": percentile(lat, 50) * 1000,
+        "p90_ms": percentile(lat, 90) * 1000,
+        "p99_ms": percentile(lat, 99) * 1000,
+        "max_ms": (lat[-1] if lat else 0.0) * 1000,
+        "server_cpu": server_cpu / elapsed if elapsed > 0 else 0.0,
+        "client_cpu": client_cpu / elapsed if elapsed > 0 else 0.0,
+        "warmup_requests": warm_stats.sent,
+        "warmup_non_202": warm_stats.sent - warm_stats.acked,
+        # Over warm-up and measured phase: what the bridge must have stored.
+        "acked_new_total": stats.acked_new + warm_stats.acked_new,
+        "duplicates_total": stats.duplicates + warm_stats.duplicates,
+        "deliveries_total": stats.deliveries + warm_stats.deliveries,
+        "non_202_total": (stats.sent - stats.acked) + (warm_stats.sent - warm_stats.acked),
+    }
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+class Server:
+    """A server subprocess whose stderr goes to a file, found listening by its JSON log line."""
+
+    def __init__(self, name: str, cmd: list[str], log_path: Path) -> None:
+        self.name, self.cmd, self.log_path = name, cmd, log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                self.cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            url = self._listening_url()
+            if url:
+                self.url = url
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        tail = self.log_path.read_text(errors="replace")[-3000:]
+        self.stop()
+        raise RuntimeError(f"{self.name} did not start listening:\n{tail}")
+
+    def _listening_url(self) -> str:
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if '"server.listening"' not in line:
+                continue
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if entry.get("action") == "server.listening":
+                    return str(entry["url"])
+        return ""
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            return None
+
+
+def wait_idle(pids: list[int], timeout: float = IDLE_TIMEOUT, threshold: float = 0.05) -> float:
+    """Wait until every process uses under `threshold` of a core over 0.3 s; the time it took."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        before = [_cpu_seconds(p) for p in pids]
+        time.sleep(0.3)
+        used = [_cpu_seconds(p) - b for p, b in zip(pids, before, strict=True)]
+        if max(used) / 0.3 < threshold:
+            return time.monotonic() - start
+    return -1.0
+
+
+def example_rules() -> tuple[list[dict[str, Any]], str]:
+    import yaml
+
+    try:
+        rules = yaml.safe_load(EXAMPLE_CONFIG.read_text()).get("rules")
+    except (OSError, yaml.YAMLError, AttributeError):
+        rules = None
+    if isinstance(rules, list) and rules:
+        return rules, str(EXAMPLE_CONFIG.relative_to(ROOT))
+    return FALLBACK_RULES, "built-in copy"
+
+
+def write_bridge_config(tmp: Path) -> tuple[Path, str]:
+    import yaml
+
+    rules, origin = example_rules()
+    config = {
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown_timeout": 20},
+        "sources": {"supersend": {"kind": "supersend", "tokens": [TOKEN]}},
+        "store": {"type": "sqlite", "path": str(tmp / "bench.db")},
+        # No credentials: both connectors run dry (log and store what they would write).
+        "connectors": {"hubspot": {"type": "hubspot"}, "salesforce": {"type": "salesforce"}},
+        "rules": rules,
+        "logging": {"level": "INFO", "format": "json"},
+    }
+    path = tmp / "bridge.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path, origin
+
+
+def bridge_command(config: Path) -> list[str]:
+    script = Path(sys.executable).with_name("crm-bridge")
+    prefix = [str(script)] if script.exists() else [sys.executable, "-m", "bridge"]
+    return [*prefix, "serve", "--config", str(config), "--port", "0"]
+
+
+def run_load(args: argparse.Namespace, server: Server, payload: Path, tag: str) -> dict[str, Any]:
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()), "_load",
+        "--url", server.url + "/webhooks/supersend", "--pid", str(server.pid),
+        "--payload", str(payload), "--token", TOKEN, "--tag", tag,
+        "--requests", str(args.requests), "--concurrency", str(args.concurrency),
+        "--duration", str(args.duration), "--warmup", str(args.warmup),
+        "--warmup-seconds", str(args.warmup_seconds),
+    ]  # fmt: skip
+    limit = args.duration + args.warmup_seconds + 60
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def start_profiler(args: argparse.Namespace, pid: int) -> subprocess.Popen[bytes] | None:
+    if not args.profile:
+        return None
+    spy = Path(sys.executable).with_name("py-spy")
+    fmt = {".svg": "flamegraph", ".json": "speedscope"}.get(Path(args.profile).suffix, "raw")
+    cmd = [
+        str(spy) if spy.exists() else "py-spy", "record", "--pid", str(pid), "--threads",
+        "--nonblocking", "--rate", "100", "--format", fmt, "--output", args.profile,
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+
+def stop_profiler(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def store_counts(db: Path) -> dict[str, Any]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        events = conn.execute("SELECT count(*), count(DISTINCT idempotency_key) FROM events")
+        total, distinct = events.fetchone()
+        bench = conn.execute("SELECT count(*) FROM events WHERE email LIKE 'bench-%'").fetchone()
+        rows = conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status").fetchall()
+    finally:
+        conn.close()
+    return {
+        "events": total,
+        "distinct_keys": distinct,
+        "bench_events": bench[0],
+        "deliveries": dict(rows),
+    }
+
+
+def _measure(
+    args: argparse.Namespace, servers: dict[str, Server], payload: Path, run_id: str
+) -> list[dict[str, Any]]:
+    rounds: list[dict[str, Any]] = []
+    pids = [s.pid for s in servers.values()]
+    for r in range(1, args.rounds + 1):
+        order = ["bare", "bridge"] if r % 2 else ["bridge", "bare"]
+        for target in order:
+            wait_idle(pids)
+            result = run_load(args, servers[target], payload, f"{run_id}-{r}{target[:2]}")
+            result["drain_s"] = wait_idle(pids) if target == "bridge" else 0.0
+            result |= {"target": target, "round": r}
+            rounds.append(result)
+            print(
+                f"  round {r} {target:<6} {result['rate']:8.0f} ev/s  "
+                f"p50 {result['p50_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
+    return rounds
+
+
+def summarise(rounds: list[dict[str, Any]], target: str) -> dict[str, float]:
+    mine = [r for r in rounds if r["target"] == target]
+    keys = ("rate", "p50_ms", "p99_ms", "server_cpu", "client_cpu")
+    return {k: statistics.median(r[k] for r in mine) for k in keys}
+
+
+def verify(rounds: list[dict[str, Any]], counts: dict[str, Any]) -> list[str]:
+    """Problems found: anything but 202 from the bridge, or stored != acknowledged."""
+    problems = []
+    bridge = [r for r in rounds if r["target"] == "bridge"]
+    for r in rounds:
+        if r["errors"]:
+            problems.append(f"round {r['round']} {r['target']}: errors {r['errors']}")
+    for r in bridge:
+        if r["non_202_total"]:
+            problems.append(
+                f"round {r['round']} bridge: {r['non_202_total']} requests not answered 202 "
+                f"({r['statuses']}, warm-up non-202: {r['warmup_non_202']})"
+            )
+    acked = sum(r["acked_new_total"] for r in bridge)
+    dups = sum(r["duplicates_total"] for r in bridge)
+    if dups:
+        problems.append(f"bridge flagged {dups} unique payloads as duplicates")
+    if counts["events"] != acked:
+        problems.append(f"stored events {counts['events']} != acknowledged unique {acked}")
+    if counts["distinct_keys"] != counts["events"]:
+        problems.append("stored events do not all have distinct idempotency keys")
+    expected = sum(r["deliveries_total"] for r in bridge)
+    stored = sum(counts["deliveries"].values())
+    if stored != expected:
+        problems.append(f"stored deliveries {stored} != deliveries acknowledged {expected}")
+    return problems
+
+
+def report(
+    args: argparse.Namespace,
+    rounds: list[dict[str, Any]],
+    counts: dict[str, Any],
+    problems: list[str],
+    rules_origin: str,
+) -> None:
+    print(
+        f"\ncrm-bridge ingest benchmark: {args.requests} requests/round (cap {args.duration:g} s), "
+        f"concurrency {args.concurrency}, warm-up {args.warmup} requests, {args.rounds} rounds; "
+        f"{os.cpu_count()} CPUs; rules from {rules_origin}"
+    )
+    print("order: interleaved ABBA (bare, bridge | bridge, bare | ...); summary = median of rounds")
+    print("CPU columns: share of one core used during the measured phase (server: all threads)\n")
+    head = ("target", "round", "sent", "202", "elapsed s", "ev/s", "p50 ms", "p99 ms", "max ms",
+            "srv CPU", "cli CPU", "drain s")  # fmt: skip
+    print("{:<7}{:>6}{:>7}{:>7}{:>10}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}".format(*head))
+    for r in rounds:
+        print(
+            f"{r['target']:<7}{r['round']:>6}{r['requests']:>7}{r['acked']:>7}"
+            f"{r['elapsed']:>10.2f}{r['rate']:>9.0f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
+            f"{r['max_ms']:>9.1f}{r['server_cpu']:>8.0%} {r['client_cpu']:>8.0%} "
+            + (f"{r['drain_s']:>8.1f}" if r["target"] == "bridge" else f"{'':>8}")
+        )
+    bare, bridge = summarise(rounds, "bare"), summarise(rounds, "bridge")
+    print(f"\n{'median':<12}{'bare':>12}{'crm-bridge':>12}{'bridge/bare':>13}")
+    for key, label, fmt in (
+        ("rate", "events/s", "{:>12.0f}"),
+        ("p50_ms", "p50 ms", "{:>12.2f}"),
+        ("p99_ms", "p99 ms", "{:>12.2f}"),
+    ):
+        ratio = bridge[key] / bare[key] if bare[key] else float("nan")
+        print(f"{label:<12}" + fmt.format(bare[key]) + fmt.format(bridge[key]) + f"{ratio:>12.2f}x")
+    share = bridge["rate"] / bare["rate"] if bare["rate"] else 0.0
+    verdict = "met" if share >= 0.60 else "NOT met"
+    print(f"\nthroughput goal (bridge >= 60% of bare): {share:.1%}, {verdict}")
+    if bare["client_cpu"] > 0.9:
+        print("note: the client used ~a full core on the bare target: bare may be client-bound")
+    print(
+        f"store after stop: {counts['events']} events ({counts['bench_events']} from the bench), "
+        f"deliveries by status {counts['deliveries']}"
+    )
+    print("verification: " + ("OK" if not problems else "FAILED"))
+    for p in problems:
+        print(f"  - {p}")
+    if args.profile:
+        print(f"\nprofile of crm-bridge written to {args.profile} (figures above were profiled)")
+
+
+def orchestrate(args: argparse.Namespace) -> int:
+    run_id = uuid.uuid4().hex[:6]
+    with tempfile.TemporaryDirectory(prefix="crm-bridge-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        payload = tmp / "payload.json"
+        if args.payload.exists():
+            payload.write_bytes(args.payload.read_bytes())
+        else:
+            payload.write_text(json.dumps(FALLBACK_PAYLOAD))
+        config, rules_origin = write_bridge_config(tmp)
+        bare_cmd = [sys.executable, str(Path(__file__).resolve()), "_bare"]
+        servers = {
+            "bare": Server("bare handler", bare_cmd, tmp / "bare.log"),
+            "bridge": Server("crm-bridge", bridge_command(config), tmp / "bridge.log"),
+        }
+        profiler = None
+        try:
+            for server in servers.values():
+                server.start()
+            print(
+                f"bare at {servers['bare'].url} (pid {servers['bare'].pid}), crm-bridge at "
+                f"{servers['bridge'].url} (pid {servers['bridge'].pid})",
+                file=sys.stderr,
+            )
+            profiler = start_profiler(args, servers["bridge"].pid)
+            rounds = _measure(args, servers, payload, run_id)
+        finally:
+            stop_profiler(profiler)
+            codes = {name: s.stop() for name, s in servers.items()}
+            if args.keep_log:
+                Path(args.keep_log).write_bytes((tmp / "bridge.log").read_bytes())
+        if codes["bridge"] != 0:
+            print(f"crm-bridge exited with {codes['bridge']}", file=sys.stderr)
+        counts = store_counts(tmp / "bench.db")
+    problems = verify(rounds, counts)
+    if codes["bridge"] != 0:
+        problems.append(f"crm-bridge did not stop cleanly (exit status {codes['bridge']})")
+    report(args, rounds, counts, problems, rules_origin)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rounds": rounds, "store": counts}, indent=2))
+    return 1 if problems else 0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=10000, help="requests per measured round")
+    parser.add_argument("--concurrency", type=int, default=32, help="connections and workers")
+    parser.add_argument(
+        "--duration", type=float, default=8.0, help="time cap of one measured round, seconds"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (each: bare and bridge)")
+    parser.add_argument("--warmup", type=int, default=500, help="unmeasured requests per round")
+    parser.add_argument("--warmup-seconds", type=float, default=3.0, help="warm-up time cap")
+    parser.add_argument("--payload", type=Path, default=DEFAULT_PAYLOAD, help="template body")
+    parser.add_argument(
+        "--profile", help="record crm-bridge with py-spy into this file (.svg, .json or raw .txt)"
+    )
+    parser.add_argument("--json", help="also write the per-round figures to this file")
+    parser.add_argument("--keep-log", help="copy crm-bridge's log to this file")
+    args = parser.parse_args(argv)
+    if not (1 <= args.concurrency <= 1000 and 1 <= args.requests <= 1_000_000):
+        parser.error("--concurrency must be 1..1000 and --requests 1..1000000")
+    if not (0 < args.duration <= 600 and 1 <= args.rounds <= 20 and 0 <= args.warmup_seconds <= 60):
+        parser.error("--duration must be in (0, 600], --rounds 1..20, --warmup-seconds 0..60")
+    args.warmup = max(0, min(args.warmup, 100_000))
+    return args
+
+
+def _load_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ingest.py _load")
+    for name in ("--url", "--payload", "--token", "--tag"):
+        parser.add_argument(name, required=True)
+    for name in ("--pid", "--requests", "--concurrency", "--warmup"):
+        parser.add_argument(name, type=int, required=True)
+    for name in ("--duration", "--warmup-seconds"):
+        parser.add_argument(name, type=float, required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_bare"]:
+        asyncio.run(_bare_serve(int(argv[1]) if len(argv) > 1 else 0))
+        return 0
+    if argv[:1] == ["_load"]:
+        print(json.dumps(asyncio.run(_load(_load_args(argv[1:])))))
+        return 0
+    try:
+        return orchestrate(parse_args(argv))
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        print(f"ingest benchmark failed: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

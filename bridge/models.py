@@ -1,0 +1,146 @@
+"""Typed models at every boundary: the webhook payload (ingest), events and deliveries (core).
+
+The payload models keep every field they do not know (`extra="allow"`): platforms add fields
+without notice, and rules may refer to them.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from connectors.base import LeadUpsert
+
+# What Supersend documents; newer versions also send `sent`, `unsubscribe` and `finished`, which
+# are accepted and stored like any other string (they match no rule unless a rule asks for them).
+KNOWN_EVENT_TYPES = ("open", "click", "reply", "bounce", "interest", "appointment")
+
+
+class ContactSender(BaseModel):
+    """The mailbox that sent the campaign message."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    provider: str | None = None
+    send_as: str | None = None
+    email: str | None = None
+
+
+class Contact(BaseModel):
+    """The platform's full contact record, as sent with every event."""
+
+    model_config = ConfigDict(extra="allow")
+
+    # Ids are strings: the platform's own documentation sample has ids that are not valid UUIDs.
+    id: str | None = None
+    email: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+    title: str | None = None
+    phone: str | None = None
+    company_name: str | None = None
+    interest: str | None = None
+    appointment: bool | None = None
+    clicked: bool | None = None
+    opened: bool | None = None
+    replied: bool | None = None
+    bounced: bool | None = None
+    custom: dict[str, Any] | None = None
+    createdAt: datetime | None = None
+    updatedAt: datetime | None = None
+    Sender: ContactSender | None = None
+
+    @field_validator("email")
+    @classmethod
+    def _normalise_email(cls, value: str | None) -> str | None:
+        # Trimmed and lower-cased before any lookup: CRMs match emails case-insensitively, and
+        # a stray space would otherwise create a second record.
+        if value is None:
+            return None
+        value = value.strip().lower()
+        if not value:
+            return None
+        if "@" not in value or value.startswith("@") or value.endswith("@"):
+            raise ValueError("not an email address")
+        return value
+
+
+class WebhookPayload(BaseModel):
+    """One contact event as the platform POSTs it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(min_length=1, max_length=64)
+    CampaignId: str | None = None
+    contact: Contact
+
+
+class DeliveryStatus(enum.StrEnum):
+    """Where a delivery stands; only `pending` and `in_flight` are unfinished."""
+
+    PENDING = "pending"
+    IN_FLIGHT = "in_flight"
+    DONE = "done"
+    DRY_RUN = "dry_run"
+    DEAD = "dead"
+
+
+class NewEvent(BaseModel):
+    """An accepted webhook, ready to be stored."""
+
+    source: str
+    type: str
+    email: str | None
+    idempotency_key: str
+    received_at: float
+    body: str
+    notes: list[str] = Field(default_factory=list)
+
+
+class NewDelivery(BaseModel):
+    """A delivery produced by a rule, stored in the same transaction as its event.
+
+    The operation is frozen here, so a rule edited later never changes what was queued.
+    """
+
+    rule: str
+    connector: str
+    action: str
+    contact_key: str
+    operation: LeadUpsert
+
+
+class Delivery(NewDelivery):
+    """A stored delivery as the worker sees it after claiming it."""
+
+    id: int
+    event_id: str
+    status: DeliveryStatus
+    attempts: int
+    created_at: float
+    next_attempt_at: float
+    last_error: str | None = None
+    result: dict[str, Any] | None = None
+
+
+class IngestResult(BaseModel):
+    """What the store did with an event: its id, and whether it had it already."""
+
+    event_id: str
+    duplicate: bool
+    delivery_ids: list[int] = Field(default_factory=list)
+
+
+def idempotency_key(source: str, data: Any) -> str:
+    """A key equal for equal payloads, whatever their key order or white space.
+
+    The platform documents no delivery id and may resend, so the content is the identity.
+    """
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(f"{source}\n{canonical}".encode()).hexdigest()

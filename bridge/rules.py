@@ -1,0 +1,159 @@
+"""The rule engine: match stored events and map contact fields onto CRM operations.
+
+Conditions and field templates are Jinja2, in its immutable sandbox (as Ansible's `when:`): no
+attribute escapes, no mutation, no file or environment access. A missing field or `null` is
+simply undefined, so `contact.Sender.email` on a contact without a Sender is false, not an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from bridge.config import RuleConfig
+from bridge.errors import RuleError
+from bridge.models import NewDelivery
+from connectors.base import LeadUpsert
+
+log = logging.getLogger("crm_bridge.rules")
+
+_ACTION_OBJECT = {"upsert_lead": "lead", "upsert_contact": "contact"}
+
+
+def _finalize(value: Any) -> Any:
+    # Jinja would print None as "None"; a missing value must map to nothing.
+    return "" if value is None else value
+
+
+ENV = ImmutableSandboxedEnvironment(
+    undefined=jinja2.ChainableUndefined, finalize=_finalize, autoescape=False
+)
+
+
+def _is_template(value: Any) -> bool:
+    return isinstance(value, str) and ("{{" in value or "{%" in value)
+
+
+def compile_problems(rule: RuleConfig) -> Iterator[tuple[tuple[str, ...], str]]:
+    """Syntax errors in a rule's expression and templates, found at load time."""
+    try:
+        ENV.compile_expression(rule.when)
+    except jinja2.TemplateSyntaxError as exc:
+        yield ("when",), f"invalid expression: {exc.message}"
+    templates = {"id_value": rule.id_value} | {
+        f"fields.{k}": v for k, v in rule.fields.items() if _is_template(v)
+    }
+    for where, source in templates.items():
+        try:
+            ENV.from_string(source)
+        except jinja2.TemplateSyntaxError as exc:
+            yield tuple(where.split(".", 1)), f"invalid template: {exc.message}"
+
+
+@dataclass
+class CompiledRule:
+    """A rule ready to evaluate: its condition and templates compiled once."""
+
+    config: RuleConfig
+    when: Callable[..., Any]
+    id_value: jinja2.Template
+    fields: dict[str, jinja2.Template | Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, rule: RuleConfig) -> CompiledRule:
+        return cls(
+            config=rule,
+            when=ENV.compile_expression(rule.when),
+            id_value=ENV.from_string(rule.id_value),
+            fields={
+                k: ENV.from_string(v) if _is_template(v) else v for k, v in rule.fields.items()
+            },
+        )
+
+    def operation(self, context: dict[str, Any]) -> LeadUpsert | None:
+        """The CRM write this rule asks for, or None when the record has no key."""
+        try:
+            key = self.id_value.render(context).strip()
+            values: dict[str, Any] = {}
+            for name, spec in self.fields.items():
+                value = spec.render(context).strip() if isinstance(spec, jinja2.Template) else spec
+                # An empty value is left out: an event that lacks a field must not clear the CRM's.
+                if value not in ("", None):
+                    values[name] = value
+        except jinja2.TemplateError as exc:
+            raise RuleError(f"rule {self.config.name!r}: {exc}") from exc
+        if not key:
+            return None
+        return LeadUpsert(
+            object=_ACTION_OBJECT[self.config.action],  # type: ignore[arg-type]
+            id_property=self.config.id_property,
+            id_value=key,
+            fields=values,
+        )
+
+
+@dataclass
+class Evaluation:
+    """The deliveries one event produces, and why rules that matched produced none."""
+
+    deliveries: list[NewDelivery] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class RuleSet:
+    """All rules, in file order. Several may match one event; each match is one delivery."""
+
+    def __init__(self, rules: list[RuleConfig]) -> None:
+        self.rules = [CompiledRule.build(r) for r in rules]
+
+    @staticmethod
+    def context(source: str, data: dict[str, Any], contact: dict[str, Any]) -> dict[str, Any]:
+        """What expressions see: the event's fields at the top level, plus `event` and `source`."""
+        return {
+            **data,
+            "contact": contact,
+            "sender": contact.get("Sender"),
+            "source": source,
+            "event": {
+                "type": data.get("type"),
+                "CampaignId": data.get("CampaignId"),
+                "source": source,
+            },
+        }
+
+    def evaluate(self, context: dict[str, Any]) -> Evaluation:
+        result = Evaluation()
+        for rule in self.rules:
+            try:
+                matched = bool(rule.when(**context))
+            except jinja2.TemplateError as exc:
+                result.notes.append(f"rule {rule.config.name!r} could not be evaluated: {exc}")
+                continue
+            if not matched:
+                continue
+            try:
+                op = rule.operation(context)
+            except RuleError as exc:
+                result.notes.append(str(exc))
+                continue
+            if op is None:
+                result.notes.append(
+                    f"rule {rule.config.name!r} matched but the record key "
+                    f"({rule.config.id_value}) is empty: nothing sent to {rule.config.connector}"
+                )
+                continue
+            result.deliveries.append(
+                NewDelivery(
+                    rule=rule.config.name,
+                    connector=rule.config.connector,
+                    action=rule.config.action,
+                    contact_key=op.id_value.lower(),
+                    operation=op,
+                )
+            )
+        return result

@@ -1,0 +1,247 @@
+"""The HTTP side: receive a webhook, validate it, store it with its deliveries, answer 202.
+
+A handler never calls a CRM. It answers 202 only after the store has committed the event and
+the deliveries its rules produced; everything after that is the delivery workers' job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from bridge.config import Config
+from bridge.delivery import DeliveryWorker
+from bridge.errors import FieldIssue, PayloadError, StoreUnavailable
+from bridge.models import NewEvent, WebhookPayload, idempotency_key
+from bridge.retry import RetryPolicy
+from bridge.rules import RuleSet
+from bridge.store import Store, open_store
+from connectors import registry
+from connectors.base import Connector, DryRunConnector
+
+log = logging.getLogger("crm_bridge.server")
+
+CONFIG = web.AppKey("config", Config)
+STORE = web.AppKey("store", Store)
+RULES = web.AppKey("rules", RuleSet)
+WORKERS = web.AppKey("workers", dict[str, DeliveryWorker])
+
+
+def _error(exc: PayloadError, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(exc.to_json(), status=exc.status, headers=headers)
+
+
+def _token(request: web.Request) -> str | None:
+    """The shared secret, from the path, `?token=`, `X-Webhook-Token` or a bearer header."""
+    token = request.match_info.get("token") or request.query.get("token")
+    if token:
+        return token
+    if "X-Webhook-Token" in request.headers:
+        return request.headers["X-Webhook-Token"]
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return value if scheme.lower() == "bearer" and value else None
+
+
+def _authenticate(request: web.Request, config: Config, source: str) -> None:
+    tokens = [t.get_secret_value() for t in config.sources[source].tokens if t.get_secret_value()]
+    if not tokens:
+        return  # no token configured: the config loader allows this on loopback only
+    given = (_token(request) or "").encode()
+    # Compare against every active token, always, so timing tells nothing about which matched.
+    if not any([hmac.compare_digest(given, t.encode()) for t in tokens]):
+        raise PayloadError(401, "unauthorized", "missing or wrong webhook token")
+
+
+def _field_issues(exc: ValidationError) -> list[FieldIssue]:
+    return [
+        FieldIssue(".".join(str(p) for p in err["loc"]) or "(body)", err["msg"])
+        for err in exc.errors()
+    ]
+
+
+async def _read_payload(
+    request: web.Request, limit: int
+) -> tuple[str, dict[str, Any], WebhookPayload]:
+    if request.content_type != "application/json" and not request.content_type.endswith("+json"):
+        raise PayloadError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type must be application/json, not {request.content_type!r}",
+        )
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadError(413, "payload_too_large", f"body is larger than {limit} bytes")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadError(413, "payload_too_large", f"body is larger than {limit} bytes") from None
+    try:
+        text = body.decode()
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PayloadError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise PayloadError(
+            422,
+            "invalid_payload",
+            "body must be a JSON object",
+            [FieldIssue("(body)", "must be a JSON object")],
+        )
+    try:
+        payload = WebhookPayload.model_validate(data)
+    except ValidationError as exc:
+        issues = _field_issues(exc)
+        raise PayloadError(
+            422, "invalid_payload", "invalid field " + ", ".join(i.field for i in issues), issues
+        ) from None
+    return text, data, payload
+
+
+async def receive_webhook(request: web.Request) -> web.Response:
+    app = request.app
+    config, store, rules = app[CONFIG], app[STORE], app[RULES]
+    source = request.match_info["source"]
+    if source not in config.sources:
+        return _error(PayloadError(404, "unknown_source", f"no source named {source!r}"))
+    try:
+        _authenticate(request, config, source)
+        text, data, payload = await _read_payload(request, config.server.max_body_bytes)
+    except PayloadError as exc:
+        log.info(
+            "webhook refused: %s %s",
+            exc.status,
+            exc,
+            extra={"action": "webhook.refused", "source": source, "status": exc.status},
+        )
+        return _error(exc)
+
+    # Rules see the raw contact (unknown fields included) with the email normalised.
+    contact = {**data["contact"], "email": payload.contact.email}
+    evaluation = rules.evaluate(rules.context(source, data, contact))
+    notes = list(evaluation.notes)
+    if not evaluation.deliveries and not notes:
+        notes.append(f"no rule matched type {payload.type!r}")
+    event = NewEvent(
+        source=source,
+        type=payload.type,
+        email=payload.contact.email,
+        idempotency_key=idempotency_key(source, data),
+        received_at=time.time(),
+        body=text,
+        notes=notes,
+    )
+    try:
+        stored = await store.ingest(event, evaluation.deliveries)
+    except StoreUnavailable as exc:
+        return _error(PayloadError(503, "store_unavailable", str(exc)), {"Retry-After": "5"})
+
+    workers = app[WORKERS]
+    for delivery in evaluation.deliveries if not stored.duplicate else ():
+        if delivery.connector in workers:
+            workers[delivery.connector].wake()
+    log.info(
+        "event %s stored (%s)%s",
+        stored.event_id,
+        payload.type,
+        " again: duplicate" if stored.duplicate else "",
+        extra={
+            "action": "webhook.duplicate" if stored.duplicate else "webhook.stored",
+            "event_id": stored.event_id,
+            "source": source,
+            "type": payload.type,
+            "deliveries": len(stored.delivery_ids),
+            "notes": notes,
+        },
+    )
+    body: dict[str, Any] = {"event_id": stored.event_id, "duplicate": stored.duplicate}
+    if not stored.duplicate:
+        body["deliveries"] = [
+            {"id": i, "rule": d.rule, "connector": d.connector, "action": d.action}
+            for i, d in zip(stored.delivery_ids, evaluation.deliveries, strict=True)
+        ]
+        body["notes"] = notes
+    return web.json_response(body, status=202)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def show_event(request: web.Request) -> web.Response:
+    # Events hold people's data; only the machine itself may read them back.
+    if not request.remote or not ipaddress.ip_address(request.remote).is_loopback:
+        return web.json_response({"error": "forbidden", "message": "loopback only"}, status=403)
+    event = await request.app[STORE].event(request.match_info["event_id"])
+    if event is None:
+        return web.json_response({"error": "not_found", "message": "no such event"}, status=404)
+    return web.json_response(event)
+
+
+def build_connector(name: str, config: Config) -> Connector:
+    """The configured connector, or a dry-run stand-in when it has no credentials."""
+    settings = config.connector_settings[name]
+    if not settings.has_credentials():
+        log.warning(
+            "connector %s has no credentials: dry run, writing nothing",
+            name,
+            extra={"action": "connector.dry_run", "connector": name},
+        )
+        return DryRunConnector(name, settings)
+    cls = registry.get(settings.type)
+    assert cls is not None  # the config loader checked it
+    return cls(name, settings)
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    store = app[STORE]
+    await store.open()
+    connectors = {name: build_connector(name, config) for name in config.connectors}
+    workers: dict[str, DeliveryWorker] = {}
+    tasks = []
+    try:
+        for name, connector in connectors.items():
+            await connector.open()
+            workers[name] = DeliveryWorker(
+                name,
+                connector,
+                store,
+                RetryPolicy.from_config(config.delivery),
+                concurrency=config.connector_settings[name].max_concurrency,
+                lease_seconds=config.delivery.lease_seconds,
+                poll_interval=config.delivery.poll_interval,
+            )
+        app[WORKERS].update(workers)
+        tasks = [asyncio.create_task(w.run(), name=f"worker-{n}") for n, w in workers.items()]
+        yield
+    finally:
+        for worker in workers.values():
+            await worker.stop(config.server.shutdown_timeout)
+        for task in tasks:
+            await task
+        for connector in connectors.values():
+            await connector.close()
+        await store.close()
+
+
+def create_app(config: Config, store: Store | None = None) -> web.Application:
+    """The daemon's aiohttp application; workers start and stop with it."""
+    app = web.Application(client_max_size=config.server.max_body_bytes)
+    app[CONFIG] = config
+    app[STORE] = store or open_store(config.store)
+    app[RULES] = RuleSet(config.rules)
+    app[WORKERS] = {}
+    app.router.add_post("/webhooks/{source}", receive_webhook)
+    app.router.add_post("/webhooks/{source}/{token}", receive_webhook)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/events/{event_id}", show_event)
+    app.cleanup_ctx.append(_lifecycle)
+    return app

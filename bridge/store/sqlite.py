@@ -1,0 +1,268 @@
+"""The embedded store: SQLite in WAL mode, written by one thread with group commit.
+
+Every store call is a small function run on the writer thread. The thread takes whatever calls
+are waiting, runs each inside its own savepoint, and commits them together: one fsync covers a
+whole burst of webhooks, and a failing call rolls back alone. The event loop only waits.
+`synchronous=FULL` makes each commit durable before any caller is answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bridge.errors import StoreUnavailable
+from bridge.models import Delivery, IngestResult, NewDelivery, NewEvent
+from bridge.store.base import Store, queries
+
+T = TypeVar("T")
+log = logging.getLogger("crm_bridge.store")
+SQL = queries("sqlite")
+MAX_GROUP = 512  # calls committed together at most
+
+_Call = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]
+
+
+def _resolve(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for fut, ok, value in outcomes:
+        if fut.cancelled():
+            continue  # the caller went away; what was committed stays committed
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+class _Writer:
+    """The one thread that owns the SQLite connection."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise StoreUnavailable(f"cannot open {self._path}: {self._error}") from self._error
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put((fn, fut, loop))
+        return fut
+
+    def _connect(self) -> sqlite3.Connection:
+        new = not self._path.exists()
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        if new:
+            os.chmod(self._path, 0o600)  # people's emails and names: owner only
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.executescript(SQL["schema"])  # executescript commits: run it before any group
+        return conn
+
+    def _run(self) -> None:
+        try:
+            conn = self._connect()
+        except (sqlite3.Error, OSError) as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            group = [first]
+            while len(group) < MAX_GROUP:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                group.append(nxt)
+            self._commit(conn, group)
+        conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, group: list[_Call]) -> None:
+        outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, fut, _ in group:
+                conn.execute("SAVEPOINT call")
+                try:
+                    value = fn(conn)
+                except Exception as exc:  # noqa: BLE001 - handed to the caller, not swallowed
+                    conn.execute("ROLLBACK TO call")
+                    outcomes.append((fut, False, exc))
+                else:
+                    outcomes.append((fut, True, value))
+                conn.execute("RELEASE call")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            # Disk full, I/O error: nothing in this group is durable, so nobody hears "done".
+            log.error("store commit failed: %s", exc, extra={"action": "store.commit_failed"})
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            failure = StoreUnavailable(f"the store could not commit: {exc}")
+            outcomes = [(fut, False, failure) for _, fut, _ in group]
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for (_, _, loop), outcome in zip(group, outcomes, strict=True):
+            by_loop.setdefault(loop, []).append(outcome)
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_resolve, items)
+
+
+def _delivery(row: sqlite3.Row) -> Delivery:
+    data = dict(row)
+    data["operation"] = json.loads(data["operation"])
+    data["result"] = json.loads(data["result"]) if data["result"] else None
+    return Delivery.model_validate(data)
+
+
+class SqliteStore(Store):
+    """Events and deliveries in one SQLite file, owned by one daemon at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._writer = _Writer(self.path)
+        self._lock_fd: int | None = None
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        self._writer.start()
+        released = await self._run(lambda c: c.execute(SQL["release_claims"]).rowcount)
+        if released:
+            log.info(
+                "resuming %d interrupted deliveries", released, extra={"action": "store.resume"}
+            )
+
+    async def close(self) -> None:
+        self._writer.stop()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _take_lock(self) -> None:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreUnavailable(
+                f"{self.path} is in use by another crm-bridge process "
+                "(SQLite serves one daemon; use PostgreSQL for several)"
+            ) from None
+        self._lock_fd = fd
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._writer.submit(fn)
+
+    async def ingest(self, event: NewEvent, deliveries: list[NewDelivery]) -> IngestResult:
+        event_id = uuid.uuid4().hex
+        row = event.model_dump()
+        row["id"] = event_id
+        row["notes"] = json.dumps(event.notes)
+        ops = [
+            {
+                "event_id": event_id,
+                "rule": d.rule,
+                "connector": d.connector,
+                "action": d.action,
+                "contact_key": d.contact_key,
+                "operation": d.operation.model_dump_json(),
+                "now": event.received_at,
+            }
+            for d in deliveries
+        ]
+
+        def write(conn: sqlite3.Connection) -> IngestResult:
+            if conn.execute(SQL["insert_event"], row).rowcount == 0:
+                existing = conn.execute(SQL["event_by_key"], row).fetchone()
+                return IngestResult(event_id=existing["id"], duplicate=True)
+            ids = [conn.execute(SQL["insert_delivery"], op).lastrowid or 0 for op in ops]
+            return IngestResult(event_id=event_id, duplicate=False, delivery_ids=ids)
+
+        return await self._run(write)
+
+    async def claim(
+        self, connector: str, limit: int, now: float, lease_seconds: float
+    ) -> list[Delivery]:
+        params = {
+            "connector": connector,
+            "limit": limit,
+            "now": now,
+            "lease_until": now + lease_seconds,
+        }
+
+        def claim(conn: sqlite3.Connection) -> list[Delivery]:
+            rows = conn.execute(SQL["claim"], params).fetchall()
+            return sorted((_delivery(r) for r in rows), key=lambda d: d.id)
+
+        return await self._run(claim)
+
+    async def complete(
+        self, delivery_id: int, status: str, result: dict[str, Any], now: float
+    ) -> None:
+        params = {"id": delivery_id, "status": status, "result": json.dumps(result), "now": now}
+        await self._run(lambda c: c.execute(SQL["complete"], params) and None)
+
+    async def retry_later(
+        self, delivery_id: int, next_attempt_at: float, error: str, now: float
+    ) -> None:
+        params = {"id": delivery_id, "next_attempt_at": next_attempt_at, "error": error, "now": now}
+        await self._run(lambda c: c.execute(SQL["retry_later"], params) and None)
+
+    async def dead_letter(self, delivery_id: int, error: str, now: float) -> None:
+        params = {"id": delivery_id, "error": error, "now": now}
+        await self._run(lambda c: c.execute(SQL["dead_letter"], params) and None)
+
+    async def event(self, event_id: str) -> dict[str, Any] | None:
+        def read(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            row = conn.execute(SQL["event"], {"id": event_id}).fetchone()
+            if row is None:
+                return None
+            out = dict(row)
+            out["notes"] = json.loads(out["notes"])
+            out["deliveries"] = [
+                _delivery(r).model_dump(mode="json")
+                for r in conn.execute(SQL["deliveries_of_event"], {"id": event_id})
+            ]
+            return out
+
+        return await self._run(read)
+
+    async def counts(self) -> dict[str, dict[str, int]]:
+        def read(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+            out: dict[str, dict[str, int]] = {}
+            for row in conn.execute(SQL["counts"]):
+                out.setdefault(row["connector"], {})[row["status"]] = row["n"]
+            return out
+
+        return await self._run(read)

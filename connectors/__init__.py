@@ -1,0 +1,1 @@
+"""CRM connectors: one small interface (`connectors.base.Connector`), found through entry points."""

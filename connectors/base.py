@@ -1,0 +1,123 @@
+"""The interface every CRM connector implements, and the typed values that cross it.
+
+A connector knows its CRM and nothing about queues or rules: it receives one `LeadUpsert`,
+writes it, and answers a `DeliveryResult` or raises `RetryableDelivery`/`PermanentDelivery`
+(bridge.errors). Both CRM SDKs block, so connectors call them through `run_blocking`, on a
+thread pool of the connector's own size: the event loop never stalls and threads stay bounded.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+log = logging.getLogger("crm_bridge.connectors")
+
+
+class ConnectorConfig(BaseModel):
+    """Settings every connector has; each connector extends it with its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    max_concurrency: int = Field(default=4, ge=1, le=64)
+    timeout: float = Field(default=30.0, gt=0, description="seconds for one HTTP call")
+    ca_bundle: Path | None = Field(
+        default=None, description="CA file to trust instead of the system's (private CAs, tests)"
+    )
+
+    def has_credentials(self) -> bool:
+        """False when nothing to log in with is configured: the connector then runs dry."""
+        return True
+
+
+class LeadUpsert(BaseModel):
+    """Create the record keyed by `id_value`, or update it if the CRM has it already."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    object: Literal["lead", "contact"] = "lead"
+    # The CRM field that identifies the record; None means the CRM's email field.
+    id_property: str | None = None
+    id_value: str
+    fields: dict[str, Any] = Field(default_factory=dict)
+
+
+class DeliveryResult(BaseModel):
+    """What the CRM did: the record's id, whether it was created, anything worth keeping."""
+
+    record_id: str | None = None
+    created: bool | None = None
+    dry_run: bool = False
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class Connector(abc.ABC):
+    """One configured CRM account. Subclasses set `name` and `config_model`."""
+
+    name: ClassVar[str]
+    config_model: ClassVar[type[ConnectorConfig]] = ConnectorConfig
+
+    def __init__(self, instance: str, config: ConnectorConfig) -> None:
+        self.instance = instance
+        self.config = config
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def open(self) -> None:
+        """Log in and build SDK clients. Optional."""
+
+    async def close(self) -> None:
+        """Release what `open` built. Subclasses calling super() get the pool shut down."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    @abc.abstractmethod
+    async def upsert_lead(self, lead: LeadUpsert) -> DeliveryResult:
+        """Create or update one lead or contact, keyed by its id property."""
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking SDK call on this connector's own bounded thread pool."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=self.config.max_concurrency, thread_name_prefix=self.instance
+            )
+        loop = asyncio.get_running_loop()
+        call = functools.partial(fn, *args, **kwargs)
+        # The SDK call carries its own transport timeout; this outer one is a little longer, so a
+        # call that hangs below the SDK cannot hold a delivery forever.
+        return await asyncio.wait_for(
+            loop.run_in_executor(self._executor, call), self.config.timeout * 2 + 5
+        )
+
+
+class DryRunConnector(Connector):
+    """Stands in for a connector that has no credentials: logs and keeps what it would write."""
+
+    name = "dry-run"
+
+    def __init__(self, instance: str, config: ConnectorConfig) -> None:
+        super().__init__(instance, config)
+        self.crm = config.type
+
+    async def upsert_lead(self, lead: LeadUpsert) -> DeliveryResult:
+        operation = {"crm": self.crm, "operation": "upsert_lead", **lead.model_dump()}
+        log.info(
+            "dry run: would write to %s",
+            self.instance,
+            extra={
+                "action": "delivery.dry_run",
+                "connector": self.instance,
+                "would_write": operation,
+            },
+        )
+        return DeliveryResult(dry_run=True, detail={"would_write": operation})

@@ -1,0 +1,87 @@
+"""The daemon as a real process: `crm-bridge serve` started, fed over HTTP, killed, restarted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+
+class Daemon:
+    """One `crm-bridge serve` subprocess; its JSON log lines are collected as they come."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.logs: list[dict] = []
+        self.url = ""
+        self._listening = threading.Event()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HUBSPOT_", "SALESFORCE_"))}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "serve", "--config", str(config_path), "--port", "0"],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._listening.wait(30) or not self.url:
+            self.proc.kill()
+            raise AssertionError(f"daemon did not start: {self.logs[-5:]}")
+        self.session = requests.Session()
+        self.session.trust_env = False
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = {"message": line.rstrip()}
+            self.logs.append(record)
+            if record.get("action") == "server.listening":
+                self.url = record["url"]
+                self._listening.set()
+        self._listening.set()  # exited before listening
+
+    def post(self, body: dict | str, token: str = "test-webhook-token") -> requests.Response:
+        data = body if isinstance(body, str) else json.dumps(body)
+        return self.session.post(f"{self.url}/webhooks/supersend/{token}", data=data,
+                                 headers={"Content-Type": "application/json"}, timeout=30)
+
+    def event(self, event_id: str) -> dict:
+        return self.session.get(f"{self.url}/events/{event_id}", timeout=30).json()
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._reader.join(10)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(30)
+        self._reader.join(10)
+        return code
+
+    def actions(self, name: str) -> list[dict]:
+        return [r for r in self.logs if r.get("action") == name]
+
+
+@pytest.fixture
+def daemon_factory() -> Iterator:
+    started: list[Daemon] = []
+
+    def start(config_path: Path) -> Daemon:
+        daemon = Daemon(config_path)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.proc.poll() is None:
+            daemon.kill()

@@ -1,0 +1,100 @@
+"""Helpers shared by the test layers: configs that point at emulators, payloads, waiting."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+DATA = Path(__file__).parent / "data"
+SAMPLE_TEXT = (DATA / "supersend-click.json").read_text()
+TOKEN = "test-webhook-token"
+
+
+def sample(**contact: Any) -> dict[str, Any]:
+    """The platform's sample event, with contact fields replaced."""
+    data = json.loads(SAMPLE_TEXT)
+    type_ = contact.pop("type", None)
+    if type_:
+        data["type"] = type_
+    data["contact"].update(contact)
+    return data
+
+
+def config_yaml(
+    db_path: Path,
+    *,
+    hubspot: dict[str, Any] | None = None,
+    salesforce: dict[str, Any] | None = None,
+    rules: str | None = None,
+    delivery: str = "",
+    server: str = "",
+) -> str:
+    """A config with the two connectors (dry when given no settings) and the example's rules."""
+
+    def block(name: str, settings: dict[str, Any] | None) -> str:
+        lines = [f"  {name}:", f"    type: {name}"]
+        lines += [f"    {k}: {json.dumps(str(v))}" for k, v in (settings or {}).items()]
+        return "\n".join(lines)
+
+    default_rules = """
+  - name: interested-to-hubspot
+    when: type in ('interest', 'click') and contact.interest == 'interested'
+    connector: hubspot
+    action: upsert_contact
+    fields:
+      firstname: "{{ contact.first_name }}"
+      lastname: "{{ contact.last_name }}"
+      hs_lead_status: OPEN
+  - name: interested-to-salesforce
+    when: type in ('interest', 'click') and contact.interest == 'interested'
+    connector: salesforce
+    action: upsert_lead
+    fields:
+      FirstName: "{{ contact.first_name }}"
+      LastName: "{{ contact.last_name }}"
+      Title: "{{ contact.title }}"
+      Company: "{{ contact.company_name }}"
+"""
+    return f"""\
+server:
+  host: 127.0.0.1
+  port: 0
+  max_body_bytes: 4096
+{server}
+sources:
+  supersend:
+    tokens: ["{TOKEN}"]
+store:
+  type: sqlite
+  path: {db_path}
+delivery:
+  in_call_wait: 0.01
+  in_call_wait_max: 0.05
+  backoff_initial: 0.05
+  backoff_max: 0.2
+  poll_interval: 0.05
+{delivery}
+connectors:
+{block("hubspot", hubspot)}
+{block("salesforce", salesforce)}
+rules:{rules if rules is not None else default_rules}
+logging:
+  format: json
+"""
+
+
+def wait_for(check: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.02) -> T:
+    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {check}")
+        time.sleep(interval)

@@ -1,0 +1,107 @@
+import textwrap
+
+import pytest
+
+from bridge.config import load_config, parse_config
+from bridge.errors import ConfigError
+
+GOOD = """\
+server:
+  port: 0
+connectors:
+  hubspot:
+    type: hubspot
+    access_token: ${TEST_HUBSPOT_TOKEN:-}
+rules:
+  - name: interested
+    when: type == 'interest' and contact.interest == 'interested'
+    connector: hubspot
+    action: upsert_contact
+    fields:
+      firstname: "{{ contact.first_name }}"
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(textwrap.dedent(text), "config.yaml")
+    return [str(p) for p in info.value.problems]
+
+
+def test_the_example_config_is_valid():
+    config = load_config("config.example.yaml")
+    assert set(config.connectors) == {"hubspot", "salesforce"}
+    assert config.rules[0].when == "type == 'interest' and contact.interest == 'interested'"
+
+
+def test_environment_variables_are_interpolated(monkeypatch):
+    monkeypatch.setenv("TEST_HUBSPOT_TOKEN", "pat-na1-secret")
+    config = parse_config(GOOD)
+    token = config.connector_settings["hubspot"].access_token
+    assert token.get_secret_value() == "pat-na1-secret"
+    assert "pat-na1-secret" not in repr(config.connector_settings["hubspot"])
+
+
+def test_an_unset_default_leaves_the_connector_without_credentials(monkeypatch):
+    monkeypatch.delenv("TEST_HUBSPOT_TOKEN", raising=False)
+    assert not parse_config(GOOD).connector_settings["hubspot"].has_credentials()
+
+
+def test_a_required_variable_that_is_unset_is_reported_where_it_is_used(monkeypatch):
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    assert problems(GOOD.replace("${TEST_HUBSPOT_TOKEN:-}", "${NOT_SET_ANYWHERE}")) == [
+        "config.yaml:6:5: connectors.hubspot.access_token: environment variable NOT_SET_ANYWHERE"
+        " is not set (write ${NOT_SET_ANYWHERE:-} to allow it empty)"
+    ]
+
+
+def test_unknown_keys_are_reported_with_file_line_and_a_hint():
+    assert problems(GOOD.replace("  port: 0", "  prot: 0")) == [
+        "config.yaml:2:3: server.prot: unknown key (did you mean `port`?)"
+    ]
+
+
+def test_every_problem_is_reported_at_once():
+    text = GOOD.replace("connector: hubspot", "connector: hubspt").replace(
+        "type: hubspot", "type: hubspto"
+    )
+    assert problems(text) == [
+        "config.yaml:5:5: connectors.hubspot.type: unknown connector type 'hubspto'"
+        " (did you mean `hubspot`?); installed: hubspot, salesforce",
+        "config.yaml:10:5: rules[0].connector: no connector named 'hubspt'"
+        " (did you mean `hubspot`?); configured: hubspot",
+    ]
+
+
+def test_connector_settings_are_checked_by_the_connector_model():
+    found = problems(GOOD.replace("    access_token:", "    acces_token:"))
+    assert found == ["config.yaml:6:5: connectors.hubspot.acces_token: unknown key (did you mean `access_token`?)"]
+
+
+def test_expression_syntax_errors_are_caught_at_load_time():
+    found = problems(GOOD.replace("contact.interest == 'interested'", "contact.interest = 'x'"))
+    assert len(found) == 1
+    assert found[0].startswith("config.yaml:9:5: rules[0].when: invalid expression:")
+
+
+def test_template_syntax_errors_are_caught_at_load_time():
+    found = problems(GOOD.replace("{{ contact.first_name }}", "{{ contact.first_name }"))
+    assert len(found) == 1
+    assert found[0].startswith("config.yaml:13:7: rules[0].fields.firstname: invalid template:")
+
+
+def test_yaml_syntax_errors_carry_the_line():
+    found = problems("server:\n  port: [1\n")
+    assert len(found) == 1 and found[0].startswith("config.yaml:3:1: (syntax):")
+
+
+def test_a_tokenless_source_is_refused_off_loopback():
+    assert problems(GOOD.replace("  port: 0", "  port: 0\n  host: 0.0.0.0")) == [
+        "config.yaml:1:1: sources.supersend.tokens: a token is required when listening on"
+        " 0.0.0.0 (not loopback)"
+    ]
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="no-such.yaml"):
+        load_config(tmp_path / "no-such.yaml")

@@ -1,0 +1,110 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from bridge.config import RuleConfig
+from bridge.models import WebhookPayload
+from bridge.rules import RuleSet
+
+SAMPLE = json.loads((Path(__file__).parent.parent / "data" / "supersend-click.json").read_text())
+
+
+def event(type_: str, **contact) -> dict:
+    data = json.loads(json.dumps(SAMPLE))
+    data["type"] = type_
+    data["contact"].update(contact)
+    return data
+
+
+def evaluate(rules: list[dict], data: dict):
+    ruleset = RuleSet([RuleConfig.model_validate(r) for r in rules])
+    payload = WebhookPayload.model_validate(data)
+    contact = {**data["contact"], "email": payload.contact.email}
+    return ruleset.evaluate(RuleSet.context("supersend", data, contact))
+
+
+INTERESTED = {
+    "name": "interested",
+    "when": "type == 'interest' and contact.interest == 'interested'",
+    "connector": "hubspot",
+    "action": "upsert_contact",
+    "fields": {"firstname": "{{ contact.first_name }}", "hs_lead_status": "OPEN"},
+}
+
+
+@pytest.mark.parametrize(
+    ("type_", "interest", "matches"),
+    [
+        ("interest", "interested", True),
+        ("interest", "not_interested", False),
+        ("interest", None, False),
+        ("click", "interested", False),
+        ("open", "interested", False),
+        ("reply", "interested", False),
+        ("bounce", "interested", False),
+        ("appointment", "interested", False),
+        ("unsubscribe", "interested", False),
+    ],
+)
+def test_the_documented_use_case_matches_only_interested_interest_events(type_, interest, matches):
+    result = evaluate([INTERESTED], event(type_, interest=interest, first_name="Ada"))
+    assert [d.rule for d in result.deliveries] == (["interested"] if matches else [])
+
+
+def test_fields_are_mapped_from_templates_and_constants():
+    result = evaluate([INTERESTED], event("interest", first_name="Ada", email=" Ada@Example.COM "))
+    (delivery,) = result.deliveries
+    assert delivery.connector == "hubspot"
+    assert delivery.contact_key == "ada@example.com"
+    assert delivery.operation.id_value == "ada@example.com"
+    assert delivery.operation.object == "contact"
+    assert delivery.operation.fields == {"firstname": "Ada", "hs_lead_status": "OPEN"}
+
+
+def test_null_fields_are_left_out_not_written_as_none():
+    (delivery,) = evaluate([INTERESTED], event("interest", first_name=None)).deliveries
+    assert delivery.operation.fields == {"hs_lead_status": "OPEN"}
+
+
+def test_missing_nested_fields_are_false_not_errors():
+    rule = {**INTERESTED, "when": "contact.Sender.nothing.deeper == 'x' or contact.no_such_field"}
+    result = evaluate([rule], event("interest", Sender=None))
+    assert result.deliveries == [] and result.notes == []
+
+
+def test_unknown_fields_and_the_sender_are_visible_to_rules():
+    rule = {**INTERESTED, "when": "contact.test_letter == 'a' and sender.provider == 'smtp'"}
+    assert len(evaluate([rule], event("click")).deliveries) == 1
+
+
+def test_a_contact_without_email_is_not_sent_and_the_reason_is_kept():
+    result = evaluate([INTERESTED], event("interest", email=None))
+    assert result.deliveries == []
+    assert result.notes == [
+        "rule 'interested' matched but the record key ({{ contact.email }}) is empty:"
+        " nothing sent to hubspot"
+    ]
+
+
+def test_a_rule_may_key_records_on_another_field():
+    rule = {**INTERESTED, "id_property": "linkedin", "id_value": "{{ contact.id }}"}
+    (delivery,) = evaluate([rule], event("interest", email=None)).deliveries
+    assert delivery.operation.id_property == "linkedin"
+    assert delivery.operation.id_value == "345b2b81-b2cf-4879-bf46-73a33275e22b"
+
+
+def test_several_rules_fan_out_in_file_order():
+    second = {**INTERESTED, "name": "to-salesforce", "connector": "salesforce", "action": "upsert_lead"}
+    result = evaluate([INTERESTED, second], event("interest"))
+    assert [(d.rule, d.connector, d.operation.object) for d in result.deliveries] == [
+        ("interested", "hubspot", "contact"),
+        ("to-salesforce", "salesforce", "lead"),
+    ]
+
+
+def test_the_sandbox_refuses_attribute_escapes():
+    rule = {**INTERESTED, "when": "contact.__class__.__mro__[1].__subclasses__()"}
+    result = evaluate([rule], event("interest"))
+    assert result.deliveries == []
+    assert len(result.notes) == 1 and "could not be evaluated" in result.notes[0]
