@@ -12,10 +12,9 @@ import asyncio
 import json
 import ssl
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -85,7 +84,7 @@ class ServerThread:
     def _run(self) -> None:
         try:
             asyncio.run(self._serve())
-        except BaseException as exc:  # noqa: BLE001 - reported to start() or swallowed at exit
+        except BaseException as exc:  # reported to start(), or dropped at exit
             self._error = exc
             self._ready.set()
 
@@ -103,7 +102,14 @@ class ServerThread:
             self._ready.set()
             await self._stop_event.wait()
         finally:
+            transports = [c.transport for c in (runner.server.connections if runner.server else [])]
             await runner.cleanup()
+            # A TLS close waits for the peer's close_notify, which pooled SDK clients never
+            # send; abort what is left so the loop does not close over live sockets.
+            for transport in transports:
+                if transport is not None:
+                    transport.abort()
+            await asyncio.sleep(0)
 
     def __enter__(self) -> ServerThread:
         return self.start()
@@ -176,7 +182,7 @@ class FailRule:
 
 
 def call_matcher(match: str | None, method: str | None) -> Callable[[Call], bool]:
-    """Build a predicate from ``match`` ("/path/substring" or "POST /path/substring") and ``method``."""
+    """A predicate from ``match`` ("/path/substring" or "POST /path/substring") and ``method``."""
     if match and " " in match and match.split(" ", 1)[0].upper() in HTTP_METHODS:
         verb, match = match.split(" ", 1)
         method = method or verb
@@ -204,6 +210,7 @@ class EmulatorBase:
         # Re-entrant: composite requests dispatch sub-requests while holding it.
         self.lock = threading.RLock()
         self.calls: list[Call] = []
+        self.errors: list[BaseException] = []  # emulator bugs, answered as 500 and kept here
         self.latency: float = 0.0
         self._rules: list[FailRule] = []
         self._server: ServerThread | None = None
@@ -217,7 +224,9 @@ class EmulatorBase:
         app.router.add_route("*", "/{tail:.*}", self._entry)
         return app
 
-    def start(self) -> EmulatorBase:
+    def start(self) -> Self:
+        if self._server is not None:
+            raise RuntimeError("emulator already started")
         self._server = ServerThread(self.build_app(), ssl_context=self._ssl_context()).start()
         return self
 
@@ -239,7 +248,7 @@ class EmulatorBase:
             raise RuntimeError("emulator not started")
         return self._server.port
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -258,15 +267,21 @@ class EmulatorBase:
     ) -> None:
         """Answer the next ``n`` matching requests with ``status`` and ``body``
         (default: the API's usual error body for that status) instead of serving them."""
-        reply = self._default_failure(status) if body is None else Reply(status, body, {}, content_type)
+        reply = (
+            self._default_failure(status) if body is None else Reply(status, body, {}, content_type)
+        )
         reply.headers.update(headers or {})
         self.add_rule(call_matcher(match, method), n, reply)
 
-    def delay_next(self, n: int, seconds: float, match: str | None = None, method: str | None = None) -> None:
+    def delay_next(
+        self, n: int, seconds: float, match: str | None = None, method: str | None = None
+    ) -> None:
         """Serve the next ``n`` matching requests normally, but ``seconds`` late."""
         self.add_rule(call_matcher(match, method), n, None, delay=seconds)
 
-    def add_rule(self, predicate: Callable[[Call], bool], n: int, reply: Reply | None, delay: float = 0.0) -> None:
+    def add_rule(
+        self, predicate: Callable[[Call], bool], n: int, reply: Reply | None, delay: float = 0.0
+    ) -> None:
         with self.lock:
             self._rules.append(FailRule(predicate, n, reply, delay))
 
@@ -314,7 +329,11 @@ class EmulatorBase:
                 # A copy: the same rule may answer several calls and _decorate adds headers.
                 reply = replace(rule.reply, headers=dict(rule.reply.headers))
             else:
-                reply = self._respond(call)
+                try:
+                    reply = self._respond(call)
+                except Exception as exc:  # a bug in the emulator: visible to the test
+                    self.errors.append(exc)
+                    reply = Reply(500, f"emulator error: {exc!r}")
             reply = self._decorate(call, reply)
         call.status = reply.status
         return self._to_response(reply)
@@ -345,7 +364,3 @@ class EmulatorBase:
             ctype = reply.content_type or self.json_content_type
         headers = {"Content-Type": ctype, **reply.headers}
         return web.Response(status=reply.status, body=data, headers=headers)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
