@@ -121,19 +121,25 @@ class DeliveryWorker:
             await self._store.complete(
                 delivery.id, status, result.model_dump(mode="json"), self._clock()
             )
-            log.info(
-                "delivery %s %s: %s record %s",
-                delivery.id,
-                status,
-                self.name,
-                result.record_id or "-",
-                extra={
-                    "action": f"delivery.{status}",
-                    "record_id": result.record_id,
-                    "record_created": result.created,
-                    **context,
-                },
-            )
+            if result.dry_run:
+                log.info(
+                    "dry run: would write to %s",
+                    self.name,
+                    extra={"action": "delivery.dry_run", **result.detail, **context},
+                )
+            else:
+                log.info(
+                    "delivery %s done: %s record %s",
+                    delivery.id,
+                    self.name,
+                    result.record_id,
+                    extra={
+                        "action": "delivery.done",
+                        "record_id": result.record_id,
+                        "record_created": result.created,
+                        **context,
+                    },
+                )
 
     async def _send(self, delivery: Delivery) -> DeliveryResult:
         if delivery.action in ("upsert_lead", "upsert_contact"):

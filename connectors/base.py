@@ -11,7 +11,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import functools
-import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
-log = logging.getLogger("crm_bridge.connectors")
 
 
 class ConnectorConfig(BaseModel):
@@ -111,13 +109,5 @@ class DryRunConnector(Connector):
 
     async def upsert_lead(self, lead: LeadUpsert) -> DeliveryResult:
         operation = {"crm": self.crm, "operation": "upsert_lead", **lead.model_dump()}
-        log.info(
-            "dry run: would write to %s",
-            self.instance,
-            extra={
-                "action": "delivery.dry_run",
-                "connector": self.instance,
-                "would_write": operation,
-            },
-        )
+        # The delivery worker logs it and the store keeps it with the delivery.
         return DeliveryResult(dry_run=True, detail={"would_write": operation})

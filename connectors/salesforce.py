@@ -9,6 +9,7 @@ concurrent calls share one login, and repeats the call once.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
@@ -21,6 +22,7 @@ from bridge.errors import DeliveryError, PermanentDelivery, RetryableDelivery
 from connectors.base import Connector, ConnectorConfig, DeliveryResult, LeadUpsert
 
 T = TypeVar("T")
+log = logging.getLogger("crm_bridge.connectors.salesforce")
 AUTH_PAUSE_SECONDS = 300.0
 DAILY_LIMIT_PAUSE_SECONDS = 3600.0
 
@@ -93,7 +95,7 @@ def classify(exc: Exception) -> DeliveryError | None:
     if isinstance(exc, SalesforceError):
         code, message = _first_error(exc.content)
         text = f"Salesforce {exc.status} {code}: {message}".replace("  ", " ")
-        if code == "UNABLE_TO_LOCK_ROW" or exc.status >= 500:
+        if code == "UNABLE_TO_LOCK_ROW" or exc.status == 429 or exc.status >= 500:
             return RetryableDelivery(text)
         if code == "REQUEST_LIMIT_EXCEEDED":
             # Too many long requests passes quickly; the daily allocation takes hours.
@@ -133,10 +135,16 @@ class SalesforceConnector(Connector):
         try:
             await self.run_blocking(self._login, None)
         except Exception as exc:
+            # Not fatal: deliveries wait and retry, and the first one logs in again.
             mapped = classify(exc)
             if mapped is None:
                 raise
-            self.login_error = str(mapped)
+            log.warning(
+                "salesforce %s: login failed: %s",
+                self.instance,
+                mapped,
+                extra={"action": "connector.login_failed", "connector": self.instance},
+            )
 
     async def close(self) -> None:
         self._session.close()

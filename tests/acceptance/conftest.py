@@ -26,12 +26,16 @@ class Daemon:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HUBSPOT_", "SALESFORCE_"))}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bridge", "serve", "--config", str(config_path), "--port", "0"],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=env,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if not self._listening.wait(30) or not self.url:
             self.proc.kill()
+            self._close()
             raise AssertionError(f"daemon did not start: {self.logs[-5:]}")
         self.session = requests.Session()
         self.session.trust_env = False
@@ -51,21 +55,37 @@ class Daemon:
 
     def post(self, body: dict | str, token: str = "test-webhook-token") -> requests.Response:
         data = body if isinstance(body, str) else json.dumps(body)
-        return self.session.post(f"{self.url}/webhooks/supersend/{token}", data=data,
-                                 headers={"Content-Type": "application/json"}, timeout=30)
+        return self.session.post(
+            f"{self.url}/webhooks/supersend/{token}",
+            data=data,
+            headers={"Content-Type": "application/json"},
+            timeout=30,
+        )
 
     def event(self, event_id: str) -> dict:
         return self.session.get(f"{self.url}/events/{event_id}", timeout=30).json()
 
+    def settled(self, event_id: str) -> list[dict] | None:
+        """The event's deliveries if none is pending or in flight any more, else None."""
+        deliveries = self.event(event_id)["deliveries"]
+        finished = all(d["status"] not in ("pending", "in_flight") for d in deliveries)
+        return deliveries if finished else None
+
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self._reader.join(10)
+        self._close()
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
+        return self._close()
+
+    def _close(self) -> int:
         code = self.proc.wait(30)
         self._reader.join(10)
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        if hasattr(self, "session"):
+            self.session.close()
         return code
 
     def actions(self, name: str) -> list[dict]:
@@ -85,3 +105,5 @@ def daemon_factory() -> Iterator:
     for daemon in started:
         if daemon.proc.poll() is None:
             daemon.kill()
+        else:
+            daemon._close()

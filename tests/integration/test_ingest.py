@@ -30,7 +30,8 @@ async def test_the_sample_is_stored_and_acknowledged(client):
     assert status == 202
     assert body["duplicate"] is False
     assert [(d["rule"], d["connector"]) for d in body["deliveries"]] == [
-        ("interested-to-hubspot", "hubspot"), ("interested-to-salesforce", "salesforce"),
+        ("interested-to-hubspot", "hubspot"),
+        ("interested-to-salesforce", "salesforce"),
     ]
     stored = await (await client.get(f"/events/{body['event_id']}")).json()
     assert stored["body"] == SAMPLE_TEXT  # kept byte for byte, unknown fields included
@@ -63,20 +64,63 @@ async def test_the_same_payload_twice_is_acknowledged_twice_and_queued_once(clie
 @pytest.mark.parametrize(
     ("path", "headers", "body", "status", "error", "message"),
     [
-        ("/webhooks/supersend", JSON, SAMPLE_TEXT, 401, "unauthorized", "missing or wrong webhook token"),
-        ("/webhooks/supersend?token=wrong", JSON, SAMPLE_TEXT, 401, "unauthorized",
-         "missing or wrong webhook token"),
-        (f"/webhooks/supersend/{TOKEN}x", JSON, SAMPLE_TEXT, 401, "unauthorized",
-         "missing or wrong webhook token"),
-        (f"/webhooks/nowhere?token={TOKEN}", JSON, SAMPLE_TEXT, 404, "unknown_source",
-         "no source named 'nowhere'"),
-        (f"/webhooks/supersend?token={TOKEN}", {"Content-Type": "text/plain"}, SAMPLE_TEXT, 415,
-         "unsupported_media_type", "Content-Type must be application/json, not 'text/plain'"),
+        (
+            "/webhooks/supersend",
+            JSON,
+            SAMPLE_TEXT,
+            401,
+            "unauthorized",
+            "missing or wrong webhook token",
+        ),
+        (
+            "/webhooks/supersend?token=wrong",
+            JSON,
+            SAMPLE_TEXT,
+            401,
+            "unauthorized",
+            "missing or wrong webhook token",
+        ),
+        (
+            f"/webhooks/supersend/{TOKEN}x",
+            JSON,
+            SAMPLE_TEXT,
+            401,
+            "unauthorized",
+            "missing or wrong webhook token",
+        ),
+        (
+            f"/webhooks/nowhere?token={TOKEN}",
+            JSON,
+            SAMPLE_TEXT,
+            404,
+            "unknown_source",
+            "no source named 'nowhere'",
+        ),
+        (
+            f"/webhooks/supersend?token={TOKEN}",
+            {"Content-Type": "text/plain"},
+            SAMPLE_TEXT,
+            415,
+            "unsupported_media_type",
+            "Content-Type must be application/json, not 'text/plain'",
+        ),
         (f"/webhooks/supersend?token={TOKEN}", JSON, "{not json", 400, "invalid_json", None),
-        (f"/webhooks/supersend?token={TOKEN}", JSON, "[1, 2]", 422, "invalid_payload",
-         "body must be a JSON object"),
-        (f"/webhooks/supersend?token={TOKEN}", JSON, json.dumps({"x": " " * 5000}), 413,
-         "payload_too_large", "body is larger than 4096 bytes"),
+        (
+            f"/webhooks/supersend?token={TOKEN}",
+            JSON,
+            "[1, 2]",
+            422,
+            "invalid_payload",
+            "body must be a JSON object",
+        ),
+        (
+            f"/webhooks/supersend?token={TOKEN}",
+            JSON,
+            json.dumps({"x": " " * 5000}),
+            413,
+            "payload_too_large",
+            "body is larger than 4096 bytes",
+        ),
     ],
 )
 async def test_refusals(client, path, headers, body, status, error, message):
@@ -97,7 +141,10 @@ async def test_schema_violations_name_every_field(client):
         "message": "invalid field contact.email, contact.appointment",
         "fields": [
             {"field": "contact.email", "message": "Value error, not an email address"},
-            {"field": "contact.appointment", "message": "Input should be a valid boolean, unable to interpret input"},
+            {
+                "field": "contact.appointment",
+                "message": "Input should be a valid boolean, unable to interpret input",
+            },
         ],
     }
 
@@ -139,16 +186,22 @@ async def test_without_credentials_connectors_keep_what_they_would_have_written(
     _, body = await post(client, sample(first_name="Ada", last_name="Lovelace"))
     for _ in range(500):
         stored = await (await client.get(f"/events/{body['event_id']}")).json()
-        if all(d["status"] != "pending" and d["status"] != "in_flight" for d in stored["deliveries"]):
+        if all(
+            d["status"] != "pending" and d["status"] != "in_flight" for d in stored["deliveries"]
+        ):
             break
         await asyncio.sleep(0.01)
     hubspot, salesforce = stored["deliveries"]
     assert hubspot["status"] == salesforce["status"] == "dry_run"
     assert hubspot["result"]["detail"]["would_write"] == {
-        "crm": "hubspot", "operation": "upsert_lead", "object": "contact", "id_property": None,
+        "crm": "hubspot",
+        "operation": "upsert_lead",
+        "object": "contact",
+        "id_property": None,
         "id_value": "andrew@xoxo.capital",
         "fields": {"firstname": "Ada", "lastname": "Lovelace", "hs_lead_status": "OPEN"},
     }
     assert salesforce["result"]["detail"]["would_write"]["fields"] == {
-        "FirstName": "Ada", "LastName": "Lovelace",
+        "FirstName": "Ada",
+        "LastName": "Lovelace",
     }

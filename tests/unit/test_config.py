@@ -75,7 +75,10 @@ def test_every_problem_is_reported_at_once():
 
 def test_connector_settings_are_checked_by_the_connector_model():
     found = problems(GOOD.replace("    access_token:", "    acces_token:"))
-    assert found == ["config.yaml:6:5: connectors.hubspot.acces_token: unknown key (did you mean `access_token`?)"]
+    assert found == [
+        "config.yaml:6:5: connectors.hubspot.acces_token: unknown key"
+        " (did you mean `access_token`?)"
+    ]
 
 
 def test_expression_syntax_errors_are_caught_at_load_time():
@@ -103,5 +106,5 @@ def test_a_tokenless_source_is_refused_off_loopback():
 
 
 def test_missing_file_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="no-such.yaml"):
+    with pytest.raises(ConfigError, match=r"no-such\.yaml"):
         load_config(tmp_path / "no-such.yaml")

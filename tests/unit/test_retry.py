@@ -3,13 +3,24 @@ import pytest
 from bridge.errors import PermanentDelivery, RetryableDelivery
 from bridge.retry import RetryPolicy
 
-POLICY = RetryPolicy(in_call_attempts=3, in_call_wait=0.0, in_call_wait_max=0.01,
-                     backoff_initial=30, backoff_max=3600, horizon=86400)
+POLICY = RetryPolicy(
+    in_call_attempts=3,
+    in_call_wait=0.0,
+    in_call_wait_max=0.01,
+    backoff_initial=30,
+    backoff_max=3600,
+    horizon=86400,
+)
 
 
-@pytest.mark.parametrize(("attempts", "low", "high"), [(1, 15, 30), (2, 30, 60), (5, 240, 480), (20, 1800, 3600)])
+@pytest.mark.parametrize(
+    ("attempts", "low", "high"), [(1, 15, 30), (2, 30, 60), (5, 240, 480), (20, 1800, 3600)]
+)
 def test_backoff_doubles_with_jitter_up_to_the_cap(attempts, low, high):
-    delays = {POLICY.next_attempt(attempts, created_at=0, now=100, retry_after=None) - 100 for _ in range(50)}
+    delays = {
+        POLICY.next_attempt(attempts, created_at=0, now=100, retry_after=None) - 100
+        for _ in range(50)
+    }
     assert all(low <= d <= high for d in delays)
     assert len(delays) > 1  # jittered, so a fleet of retries does not arrive at once
 

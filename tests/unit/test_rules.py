@@ -95,7 +95,12 @@ def test_a_rule_may_key_records_on_another_field():
 
 
 def test_several_rules_fan_out_in_file_order():
-    second = {**INTERESTED, "name": "to-salesforce", "connector": "salesforce", "action": "upsert_lead"}
+    second = {
+        **INTERESTED,
+        "name": "to-salesforce",
+        "connector": "salesforce",
+        "action": "upsert_lead",
+    }
     result = evaluate([INTERESTED, second], event("interest"))
     assert [(d.rule, d.connector, d.operation.object) for d in result.deliveries] == [
         ("interested", "hubspot", "contact"),

@@ -13,13 +13,19 @@ from connectors.base import LeadUpsert
 
 
 def new_event(key: str, email: str | None = "a@example.com") -> NewEvent:
-    return NewEvent(source="s", type="reply", email=email, idempotency_key=key,
-                    received_at=1000.0, body="{}")
+    return NewEvent(
+        source="s", type="reply", email=email, idempotency_key=key, received_at=1000.0, body="{}"
+    )
 
 
 def new_delivery(email: str = "a@example.com", connector: str = "hubspot") -> NewDelivery:
-    return NewDelivery(rule="r", connector=connector, action="upsert_lead", contact_key=email,
-                       operation=LeadUpsert(id_value=email, fields={"x": 1}))
+    return NewDelivery(
+        rule="r",
+        connector=connector,
+        action="upsert_lead",
+        contact_key=email,
+        operation=LeadUpsert(id_value=email, fields={"x": 1}),
+    )
 
 
 @pytest.fixture
@@ -46,8 +52,9 @@ async def test_a_resent_event_is_recognised_and_adds_no_delivery(store):
 
 
 async def test_concurrent_ingests_commit_together_and_each_gets_its_answer(store):
-    results = await asyncio.gather(*(store.ingest(new_event(f"k{i}"), [new_delivery(f"{i}@x.io")])
-                                     for i in range(200)))
+    results = await asyncio.gather(
+        *(store.ingest(new_event(f"k{i}"), [new_delivery(f"{i}@x.io")]) for i in range(200))
+    )
     assert len({r.event_id for r in results}) == 200
     assert await store.counts() == {"hubspot": {"pending": 200}}
 
@@ -114,8 +121,10 @@ async def test_a_failing_call_rolls_back_alone(store):
         return await store._run(lambda conn: conn.execute("INSERT INTO nowhere VALUES (1)"))
 
     results = await asyncio.gather(
-        store.ingest(new_event("k1"), [new_delivery()]), bad(),
-        store.ingest(new_event("k2"), [new_delivery("b@x.io")]), return_exceptions=True,
+        store.ingest(new_event("k1"), [new_delivery()]),
+        bad(),
+        store.ingest(new_event("k2"), [new_delivery("b@x.io")]),
+        return_exceptions=True,
     )
     assert not isinstance(results[0], Exception) and not isinstance(results[2], Exception)
     assert isinstance(results[1], Exception)

@@ -1,0 +1,142 @@
+"""The daemon as a process: started, fed over HTTP, killed with SIGKILL, restarted."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.support import SAMPLE_TEXT, config_yaml, sample, wait_for
+
+
+@pytest.fixture
+def config_path(tmp_path, hubspot_emulator, salesforce_emulator) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        config_yaml(
+            tmp_path / "bridge.db",
+            hubspot={"access_token": "pat-na1-test", "base_url": hubspot_emulator.url},
+            salesforce={
+                "username": "user@example.com",
+                "password": "pw",
+                "security_token": "tok",
+                "login_url": salesforce_emulator.url,
+                "ca_bundle": salesforce_emulator.ca_path,
+            },
+        )
+    )
+    return path
+
+
+def hubspot_emails(emulator) -> list[str]:
+    with emulator.lock:
+        return sorted(r.properties["email"] for r in emulator.contacts.values())
+
+
+def salesforce_emails(emulator) -> list[str]:
+    return sorted(r["Email"] for r in emulator.records("Lead"))
+
+
+def delivery_states(db: Path) -> dict[str, int]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return dict(
+            conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status").fetchall()
+        )
+
+
+def test_the_sample_reaches_both_crms_once(
+    daemon_factory, config_path, hubspot_emulator, salesforce_emulator
+):
+    daemon = daemon_factory(config_path)
+    first = daemon.post(SAMPLE_TEXT)
+    assert first.status_code == 202
+    wait_for(lambda: hubspot_emails(hubspot_emulator) and salesforce_emails(salesforce_emulator))
+    again = daemon.post(SAMPLE_TEXT)
+    assert again.json() == {"event_id": first.json()["event_id"], "duplicate": True}
+    deliveries = wait_for(lambda: daemon.settled(first.json()["event_id"]))
+    assert [d["status"] for d in deliveries] == ["done", "done"]
+    assert hubspot_emails(hubspot_emulator) == ["andrew@xoxo.capital"]
+    assert salesforce_emails(salesforce_emulator) == ["andrew@xoxo.capital"]
+    assert len(hubspot_emulator.calls_to("POST", "/batch/upsert")) == 1
+    assert len(salesforce_emulator.calls_to("POST", "/sobjects/Lead")) == 1
+    assert daemon.stop() == 0
+
+
+def test_every_acknowledged_event_survives_sigkill(
+    daemon_factory, config_path, tmp_path, hubspot_emulator, salesforce_emulator
+):
+    # Given a CRM slow enough that the burst is still queued when the daemon dies
+    hubspot_emulator.latency = salesforce_emulator.latency = 0.05
+    daemon = daemon_factory(config_path)
+    emails = [f"person{i}@example.com" for i in range(40)]
+    acked = []
+    for i, email in enumerate(emails):
+        response = daemon.post(sample(email=email, first_name=f"v{i}"))
+        assert response.status_code == 202
+        acked.append(response.json()["event_id"])
+    # When it is killed without warning right after acknowledging
+    daemon.kill()
+    db = tmp_path / "bridge.db"
+    unfinished = delivery_states(db).get("pending", 0) + delivery_states(db).get("in_flight", 0)
+    assert unfinished > 0, "the burst was delivered before the kill: the test proves nothing"
+    # Then a restarted daemon delivers every acknowledged event, each to one record
+    hubspot_emulator.latency = salesforce_emulator.latency = 0
+    restarted = daemon_factory(config_path)
+    wait_for(lambda: delivery_states(db) == {"done": 2 * len(emails)}, timeout=60)
+    assert hubspot_emails(hubspot_emulator) == sorted(emails)
+    assert salesforce_emails(salesforce_emulator) == sorted(emails)
+    for i, email in enumerate(emails):
+        (lead,) = [r for r in salesforce_emulator.records("Lead") if r["Email"] == email]
+        assert lead["FirstName"] == f"v{i}"
+    assert restarted.actions("store.resume") or unfinished == delivery_states(db).get("pending", 0)
+    assert restarted.stop() == 0
+
+
+def test_sigterm_finishes_calls_in_flight_and_loses_nothing(
+    daemon_factory, config_path, tmp_path, hubspot_emulator, salesforce_emulator
+):
+    hubspot_emulator.latency = 0.3
+    daemon = daemon_factory(config_path)
+    assert daemon.post(sample(email="late@example.com")).status_code == 202
+    wait_for(lambda: hubspot_emulator.calls_to("POST", "/batch/upsert") or None)
+    assert daemon.stop() == 0
+    # The call in flight was allowed to finish and recorded as done.
+    db = tmp_path / "bridge.db"
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT connector, status FROM deliveries ORDER BY id").fetchall()
+    assert ("hubspot", "done") in rows
+    assert hubspot_emails(hubspot_emulator) == ["late@example.com"]
+
+
+def test_without_credentials_it_starts_and_shows_what_it_would_write(daemon_factory, tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(tmp_path / "bridge.db"))
+    daemon = daemon_factory(path)
+    assert {r["connector"] for r in daemon.actions("connector.dry_run")} == {
+        "hubspot",
+        "salesforce",
+    }
+    assert daemon.post(SAMPLE_TEXT).status_code == 202
+    would = wait_for(
+        lambda: len(daemon.actions("delivery.dry_run")) == 2 and daemon.actions("delivery.dry_run")
+    )
+    assert {w["would_write"]["crm"] for w in would} == {"hubspot", "salesforce"}
+    assert all(w["would_write"]["id_value"] == "andrew@xoxo.capital" for w in would)
+    assert daemon.stop() == 0
+
+
+def test_an_invalid_config_stops_with_every_problem(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(tmp_path / "bridge.db").replace("  port: 0", "  prot: 0"))
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert f"{path}:3:3: server.prot: unknown key (did you mean `port`?)" in result.stderr

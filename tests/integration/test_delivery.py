@@ -1,0 +1,182 @@
+"""Ingest -> store -> rules -> delivery -> the real SDKs -> the emulators, in one process."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from bridge.config import parse_config
+from bridge.server import create_app
+from tests.support import TOKEN, config_yaml, sample
+
+FINISHED = {"done", "dead", "dry_run"}
+
+
+@pytest.fixture
+async def bridge(tmp_path, hubspot_emulator, salesforce_emulator):
+    clients = []
+
+    async def start(**overrides) -> TestClient:
+        settings = {
+            "hubspot": {"access_token": "pat-na1-test", "base_url": hubspot_emulator.url},
+            "salesforce": {
+                "username": "user@example.com",
+                "password": "pw",
+                "security_token": "tok",
+                "login_url": salesforce_emulator.url,
+                "ca_bundle": salesforce_emulator.ca_path,
+            },
+        } | overrides
+        app = create_app(parse_config(config_yaml(tmp_path / "bridge.db", **settings)))
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        await client.close()
+
+
+async def send(client: TestClient, body: dict) -> dict:
+    response = await client.post(f"/webhooks/supersend/{TOKEN}", json=body)
+    assert response.status == 202, await response.text()
+    return await response.json()
+
+
+async def settled(client: TestClient, event_id: str, timeout: float = 20) -> list[dict]:
+    """The event's deliveries once none is pending or in flight."""
+
+    async def poll() -> list[dict]:
+        while True:
+            event = await (await client.get(f"/events/{event_id}")).json()
+            if all(d["status"] in FINISHED for d in event["deliveries"]):
+                return event["deliveries"]
+            await asyncio.sleep(0.02)
+
+    return await asyncio.wait_for(poll(), timeout)
+
+
+def hubspot_contacts(emulator, email):
+    with emulator.lock:
+        return [
+            dict(r.properties)
+            for r in emulator.contacts.values()
+            if r.properties.get("email") == email
+        ]
+
+
+def salesforce_leads(emulator, email):
+    return [r for r in emulator.records("Lead") if (r.get("Email") or "").lower() == email]
+
+
+async def test_the_sample_reaches_both_crms(bridge, hubspot_emulator, salesforce_emulator):
+    client = await bridge()
+    body = await send(client, sample(first_name="Ada", last_name="Lovelace"))
+    deliveries = await settled(client, body["event_id"])
+    assert [d["status"] for d in deliveries] == ["done", "done"]
+    (contact,) = hubspot_contacts(hubspot_emulator, "andrew@xoxo.capital")
+    assert (contact["firstname"], contact["lastname"], contact["hs_lead_status"]) == (
+        "Ada",
+        "Lovelace",
+        "OPEN",
+    )
+    (lead,) = salesforce_leads(salesforce_emulator, "andrew@xoxo.capital")
+    assert (lead["FirstName"], lead["LastName"], lead["Company"]) == (
+        "Ada",
+        "Lovelace",
+        "xoxo.capital",
+    )
+    assert deliveries[0]["result"]["record_id"] == contact["hs_object_id"]
+    assert deliveries[1]["result"]["record_id"] == lead["Id"]
+
+
+async def test_a_blip_is_retried_in_the_call(bridge, hubspot_emulator):
+    client = await bridge()
+    hubspot_emulator.fail_next_server_error(2, status=503)
+    body = await send(client, sample())
+    hubspot, _ = await settled(client, body["event_id"])
+    assert (hubspot["status"], hubspot["attempts"]) == ("done", 1)
+    assert len(hubspot_contacts(hubspot_emulator, "andrew@xoxo.capital")) == 1
+
+
+async def test_a_longer_outage_is_rescheduled_with_its_error_kept(bridge, hubspot_emulator):
+    client = await bridge()
+    # in_call_attempts is 3: the fourth call is the second attempt.
+    hubspot_emulator.fail_next_server_error(3, status=503)
+    body = await send(client, sample())
+
+    async def first_failure() -> dict:
+        while True:
+            event = await (await client.get(f"/events/{body['event_id']}")).json()
+            hubspot = event["deliveries"][0]
+            if hubspot["last_error"] or hubspot["status"] in FINISHED:
+                return hubspot
+            await asyncio.sleep(0.005)
+
+    failed = await asyncio.wait_for(first_failure(), 20)
+    assert failed["last_error"].startswith("HubSpot 503")
+    hubspot, _ = await settled(client, body["event_id"])
+    assert (hubspot["status"], hubspot["attempts"]) == ("done", 2)
+
+
+async def test_a_refused_record_is_dead_at_once_with_the_crms_message(bridge, hubspot_emulator):
+    client = await bridge()
+    body = await send(client, sample(first_name="x" * 10, type="interest"))
+    hubspot_emulator.fail_next(
+        1,
+        400,
+        match="/batch/upsert",
+        body={
+            "status": "error",
+            "message": "Property values were not valid",
+            "correlationId": "c",
+            "category": "VALIDATION_ERROR",
+        },
+    )
+    other = await send(
+        client, sample(first_name="Ada", type="interest", updatedAt="2024-01-01T00:00:00Z")
+    )
+    first, _ = await settled(client, body["event_id"])
+    second, _ = await settled(client, other["event_id"])
+    dead, done = sorted([first, second], key=lambda d: d["status"])
+    assert (dead["status"], dead["attempts"]) == ("dead", 1)
+    assert dead["last_error"] == "HubSpot 400: Property values were not valid"
+    assert done["status"] == "done"  # a dead delivery does not block the contact's later ones
+
+
+async def test_a_contacts_changes_reach_the_crm_in_order(bridge, hubspot_emulator):
+    client = await bridge()
+    hubspot_emulator.latency = 0.02
+    ids = []
+    for i, status in enumerate(["first", "second", "third"]):
+        body = await send(client, sample(first_name=status, updatedAt=f"2024-01-01T00:00:0{i}Z"))
+        ids.append(body["event_id"])
+    for event_id in ids:
+        await settled(client, event_id)
+    writes = [
+        c.json["inputs"][0]["properties"]["firstname"]
+        for c in hubspot_emulator.calls_to("POST", "/batch/upsert")
+    ]
+    assert writes == ["first", "second", "third"]
+    (contact,) = hubspot_contacts(hubspot_emulator, "andrew@xoxo.capital")
+    assert contact["firstname"] == "third"
+
+
+async def test_one_crm_down_does_not_delay_the_other(bridge, hubspot_emulator, salesforce_emulator):
+    client = await bridge()
+    hubspot_emulator.stop()
+    body = await send(client, sample())
+
+    async def salesforce_done() -> list[dict]:
+        while True:
+            event = await (await client.get(f"/events/{body['event_id']}")).json()
+            if event["deliveries"][1]["status"] == "done":
+                return event["deliveries"]
+            await asyncio.sleep(0.02)
+
+    hubspot, _ = await asyncio.wait_for(salesforce_done(), 20)
+    assert hubspot["status"] in ("pending", "in_flight")
+    assert len(salesforce_leads(salesforce_emulator, "andrew@xoxo.capital")) == 1
