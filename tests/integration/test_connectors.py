@@ -265,3 +265,33 @@ async def test_hubspot_with_a_revoked_token_waits_instead_of_dropping(hubspot_em
         assert info.value.retry_after == 300
     finally:
         await connector.close()
+
+
+async def test_salesforce_with_an_existing_session_needs_no_login(salesforce_emulator):
+    settings = {"type": "salesforce", "session_id": salesforce_emulator.new_session(),
+                "instance_url": f"https://{salesforce_emulator.instance}",
+                "ca_bundle": str(salesforce_emulator.ca_path)}
+    connector = SalesforceConnector("salesforce", SalesforceConfig.model_validate(settings))
+    await connector.open()
+    try:
+        assert (await connector.upsert_lead(SalesforceCase(salesforce_emulator).lead("a@b.io"))).created
+        assert salesforce_emulator.logins == 0
+        # A session cannot be renewed: expiry waits for a new one instead of dropping the delivery.
+        salesforce_emulator.expire_sessions()
+        with pytest.raises(RetryableDelivery, match="session expired"):
+            await connector.upsert_lead(SalesforceCase(salesforce_emulator).lead("a@b.io"))
+    finally:
+        await connector.close()
+
+
+async def test_hubspot_over_tls_trusts_the_configured_ca(tls_ca):
+    from tests.emulators import HubSpotEmulator
+
+    with HubSpotEmulator(tls=tls_ca) as emulator:
+        case = HubSpotCase(emulator)
+        connector = case.connector(ca_bundle=str(tls_ca.ca_path))
+        await connector.open()
+        try:
+            assert (await connector.upsert_lead(case.lead("ada@example.com"))).created is True
+        finally:
+            await connector.close()
