@@ -55,6 +55,16 @@ class DeliveryConfig(_Strict):
     horizon: float = Field(default=86400.0, gt=0, description="dead-letter after this long")
     lease_seconds: float = Field(default=300.0, gt=0)
     poll_interval: float = Field(default=1.0, gt=0)
+    # Hold new deliveries this long so a contact's burst (open, click, reply) merges into one
+    # write; whatever is queued for a contact merges anyway, up to coalesce_max deliveries.
+    coalesce_window: float = Field(default=0.0, ge=0)
+    coalesce_max: int = Field(default=50, ge=0)
+    breaker_failures: int = Field(default=5, ge=1, description="failed calls in a row to pause")
+    breaker_cooldown: float = Field(default=30.0, gt=0)
+    breaker_cooldown_max: float = Field(default=600.0, gt=0)
+    auth_pause: float = Field(default=300.0, gt=0, description="pause after a refused login")
+    # Above this many unfinished deliveries the webhook answers 503 + Retry-After.
+    max_backlog: int = Field(default=100_000, ge=1)
 
 
 class ConnectorEntry(BaseModel):

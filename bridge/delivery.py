@@ -1,9 +1,12 @@
 """Delivery workers: claim -> connector -> classify -> done / retry later / dead-letter.
 
-One worker per configured connector, each with its own claims and concurrency, so a CRM that
-is down or slow never delays another. A delivery is marked done only after its connector
-confirms the write; a crash before that leaves it in flight, to be sent again (connectors
-write by upsert on a natural key, so a repeat is harmless).
+One worker per configured connector, with its own claims, concurrency and circuit breaker, so
+a CRM that is down or slow never delays another. Each claim takes the next delivery of up to
+`max_batch x free slots` contacts; a contact's queued burst of upserts is merged into one write
+holding the latest state, and deliveries older than what the CRM already holds for the contact
+are skipped. A delivery is marked done only after its connector confirmed the write; a crash
+before that leaves it in flight, to be sent again (connectors write by upsert on a natural key,
+so a repeat is harmless).
 """
 
 from __future__ import annotations
@@ -12,19 +15,38 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from bridge.errors import PermanentDelivery, RetryableDelivery
-from bridge.models import Delivery, DeliveryStatus
+from bridge.breaker import BreakerState, CircuitBreaker
+from bridge.errors import (
+    AuthenticationFailed,
+    DeliveryError,
+    PermanentDelivery,
+    RetryableDelivery,
+)
+from bridge.models import ClaimedGroup, Delivery, DeliveryStatus, Finish
 from bridge.retry import RetryPolicy
 from bridge.store import Store
-from connectors.base import Connector, DeliveryResult
+from connectors.base import Connector, DeliveryResult, LeadUpsert
 
 log = logging.getLogger("crm_bridge.delivery")
 
+UPSERT_ACTIONS = ("upsert_lead", "upsert_contact")
+Outcome = DeliveryResult | DeliveryError
+
+
+def merge(deliveries: list[Delivery], record_id: str | None) -> LeadUpsert:
+    """One write holding the latest state of a contact's burst (deliveries in sort order)."""
+    first = deliveries[0].operation
+    fields: dict[str, Any] = {}
+    for delivery in deliveries:
+        fields.update(delivery.operation.fields)
+    return first.model_copy(update={"fields": fields, "record_id": record_id})
+
 
 class DeliveryWorker:
-    """Sends one connector's due deliveries, at most `concurrency` at a time."""
+    """Sends one connector's due deliveries, at most `concurrency` calls at a time."""
 
     def __init__(
         self,
@@ -36,15 +58,19 @@ class DeliveryWorker:
         concurrency: int,
         lease_seconds: float,
         poll_interval: float,
+        coalesce: int = 50,
+        breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.name = name
         self.connector = connector
+        self.breaker = breaker or CircuitBreaker()
         self._store = store
         self._policy = policy
         self._concurrency = concurrency
         self._lease = lease_seconds
         self._poll = poll_interval
+        self._coalesce = coalesce
         self._clock = clock
         self._wake = asyncio.Event()
         self._stopping = False
@@ -57,17 +83,38 @@ class DeliveryWorker:
     async def run(self) -> None:
         while not self._stopping:
             self._wake.clear()
+            if (wait := self.breaker.wait_seconds()) > 0:
+                await self._idle(min(wait, self._poll))
+                continue
+            probing = self.breaker.state is BreakerState.HALF_OPEN
             free = self._concurrency - len(self._inflight)
+            if probing:
+                free = 0 if self._inflight else 1
             if free > 0:
-                claimed = await self._store.claim(self.name, free, self._clock(), self._lease)
-                for delivery in claimed:
-                    task = asyncio.create_task(self._deliver(delivery))
+                limit = 1 if probing else free * self.connector.max_batch
+                groups = await self._store.claim(
+                    self.name, limit, self._clock(), self._lease, self._coalesce
+                )
+                for action, batch in self._batches(groups):
+                    task = asyncio.create_task(self._deliver(action, batch))
                     self._inflight.add(task)
                     task.add_done_callback(self._finished)
-                if len(claimed) == free:
+                if len(groups) == limit and not probing:
                     continue  # maybe more is due: claim again once a slot frees
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll)
+            await self._idle(self._poll)
+
+    async def _idle(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    def _batches(self, groups: list[ClaimedGroup]) -> Iterator[tuple[str, list[ClaimedGroup]]]:
+        by_action: dict[str, list[ClaimedGroup]] = {}
+        for group in groups:
+            by_action.setdefault(group.head.action, []).append(group)
+        size = self.connector.max_batch
+        for action, items in by_action.items():
+            for i in range(0, len(items), size):
+                yield action, items[i : i + size]
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
@@ -86,88 +133,147 @@ class DeliveryWorker:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _deliver(self, delivery: Delivery) -> None:
-        context = {
-            "delivery_id": delivery.id,
-            "event_id": delivery.event_id,
-            "connector": self.name,
-        }
+    async def _deliver(self, action: str, groups: list[ClaimedGroup]) -> None:
+        finishes: list[Finish] = []
+        live: list[tuple[ClaimedGroup, list[Delivery]]] = []
+        for group in groups:
+            applied = group.applied_sort_at
+            stale = [d for d in group.deliveries if applied is not None and d.sort_at < applied]
+            fresh = [d for d in group.deliveries if d not in stale]
+            if stale:
+                finishes.append(
+                    Finish(
+                        delivery_ids=[d.id for d in stale],
+                        status=DeliveryStatus.SKIPPED,
+                        error="older than the data this CRM already has for the contact",
+                    )
+                )
+            if fresh:
+                live.append((group, fresh))
+        if live:
+            outcomes = await self._send(action, [merge(fresh, g.record_id) for g, fresh in live])
+            self._update_breaker(outcomes)
+            now = self._clock()
+            for (group, fresh), outcome in zip(live, outcomes, strict=True):
+                finishes.append(self._finish(group, fresh, outcome, now))
+        await self._store.finish(finishes, self._clock())
+
+    async def _send(self, action: str, leads: list[LeadUpsert]) -> list[Outcome]:
+        """Outcomes per record; a failure of the whole call becomes every record's outcome."""
+        if action not in UPSERT_ACTIONS:
+            return [PermanentDelivery(f"unknown action {action!r}")] * len(leads)
         try:
             async for attempt in self._policy.in_call():
                 with attempt:
-                    result = await self._send(delivery)
-        except PermanentDelivery as exc:
-            await self._store.dead_letter(delivery.id, str(exc), self._clock())
-            log.warning(
-                "delivery %s refused by %s: %s",
-                delivery.id,
-                self.name,
-                exc,
-                extra={"action": "delivery.dead", **context},
-            )
-        except RetryableDelivery as exc:
-            await self._reschedule(delivery, str(exc), exc.retry_after, context)
+                    return await self.connector.upsert_leads(leads)
+        except DeliveryError as exc:
+            return [exc] * len(leads)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # unknown: retryable, but loud and still bounded
             log.exception(
-                "delivery %s failed unexpectedly",
-                delivery.id,
-                extra={"action": "delivery.error", **context},
+                "%s: unexpected failure",
+                self.name,
+                extra={"action": "delivery.error", "connector": self.name},
             )
-            await self._reschedule(delivery, f"{type(exc).__name__}: {exc}", None, context)
-        else:
-            status = DeliveryStatus.DRY_RUN if result.dry_run else DeliveryStatus.DONE
-            await self._store.complete(
-                delivery.id, status, result.model_dump(mode="json"), self._clock()
+            return [RetryableDelivery(f"{type(exc).__name__}: {exc}")] * len(leads)
+        raise AssertionError("unreachable: tenacity re-raises the last failure")
+
+    def _update_breaker(self, outcomes: list[Outcome]) -> None:
+        if any(isinstance(o, DeliveryResult) or isinstance(o, PermanentDelivery) for o in outcomes):
+            # The CRM answered about records: it is up, even if it refused some.
+            self.breaker.record_success()
+            return
+        first = outcomes[0]
+        before = self.breaker.state
+        self.breaker.record_failure(str(first), auth=isinstance(first, AuthenticationFailed))
+        if self.breaker.state is BreakerState.OPEN and before is not BreakerState.OPEN:
+            log.warning(
+                "%s paused for %.0fs after repeated failures: %s",
+                self.name,
+                self.breaker.wait_seconds(),
+                first,
+                extra={"action": "connector.breaker_open", "connector": self.name},
             )
-            if result.dry_run:
+
+    def _finish(
+        self, group: ClaimedGroup, fresh: list[Delivery], outcome: Outcome, now: float
+    ) -> Finish:
+        ids = [d.id for d in fresh]
+        context = {
+            "delivery_ids": ids,
+            "event_ids": [d.event_id for d in fresh],
+            "connector": self.name,
+            "contact_key": group.head.contact_key,
+        }
+        if isinstance(outcome, DeliveryResult):
+            result = outcome.model_dump(mode="json")
+            if len(ids) > 1:
+                result["coalesced"] = ids
+            if outcome.dry_run:
                 log.info(
                     "dry run: would write to %s",
                     self.name,
-                    extra={"action": "delivery.dry_run", **result.detail, **context},
+                    extra={"action": "delivery.dry_run", **outcome.detail, **context},
                 )
-            else:
-                log.info(
-                    "delivery %s done: %s record %s",
-                    delivery.id,
-                    self.name,
-                    result.record_id,
-                    extra={
-                        "action": "delivery.done",
-                        "record_id": result.record_id,
-                        "record_created": result.created,
-                        **context,
-                    },
-                )
-
-    async def _send(self, delivery: Delivery) -> DeliveryResult:
-        if delivery.action in ("upsert_lead", "upsert_contact"):
-            return await self.connector.upsert_lead(delivery.operation)
-        raise PermanentDelivery(f"unknown action {delivery.action!r}")
-
-    async def _reschedule(
-        self, delivery: Delivery, error: str, retry_after: float | None, context: dict[str, object]
-    ) -> None:
-        now = self._clock()
-        due = self._policy.next_attempt(delivery.attempts, delivery.created_at, now, retry_after)
-        if due is None:
-            await self._store.dead_letter(
-                delivery.id, f"gave up after {delivery.attempts} attempts: {error}", now
+                return Finish(delivery_ids=ids, status=DeliveryStatus.DRY_RUN, result=result)
+            log.info(
+                "delivered to %s: record %s",
+                self.name,
+                outcome.record_id,
+                extra={
+                    "action": "delivery.done",
+                    "record_id": outcome.record_id,
+                    "record_created": outcome.created,
+                    **context,
+                },
             )
+            return Finish(
+                delivery_ids=ids,
+                status=DeliveryStatus.DONE,
+                result=result,
+                connector=self.name,
+                contact_key=group.head.contact_key,
+                record_id=outcome.record_id,
+                applied_sort_at=max(d.sort_at for d in fresh),
+            )
+        if isinstance(outcome, PermanentDelivery):
             log.warning(
-                "delivery %s dead after %d attempts: %s",
-                delivery.id,
-                delivery.attempts,
-                error,
+                "%s refused the record: %s",
+                self.name,
+                outcome,
                 extra={"action": "delivery.dead", **context},
             )
-            return
-        await self._store.retry_later(delivery.id, due, error, now)
+            return Finish(
+                delivery_ids=ids,
+                status=DeliveryStatus.DEAD,
+                error=str(outcome),
+                result={"detail": outcome.detail} if outcome.detail else None,
+            )
+        retry_after = outcome.retry_after if isinstance(outcome, RetryableDelivery) else None
+        attempts = max(d.attempts for d in fresh)
+        horizon_start = min(d.horizon_start for d in fresh)
+        due = self._policy.next_attempt(attempts, horizon_start, now, retry_after)
+        if due is None:
+            log.warning(
+                "%s: giving up after %d attempts: %s",
+                self.name,
+                attempts,
+                outcome,
+                extra={"action": "delivery.dead", **context},
+            )
+            return Finish(
+                delivery_ids=ids,
+                status=DeliveryStatus.DEAD,
+                error=f"gave up after {attempts} attempts: {outcome}",
+            )
         log.info(
-            "delivery %s will be retried in %.0fs: %s",
-            delivery.id,
+            "%s: retry in %.0fs: %s",
+            self.name,
             due - now,
-            error,
-            extra={"action": "delivery.retry", "attempts": delivery.attempts, **context},
+            outcome,
+            extra={"action": "delivery.retry", "attempts": attempts, **context},
+        )
+        return Finish(
+            delivery_ids=ids, status=DeliveryStatus.PENDING, error=str(outcome), next_attempt_at=due
         )

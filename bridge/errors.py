@@ -97,6 +97,10 @@ class RetryableDelivery(DeliveryError):
         super().__init__(message)
 
 
+class AuthenticationFailed(RetryableDelivery):
+    """The CRM refused the connector's credentials; nothing will pass until they are fixed."""
+
+
 class PermanentDelivery(DeliveryError):
     """The CRM refused this record; repeating the same request cannot succeed."""
 

@@ -89,6 +89,11 @@ class DeliveryStatus(enum.StrEnum):
     DONE = "done"
     DRY_RUN = "dry_run"
     DEAD = "dead"
+    # Older than data the CRM already holds for this contact: applying it would undo a change.
+    SKIPPED = "skipped"
+
+
+UNFINISHED = (DeliveryStatus.PENDING, DeliveryStatus.IN_FLIGHT)
 
 
 class NewEvent(BaseModel):
@@ -99,6 +104,9 @@ class NewEvent(BaseModel):
     email: str | None
     idempotency_key: str
     received_at: float
+    # The contact's `updatedAt` (else the receive time): a contact's deliveries are applied in
+    # this order, and one older than what a CRM already has is skipped.
+    sort_at: float
     body: str
     notes: list[str] = Field(default_factory=list)
 
@@ -125,8 +133,45 @@ class Delivery(NewDelivery):
     attempts: int
     created_at: float
     next_attempt_at: float
+    sort_at: float
+    horizon_start: float
     last_error: str | None = None
     result: dict[str, Any] | None = None
+
+
+class ClaimedGroup(BaseModel):
+    """The claimed deliveries of one contact on one connector: one write, in `sort_at` order.
+
+    More than one when the contact had a burst queued (coalescing); `applied_sort_at` and
+    `record_id` are what the connector last confirmed for this contact.
+    """
+
+    deliveries: list[Delivery]
+    applied_sort_at: float | None = None
+    record_id: str | None = None
+
+    @property
+    def head(self) -> Delivery:
+        return self.deliveries[0]
+
+    @property
+    def ids(self) -> list[int]:
+        return [d.id for d in self.deliveries]
+
+
+class Finish(BaseModel):
+    """How claimed deliveries ended; the store records a batch of these in one transaction."""
+
+    delivery_ids: list[int]
+    status: DeliveryStatus  # pending means "retry at next_attempt_at"
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    next_attempt_at: float | None = None
+    # On success: what the CRM now holds for the contact.
+    connector: str | None = None
+    contact_key: str | None = None
+    record_id: str | None = None
+    applied_sort_at: float | None = None
 
 
 class IngestResult(BaseModel):

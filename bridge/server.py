@@ -12,12 +12,13 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
 
+from bridge.breaker import CircuitBreaker
 from bridge.config import Config
 from bridge.delivery import DeliveryWorker
 from bridge.errors import FieldIssue, PayloadError, StoreUnavailable
@@ -34,6 +35,26 @@ CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
 RULES = web.AppKey("rules", RuleSet)
 WORKERS = web.AppKey("workers", dict[str, DeliveryWorker])
+CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
+
+
+class Backlog:
+    """Unfinished deliveries, as last counted by the store plus what was ingested since.
+
+    Counting on every request would cost a query; a refresh each poll interval is enough to
+    answer 503 before the queue grows without bound.
+    """
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    async def refresh_forever(self, store: Store, interval: float) -> None:
+        while True:
+            self.value = await store.backlog()
+            await asyncio.sleep(interval)
+
+
+BACKLOG = web.AppKey("backlog", Backlog)
 
 
 def _error(exc: PayloadError, headers: dict[str, str] | None = None) -> web.Response:
@@ -105,6 +126,13 @@ async def _read_payload(
     return text, data, payload
 
 
+def _check_backlog(backlog: int, limit: int) -> None:
+    if backlog >= limit:
+        raise PayloadError(
+            503, "backlog_full", f"{backlog} deliveries are waiting for the CRMs; try again later"
+        )
+
+
 async def receive_webhook(request: web.Request) -> web.Response:
     app = request.app
     config, store, rules = app[CONFIG], app[STORE], app[RULES]
@@ -113,6 +141,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
         return _error(PayloadError(404, "unknown_source", f"no source named {source!r}"))
     try:
         _authenticate(request, config, source)
+        _check_backlog(app[BACKLOG].value, config.delivery.max_backlog)
         text, data, payload = await _read_payload(request, config.server.max_body_bytes)
     except PayloadError as exc:
         log.info(
@@ -121,7 +150,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
             exc,
             extra={"action": "webhook.refused", "source": source, "status": exc.status},
         )
-        return _error(exc)
+        return _error(exc, {"Retry-After": "30"} if exc.status == 503 else None)
 
     # Rules see the raw contact (unknown fields included) with the email normalised.
     contact = {**data["contact"], "email": payload.contact.email}
@@ -129,19 +158,23 @@ async def receive_webhook(request: web.Request) -> web.Response:
     notes = list(evaluation.notes)
     if not evaluation.deliveries and not notes:
         notes.append(f"no rule matched type {payload.type!r}")
+    received_at = app[CLOCK]()
+    updated = payload.contact.updatedAt
     event = NewEvent(
         source=source,
         type=payload.type,
         email=payload.contact.email,
         idempotency_key=idempotency_key(source, data),
-        received_at=time.time(),
+        received_at=received_at,
+        sort_at=updated.timestamp() if updated else received_at,
         body=text,
         notes=notes,
     )
     try:
-        stored = await store.ingest(event, evaluation.deliveries)
+        stored = await store.ingest(event, evaluation.deliveries, config.delivery.coalesce_window)
     except StoreUnavailable as exc:
         return _error(PayloadError(503, "store_unavailable", str(exc)), {"Retry-After": "5"})
+    app[BACKLOG].value += len(stored.delivery_ids)
 
     workers = app[WORKERS]
     for delivery in evaluation.deliveries if not stored.duplicate else ():
@@ -175,10 +208,36 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def show_event(request: web.Request) -> web.Response:
+def _loopback_only(request: web.Request) -> web.Response | None:
     # Events hold people's data; only the machine itself may read them back.
     if not request.remote or not ipaddress.ip_address(request.remote).is_loopback:
         return web.json_response({"error": "forbidden", "message": "loopback only"}, status=403)
+    return None
+
+
+async def show_status(request: web.Request) -> web.Response:
+    if refused := _loopback_only(request):
+        return refused
+    workers = request.app[WORKERS]
+    return web.json_response(
+        {
+            "backlog": await request.app[STORE].backlog(),
+            "deliveries": await request.app[STORE].counts(),
+            "connectors": {
+                name: {
+                    "breaker": w.breaker.state,
+                    "reason": w.breaker.reason,
+                    "paused_for": round(w.breaker.wait_seconds(), 1),
+                }
+                for name, w in workers.items()
+            },
+        }
+    )
+
+
+async def show_event(request: web.Request) -> web.Response:
+    if refused := _loopback_only(request):
+        return refused
     event = await request.app[STORE].event(request.match_info["event_id"])
     if event is None:
         return web.json_response({"error": "not_found", "message": "no such event"}, status=404)
@@ -207,6 +266,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     connectors = {name: build_connector(name, config) for name in config.connectors}
     workers: dict[str, DeliveryWorker] = {}
     tasks = []
+    delivery = config.delivery
+    refresher = asyncio.create_task(app[BACKLOG].refresh_forever(store, delivery.poll_interval))
     try:
         for name, connector in connectors.items():
             await connector.open()
@@ -214,28 +275,45 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                 name,
                 connector,
                 store,
-                RetryPolicy.from_config(config.delivery),
+                RetryPolicy.from_config(delivery),
                 concurrency=config.connector_settings[name].max_concurrency,
-                lease_seconds=config.delivery.lease_seconds,
-                poll_interval=config.delivery.poll_interval,
+                lease_seconds=delivery.lease_seconds,
+                poll_interval=delivery.poll_interval,
+                coalesce=delivery.coalesce_max,
+                breaker=CircuitBreaker(
+                    threshold=delivery.breaker_failures,
+                    cooldown=delivery.breaker_cooldown,
+                    cooldown_max=delivery.breaker_cooldown_max,
+                    auth_cooldown=delivery.auth_pause,
+                ),
+                clock=app[CLOCK],
             )
         app[WORKERS].update(workers)
         tasks = [asyncio.create_task(w.run(), name=f"worker-{n}") for n, w in workers.items()]
         yield
     finally:
+        refresher.cancel()
         for worker in workers.values():
             await worker.stop(config.server.shutdown_timeout)
         for task in tasks:
             await task
+        await asyncio.gather(refresher, return_exceptions=True)
         for connector in connectors.values():
             await connector.close()
         await store.close()
 
 
-def create_app(config: Config, store: Store | None = None) -> web.Application:
-    """The daemon's aiohttp application; workers start and stop with it."""
+def create_app(
+    config: Config, store: Store | None = None, clock: Callable[[], float] = time.time
+) -> web.Application:
+    """The daemon's aiohttp application; workers start and stop with it.
+
+    `clock` (wall-clock seconds) dates events and schedules retries; tests pass a manual one.
+    """
     app = web.Application(client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
+    app[CLOCK] = clock
+    app[BACKLOG] = Backlog()
     app[STORE] = store or open_store(config.store)
     app[RULES] = RuleSet(config.rules)
     app[WORKERS] = {}
@@ -243,5 +321,6 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     app.router.add_post("/webhooks/{source}/{token}", receive_webhook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/events/{event_id}", show_event)
+    app.router.add_get("/status", show_status)
     app.cleanup_ctx.append(_lifecycle)
     return app

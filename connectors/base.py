@@ -18,6 +18,9 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bridge.errors import DeliveryError
+from bridge.ratelimit import RateLimiter
+
 T = TypeVar("T")
 
 
@@ -48,6 +51,9 @@ class LeadUpsert(BaseModel):
     id_property: str | None = None
     id_value: str
     fields: dict[str, Any] = Field(default_factory=dict)
+    # The CRM's id for this record if an earlier delivery found or created it: lets a connector
+    # skip its lookup. A hint only: the record may have been deleted or merged since.
+    record_id: str | None = None
 
 
 class DeliveryResult(BaseModel):
@@ -64,6 +70,11 @@ class Connector(abc.ABC):
 
     name: ClassVar[str]
     config_model: ClassVar[type[ConnectorConfig]] = ConnectorConfig
+    # How many records one `upsert_leads` call may carry (the CRM's batch size).
+    max_batch: ClassVar[int] = 1
+    # The client-side limiter every HTTP call of this connector waits on, or None; the delivery
+    # engine reads `limiter.waited_seconds` for its metrics.
+    limiter: RateLimiter | None = None
 
     def __init__(self, instance: str, config: ConnectorConfig) -> None:
         self.instance = instance
@@ -82,6 +93,22 @@ class Connector(abc.ABC):
     @abc.abstractmethod
     async def upsert_lead(self, lead: LeadUpsert) -> DeliveryResult:
         """Create or update one lead or contact, keyed by its id property."""
+
+    async def upsert_leads(self, leads: list[LeadUpsert]) -> list[DeliveryResult | DeliveryError]:
+        """Create or update up to `max_batch` records, with one outcome per record, in order.
+
+        A failure of one record is its outcome; a failure of the whole request (network,
+        429, 5xx) raises. The default sends them one by one.
+        """
+        if len(leads) == 1:
+            return [await self.upsert_lead(leads[0])]  # its failure is the whole call's
+        outcomes: list[DeliveryResult | DeliveryError] = []
+        for lead in leads:
+            try:
+                outcomes.append(await self.upsert_lead(lead))
+            except DeliveryError as exc:
+                outcomes.append(exc)
+        return outcomes
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking SDK call on this connector's own bounded thread pool."""
@@ -102,6 +129,7 @@ class DryRunConnector(Connector):
     """Stands in for a connector that has no credentials: logs and keeps what it would write."""
 
     name = "dry-run"
+    max_batch = 100
 
     def __init__(self, instance: str, config: ConnectorConfig) -> None:
         super().__init__(instance, config)

@@ -1,33 +1,66 @@
 """HubSpot contacts through hubspot-api-client (private-app token).
 
-Create-or-update is one batch upsert keyed by `idProperty=email`: HubSpot decides create versus
+Create-or-update is a batch upsert keyed by `idProperty=email`: HubSpot decides create versus
 update atomically, so there is no search-then-create race and a repeated delivery is harmless.
-The SDK's own urllib3 retries are off (`retry=False`): retries are the delivery engine's.
+Up to 100 records go out in one call. HubSpot fails a whole batch with 400 when one input is
+invalid, so such a batch is split (first the inputs that do not carry the property HubSpot
+named, then halves) until the bad records stand alone: the good ones still land.
+
+Every HTTP call first waits on `limiter`, a sliding window sized from the portal's tier and
+corrected by the rate-limit headers of every answer. The SDK's own urllib3 retries are off
+(`retry=False`): retries are the delivery engine's.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import urllib3
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 
 from bridge.errors import DeliveryError, PermanentDelivery, RetryableDelivery
+from bridge.ratelimit import RateLimiter
 from connectors.base import Connector, ConnectorConfig, DeliveryResult, LeadUpsert
 
-# Without Retry-After, a 429 means the 10-second window is spent: wait for the next one.
+# HubSpot's burst limit is per app and rolling over ten seconds.
 RATE_WINDOW_SECONDS = 10.0
+# Requests per ten seconds by account tier (crm-apis.md §2.5).
+TIER_BURST = {"free": 100, "starter": 100, "professional": 190, "enterprise": 190, "api_pack": 250}
+# The daily limit resets at midnight in the account's time zone, which we do not know.
+DAILY_PAUSE_SECONDS = 3600.0
 AUTH_PAUSE_SECONDS = 300.0
+# Batch error categories that say "the same input may pass later"; others are permanent.
+RETRYABLE_CATEGORIES = frozenset({"RATE_LIMITS", "INTERNAL_ERROR"})
+# Whole-batch refusals that one of its inputs may have caused: split the batch to find it.
+PER_RECORD_STATUSES = frozenset({400, 409})
+
+Outcome = DeliveryResult | DeliveryError
 
 
 class HubSpotConfig(ConnectorConfig):
     type: Literal["hubspot"] = "hubspot"
     access_token: SecretStr | None = None
     base_url: str = "https://api.hubapi.com"
+    # The portal's subscription: sets its burst limit per 10 s (100, 100, 190, 190, 250).
+    tier: Literal["free", "starter", "professional", "enterprise", "api_pack"] = "free"
+    # The portal's burst limit per 10 s when it is not the tier's (a negotiated limit, tests).
+    rate_limit_requests: int | None = Field(default=None, ge=1)
+    # The share of that limit this connector uses; the rest stays free in HubSpot's window for
+    # other instances or scripts using the same app, and absorbs clock differences.
+    rate_limit_share: float = Field(default=0.8, gt=0, le=1)
 
     def has_credentials(self) -> bool:
         return bool(self.access_token and self.access_token.get_secret_value())
+
+    def burst_limit(self) -> int:
+        """The portal's requests per ten seconds."""
+        return self.rate_limit_requests or TIER_BURST[self.tier]
+
+    def requests_per_window(self) -> int:
+        """What this connector allows itself per ten seconds."""
+        return max(1, int(self.burst_limit() * self.rate_limit_share))
 
 
 def _property_value(value: Any) -> str:
@@ -37,36 +70,120 @@ def _property_value(value: Any) -> str:
     return str(value)
 
 
-def _message(body: Any) -> str:
+def _parse(body: Any) -> Any:
     try:
-        data = json.loads(body) if isinstance(body, (str, bytes)) else body
+        return json.loads(body) if isinstance(body, (str, bytes)) else body
     except ValueError:
-        return str(body)[:500]
+        return None
+
+
+def _message(body: Any) -> str:
+    data = _parse(body)
     if isinstance(data, dict):
         return str(data.get("message") or data)
-    return str(data)[:500]
+    return str(data if data is not None else body)[:500]
+
+
+def _number(headers: Any, name: str) -> float | None:
+    try:
+        value = headers.get(name) if headers is not None else None
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
 
 
 def classify(exc: Exception) -> DeliveryError | None:
-    """Map what the SDK raised to retryable or permanent; None for anything unexpected."""
+    """Map what the SDK raised to retryable or permanent; None for anything unexpected.
+
+    The connector handles 429 itself (it also pauses its limiter); here 429 is the fallback.
+    """
     status = getattr(exc, "status", None)
     if isinstance(status, int) and hasattr(exc, "body"):
         # Every API package has its own ApiException class: recognise them by attributes.
         message = f"HubSpot {status}: {_message(exc.body)}"
-        headers = getattr(exc, "headers", None) or {}
         if status == 429:
-            retry_after = headers.get("Retry-After")
-            wait = float(retry_after) if retry_after else RATE_WINDOW_SECONDS
-            return RetryableDelivery(message, retry_after=wait)
+            wait = _number(getattr(exc, "headers", None), "Retry-After")
+            return RetryableDelivery(message, retry_after=wait or RATE_WINDOW_SECONDS)
         if status >= 500:
             return RetryableDelivery(message)
         if status == 401:
             # A revoked or mistyped token: keep the delivery and wait for a fixed config.
             return RetryableDelivery(message, retry_after=AUTH_PAUSE_SECONDS)
-        return PermanentDelivery(message, detail={"status": status, "body": _message(exc.body)})
+        body = _parse(exc.body)
+        return PermanentDelivery(
+            message,
+            detail={"status": status, "body": body if body is not None else _message(exc.body)},
+        )
     if isinstance(exc, (urllib3.exceptions.HTTPError, OSError, TimeoutError)):
         return RetryableDelivery(f"HubSpot unreachable: {type(exc).__name__}: {exc}")
     return None
+
+
+def _invalid_properties(detail: Any) -> set[str]:
+    """Property names a 400 VALIDATION_ERROR body blames, from `errors` or the message text."""
+    body = detail.get("body") if isinstance(detail, dict) else None
+    if not isinstance(body, dict):
+        return set()
+    names: set[str] = set()
+    for error in body.get("errors") or []:
+        context = error.get("context") if isinstance(error, dict) else None
+        if isinstance(context, dict):
+            names.update(str(n) for n in context.get("propertyName") or [])
+    # "Property values were not valid: [{...,"name":"x"}]": the list is JSON text.
+    message = str(body.get("message") or "")
+    if not names and ": [" in message:
+        listed = _parse(message[message.index(": [") + 2 :])
+        if isinstance(listed, list):
+            names.update(str(e["name"]) for e in listed if isinstance(e, dict) and "name" in e)
+    return names
+
+
+@dataclass
+class _Input:
+    """One contact of a batch: the merged properties of every input naming it."""
+
+    id_property: str
+    key: str  # how HubSpot compares the id: emails lower-cased
+    id_value: str
+    properties: dict[str, str]
+    positions: list[int] = field(default_factory=list)
+
+
+def _key(id_property: str, value: str) -> str:
+    return value.strip().lower() if id_property == "email" else value
+
+
+def _inputs(leads: list[LeadUpsert]) -> list[_Input]:
+    """One input per contact, in first-seen order.
+
+    HubSpot refuses a batch that names a contact twice. The caller sends one input per contact;
+    if it does not, the duplicates are merged in order (later fields win, as two upserts in a
+    row would leave them) and every one of them gets the merged write's outcome.
+    """
+    merged: dict[tuple[str, str], _Input] = {}
+    for position, lead in enumerate(leads):
+        id_property = lead.id_property or "email"
+        properties = {k: _property_value(v) for k, v in lead.fields.items()}
+        if id_property == "email":
+            properties.setdefault("email", lead.id_value)
+        key = _key(id_property, lead.id_value)
+        item = merged.setdefault(
+            (id_property, key), _Input(id_property, key, lead.id_value, {}, [])
+        )
+        item.properties.update(properties)
+        item.positions.append(position)
+    return list(merged.values())
+
+
+def _split(items: list[_Input], refusal: PermanentDelivery) -> list[list[_Input]]:
+    """Two smaller batches, so that the records HubSpot refused end up alone."""
+    blamed = _invalid_properties(refusal.detail)
+    suspects = [i for i in items if blamed & i.properties.keys()]
+    if 0 < len(suspects) < len(items):
+        # The inputs without the blamed property most likely pass together in one call.
+        return [[i for i in items if i not in suspects], suspects]
+    half = len(items) // 2
+    return [items[:half], items[half:]]
 
 
 class HubSpotConnector(Connector):
@@ -75,6 +192,12 @@ class HubSpotConnector(Connector):
     name = "hubspot"
     config_model = HubSpotConfig
     config: HubSpotConfig
+    max_batch = 100
+    limiter: RateLimiter
+
+    def __init__(self, instance: str, config: HubSpotConfig) -> None:
+        super().__init__(instance, config)
+        self.limiter = RateLimiter(config.requests_per_window(), RATE_WINDOW_SECONDS)
 
     async def open(self) -> None:
         from hubspot import HubSpot
@@ -91,38 +214,159 @@ class HubSpotConnector(Connector):
         self._batch = client.crm.contacts.batch_api
 
     async def upsert_lead(self, lead: LeadUpsert) -> DeliveryResult:
+        (outcome,) = await self.upsert_leads([lead])
+        if isinstance(outcome, DeliveryError):
+            raise outcome
+        return outcome
+
+    async def upsert_leads(self, leads: list[LeadUpsert]) -> list[Outcome]:
+        """One batch upsert per 100 contacts; outcomes per input, in input order.
+
+        A record HubSpot refuses gets a PermanentDelivery (RetryableDelivery when the error's
+        category says it may pass later) with HubSpot's message; the others their result.
+        A failure of a whole call (429, 5xx, network, 401/403) raises when no record has an
+        outcome yet; after some have landed it becomes the outcome of the records left.
+        """
+        outcomes: list[Outcome | None] = [None] * len(leads)
+        try:
+            by_property: dict[str, list[_Input]] = {}
+            for item in _inputs(leads):
+                by_property.setdefault(item.id_property, []).append(item)
+            for items in by_property.values():
+                for start in range(0, len(items), self.max_batch):
+                    await self._write(items[start : start + self.max_batch], outcomes)
+        except DeliveryError as exc:
+            if all(o is None for o in outcomes):
+                raise
+            outcomes = [exc if o is None else o for o in outcomes]
+        missing = RetryableDelivery("HubSpot returned no result for this record")
+        return [missing if o is None else o for o in outcomes]
+
+    async def _write(self, items: list[_Input], outcomes: list[Outcome | None]) -> None:
+        try:
+            response = await self._upsert(items)
+        except PermanentDelivery as refusal:
+            status = (refusal.detail or {}).get("status")
+            if len(items) == 1 or status not in PER_RECORD_STATUSES:
+                if status not in PER_RECORD_STATUSES:
+                    raise  # not about a record (403 scopes, 404 route): the whole call failed
+                self._settle(items[0], refusal, outcomes)
+                return
+            # HubSpot refuses the whole batch for one bad input: find it, let the rest land.
+            for part in _split(items, refusal):
+                await self._write(part, outcomes)
+            return
+        self._map_results(items, response, outcomes)
+
+    @staticmethod
+    def _settle(item: _Input, outcome: Outcome, outcomes: list[Outcome | None]) -> None:
+        for position in item.positions:
+            outcomes[position] = outcome
+
+    def _map_results(self, items: list[_Input], response: Any, outcomes: list[Outcome | None]) -> None:
+        """Results by id (HubSpot's order is not the input's), errors by the ids they name."""
+        by_key = {(i.id_property, i.key): i for i in items}
+        for record in getattr(response, "results", None) or []:
+            properties = getattr(record, "properties", None) or {}
+            item = None
+            for id_property in {i.id_property for i in items}:
+                value = record.id if id_property == "hs_object_id" else properties.get(id_property)
+                if value is not None:
+                    item = by_key.get((id_property, _key(id_property, str(value))))
+                if item is not None:
+                    break
+            if item is None and len(items) == 1:
+                item = items[0]
+            if item is not None:
+                result = DeliveryResult(record_id=record.id, created=getattr(record, "new", None))
+                self._settle(item, result, outcomes)
+        for error in getattr(response, "errors", None) or []:
+            named = {
+                str(value)
+                for values in (getattr(error, "context", None) or {}).values()
+                for value in values or []
+            }
+            text = f"HubSpot refused the record: {error.message}"
+            failure: DeliveryError
+            if getattr(error, "category", None) in RETRYABLE_CATEGORIES:
+                failure = RetryableDelivery(text)
+            else:
+                failure = PermanentDelivery(text, detail={"errors": [error.to_dict()]})
+            for item in items:
+                if item.key in {_key(item.id_property, n) for n in named}:
+                    self._settle(item, failure, outcomes)
+
+    async def _upsert(self, items: list[_Input]) -> Any:
+        """One batch upsert call, under the limiter; its headers correct the limiter."""
         from hubspot.crm.contacts import (
             BatchInputSimplePublicObjectBatchInputUpsert,
             SimplePublicObjectBatchInputUpsert,
         )
 
-        id_property = lead.id_property or "email"
-        properties = {k: _property_value(v) for k, v in lead.fields.items()}
-        if id_property == "email":
-            properties.setdefault("email", lead.id_value)
         body = BatchInputSimplePublicObjectBatchInputUpsert(
             inputs=[
                 SimplePublicObjectBatchInputUpsert(
-                    id=lead.id_value, id_property=id_property, properties=properties
+                    id=i.id_value, id_property=i.id_property, properties=i.properties
                 )
+                for i in items
             ]
         )
+        await self._acquire()
         try:
-            response = await self.run_blocking(
-                self._batch.upsert,
+            response, _status, headers = await self.run_blocking(
+                self._batch.upsert_with_http_info,
                 batch_input_simple_public_object_batch_input_upsert=body,
                 _request_timeout=self.config.timeout,
             )
         except Exception as exc:
+            if getattr(exc, "status", None) == 429 and hasattr(exc, "body"):
+                raise self._rate_limited(exc) from exc
+            self._observe(getattr(exc, "headers", None))
             mapped = classify(exc)
             if mapped is None:
                 raise
             raise mapped from exc
-        errors = getattr(response, "errors", None)
-        if errors:
-            raise PermanentDelivery(
-                f"HubSpot refused the record: {errors[0].message}",
-                detail={"errors": [e.to_dict() for e in errors]},
+        self._observe(headers)
+        return response
+
+    async def _acquire(self) -> None:
+        """Wait for the limiter, unless it is paused for longer than a window: then fail fast,
+        so the delivery is rescheduled instead of holding a worker for up to an hour."""
+        paused = self.limiter.paused_for()
+        if paused > RATE_WINDOW_SECONDS:
+            raise RetryableDelivery(
+                f"HubSpot rate limit: paused for {paused:.0f}s", retry_after=paused
             )
-        record = response.results[0]
-        return DeliveryResult(record_id=record.id, created=getattr(record, "new", None))
+        await self.limiter.acquire()
+
+    def _observe(self, headers: Any) -> None:
+        """Fold HubSpot's own counters into the limiter (absent on errors before the gateway)."""
+        remaining = _number(headers, "X-HubSpot-RateLimit-Remaining")
+        if remaining is not None:
+            interval = _number(headers, "X-HubSpot-RateLimit-Interval-Milliseconds")
+            maximum = _number(headers, "X-HubSpot-RateLimit-Max") or self.config.burst_limit()
+            # Keep the share we do not use free in HubSpot's window, whoever spends the rest.
+            reserve = max(0, int(maximum) - self.limiter.requests)
+            window = interval / 1000 if interval else RATE_WINDOW_SECONDS
+            self.limiter.observe(int(remaining) - reserve, window)
+        daily = _number(headers, "X-HubSpot-RateLimit-Daily-Remaining")
+        if daily is not None and daily <= 0:
+            self.limiter.pause(DAILY_PAUSE_SECONDS)
+
+    def _rate_limited(self, exc: Exception) -> RetryableDelivery:
+        """A 429: pause the limiter for as long as HubSpot asked, or as the limit implies."""
+        headers = getattr(exc, "headers", None)
+        body = _parse(getattr(exc, "body", None))
+        policy = body.get("policyName") if isinstance(body, dict) else None
+        retry_after = _number(headers, "Retry-After")
+        if retry_after is None and policy == "DAILY":
+            # The daily reset is at midnight in the account's time zone: unknown here.
+            retry_after = DAILY_PAUSE_SECONDS
+        if retry_after is None:
+            # A rolling window: everything counted now has left it one window from now.
+            interval = _number(headers, "X-HubSpot-RateLimit-Interval-Milliseconds")
+            retry_after = interval / 1000 if interval else RATE_WINDOW_SECONDS
+        self.limiter.pause(retry_after)
+        return RetryableDelivery(
+            f"HubSpot 429: {_message(getattr(exc, 'body', None))}", retry_after=retry_after
+        )

@@ -14,7 +14,7 @@ from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from bridge.models import Delivery, IngestResult, NewDelivery, NewEvent
+from bridge.models import ClaimedGroup, Finish, IngestResult, NewDelivery, NewEvent
 
 if TYPE_CHECKING:
     from bridge.config import SqliteStoreConfig
@@ -30,38 +30,54 @@ class Store(abc.ABC):
         """Flush and release everything."""
 
     @abc.abstractmethod
-    async def ingest(self, event: NewEvent, deliveries: list[NewDelivery]) -> IngestResult:
-        """Store an event with its deliveries, or report the stored twin of a resent one."""
+    async def ingest(
+        self, event: NewEvent, deliveries: list[NewDelivery], delay: float = 0.0
+    ) -> IngestResult:
+        """Store an event with its deliveries (due after `delay`), or report a resent one's twin."""
 
     @abc.abstractmethod
     async def claim(
-        self, connector: str, limit: int, now: float, lease_seconds: float
-    ) -> list[Delivery]:
-        """Take up to `limit` due deliveries of one connector, marking them in flight."""
+        self, connector: str, limit: int, now: float, lease_seconds: float, coalesce: int = 0
+    ) -> list[ClaimedGroup]:
+        """Take up to `limit` contacts' next deliveries on one connector, marking them in flight.
+
+        With `coalesce` > 0, up to that many more queued deliveries of the same contact and
+        action join the first one's group, to be merged into one write.
+        """
 
     @abc.abstractmethod
-    async def complete(
-        self, delivery_id: int, status: str, result: dict[str, Any], now: float
-    ) -> None:
-        """Record that the CRM confirmed the delivery (or, dry, what it would have written)."""
+    async def finish(self, finishes: list[Finish], now: float) -> None:
+        """Record how claimed deliveries ended, all in one transaction."""
 
     @abc.abstractmethod
-    async def retry_later(
-        self, delivery_id: int, next_attempt_at: float, error: str, now: float
-    ) -> None:
-        """Put an attempted delivery back in the queue, due at `next_attempt_at`."""
-
-    @abc.abstractmethod
-    async def dead_letter(self, delivery_id: int, error: str, now: float) -> None:
-        """Give up on a delivery, keeping the CRM's error."""
+    async def backlog(self) -> int:
+        """Deliveries not finished yet (pending or in flight), all connectors."""
 
     @abc.abstractmethod
     async def event(self, event_id: str) -> dict[str, Any] | None:
         """One stored event with its deliveries, for operators."""
 
     @abc.abstractmethod
+    async def delivery(self, delivery_id: int) -> dict[str, Any] | None:
+        """One delivery with its event, for operators."""
+
+    @abc.abstractmethod
     async def counts(self) -> dict[str, dict[str, int]]:
         """Deliveries by connector and status."""
+
+    @abc.abstractmethod
+    async def dead_letters(
+        self, connector: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Dead deliveries, oldest first."""
+
+    @abc.abstractmethod
+    async def retry_dead(self, delivery_id: int | None, now: float) -> int:
+        """Queue one dead delivery (or all, with None) again, with a fresh horizon."""
+
+    @abc.abstractmethod
+    async def purge_dead(self, before: float) -> int:
+        """Delete dead deliveries last touched before `before`."""
 
 
 @cache
@@ -72,8 +88,8 @@ def queries(dialect: str) -> dict[str, str]:
     return {name: body.strip() for name, body in zip(blocks[1::2], blocks[2::2], strict=True)}
 
 
-def open_store(config: SqliteStoreConfig) -> Store:
-    """The store the config names."""
+def open_store(config: SqliteStoreConfig, *, exclusive: bool = True) -> Store:
+    """The store the config names. `exclusive=False` is for the CLI beside a running daemon."""
     from bridge.store.sqlite import SqliteStore
 
-    return SqliteStore(config.path)
+    return SqliteStore(config.path, exclusive=exclusive)

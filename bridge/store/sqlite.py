@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bridge.errors import StoreUnavailable
-from bridge.models import Delivery, IngestResult, NewDelivery, NewEvent
+from bridge.models import ClaimedGroup, Delivery, Finish, IngestResult, NewDelivery, NewEvent
 from bridge.store.base import Store, queries
 
 T = TypeVar("T")
 log = logging.getLogger("crm_bridge.store")
 SQL = queries("sqlite")
 MAX_GROUP = 512  # calls committed together at most
+# Actions whose queued burst for one contact merges into one write (activities never merge).
+COALESCED_ACTIONS = ("upsert_lead", "upsert_contact")
 
 _Call = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]
 
@@ -144,18 +146,34 @@ def _delivery(row: sqlite3.Row) -> Delivery:
     return Delivery.model_validate(data)
 
 
-class SqliteStore(Store):
-    """Events and deliveries in one SQLite file, owned by one daemon at a time."""
+def _row(row: sqlite3.Row) -> dict[str, Any]:
+    data = dict(row)
+    for key in ("operation", "result", "notes"):
+        if isinstance(data.get(key), str):
+            data[key] = json.loads(data[key])
+    return data
 
-    def __init__(self, path: Path) -> None:
+
+class SqliteStore(Store):
+    """Events and deliveries in one SQLite file, owned by one daemon at a time.
+
+    `exclusive=False` opens it beside a running daemon (the CLI's `dlq`, `backfill`): WAL lets
+    both write, and in-flight deliveries are left alone.
+    """
+
+    def __init__(self, path: Path, *, exclusive: bool = True) -> None:
         self.path = Path(path)
+        self.exclusive = exclusive
         self._writer = _Writer(self.path)
         self._lock_fd: int | None = None
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._take_lock()
+        if self.exclusive:
+            self._take_lock()
         self._writer.start()
+        if not self.exclusive:
+            return
         released = await self._run(lambda c: c.execute(SQL["release_claims"]).rowcount)
         if released:
             log.info(
@@ -184,7 +202,9 @@ class SqliteStore(Store):
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._writer.submit(fn)
 
-    async def ingest(self, event: NewEvent, deliveries: list[NewDelivery]) -> IngestResult:
+    async def ingest(
+        self, event: NewEvent, deliveries: list[NewDelivery], delay: float = 0.0
+    ) -> IngestResult:
         event_id = uuid.uuid4().hex
         row = event.model_dump()
         row["id"] = event_id
@@ -198,6 +218,8 @@ class SqliteStore(Store):
                 "contact_key": d.contact_key,
                 "operation": d.operation.model_dump_json(),
                 "now": event.received_at,
+                "due": event.received_at + delay,
+                "sort_at": event.sort_at,
             }
             for d in deliveries
         ]
@@ -212,48 +234,103 @@ class SqliteStore(Store):
         return await self._run(write)
 
     async def claim(
-        self, connector: str, limit: int, now: float, lease_seconds: float
-    ) -> list[Delivery]:
-        params = {
-            "connector": connector,
-            "limit": limit,
-            "now": now,
-            "lease_until": now + lease_seconds,
-        }
+        self, connector: str, limit: int, now: float, lease_seconds: float, coalesce: int = 0
+    ) -> list[ClaimedGroup]:
+        params = {"connector": connector, "limit": limit, "now": now}
+        lease = {"now": now, "lease_until": now + lease_seconds}
 
-        def claim(conn: sqlite3.Connection) -> list[Delivery]:
-            rows = conn.execute(SQL["claim"], params).fetchall()
-            return sorted((_delivery(r) for r in rows), key=lambda d: d.id)
+        def claim(conn: sqlite3.Connection) -> list[ClaimedGroup]:
+            groups = []
+            for head in conn.execute(SQL["claim_heads"], params).fetchall():
+                rows = [head]
+                if coalesce and head["action"] in COALESCED_ACTIONS:
+                    rows += conn.execute(
+                        SQL["claim_followers"],
+                        {
+                            **params,
+                            "contact_key": head["contact_key"],
+                            "action": head["action"],
+                            "head": head["id"],
+                            "limit": coalesce,
+                        },
+                    ).fetchall()
+                claimed = [
+                    _delivery(
+                        conn.execute(SQL["mark_claimed"], {**lease, "id": r["id"]}).fetchone()
+                    )
+                    for r in rows
+                ]
+                state = conn.execute(
+                    SQL["contact_state"],
+                    {"connector": connector, "contact_key": head["contact_key"]},
+                ).fetchone()
+                groups.append(
+                    ClaimedGroup(
+                        deliveries=claimed,
+                        applied_sort_at=state["applied_sort_at"] if state else None,
+                        record_id=state["record_id"] if state else None,
+                    )
+                )
+            return groups
 
         return await self._run(claim)
 
-    async def complete(
-        self, delivery_id: int, status: str, result: dict[str, Any], now: float
-    ) -> None:
-        params = {"id": delivery_id, "status": status, "result": json.dumps(result), "now": now}
-        await self._run(lambda c: c.execute(SQL["complete"], params) and None)
+    async def finish(self, finishes: list[Finish], now: float) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            for f in finishes:
+                result = json.dumps(f.result) if f.result is not None else None
+                conn.executemany(
+                    SQL["finish"],
+                    [
+                        {
+                            "id": i,
+                            "status": f.status,
+                            "result": result,
+                            "error": f.error,
+                            "next_attempt_at": f.next_attempt_at,
+                            "now": now,
+                        }
+                        for i in f.delivery_ids
+                    ],
+                )
+                if f.connector and f.contact_key and f.applied_sort_at is not None:
+                    conn.execute(
+                        SQL["remember_contact"],
+                        {
+                            "connector": f.connector,
+                            "contact_key": f.contact_key,
+                            "record_id": f.record_id,
+                            "applied_sort_at": f.applied_sort_at,
+                            "now": now,
+                        },
+                    )
 
-    async def retry_later(
-        self, delivery_id: int, next_attempt_at: float, error: str, now: float
-    ) -> None:
-        params = {"id": delivery_id, "next_attempt_at": next_attempt_at, "error": error, "now": now}
-        await self._run(lambda c: c.execute(SQL["retry_later"], params) and None)
+        await self._run(write)
 
-    async def dead_letter(self, delivery_id: int, error: str, now: float) -> None:
-        params = {"id": delivery_id, "error": error, "now": now}
-        await self._run(lambda c: c.execute(SQL["dead_letter"], params) and None)
+    async def backlog(self) -> int:
+        return await self._run(lambda c: int(c.execute(SQL["backlog"]).fetchone()[0]))
 
     async def event(self, event_id: str) -> dict[str, Any] | None:
         def read(conn: sqlite3.Connection) -> dict[str, Any] | None:
             row = conn.execute(SQL["event"], {"id": event_id}).fetchone()
             if row is None:
                 return None
-            out = dict(row)
-            out["notes"] = json.loads(out["notes"])
+            out = _row(row)
             out["deliveries"] = [
-                _delivery(r).model_dump(mode="json")
-                for r in conn.execute(SQL["deliveries_of_event"], {"id": event_id})
+                _row(r) for r in conn.execute(SQL["deliveries_of_event"], {"id": event_id})
             ]
+            return out
+
+        return await self._run(read)
+
+    async def delivery(self, delivery_id: int) -> dict[str, Any] | None:
+        def read(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            row = conn.execute(SQL["delivery"], {"id": delivery_id}).fetchone()
+            if row is None:
+                return None
+            out = _row(row)
+            event = conn.execute(SQL["event"], {"id": out["event_id"]}).fetchone()
+            out["event"] = _row(event) if event else None
             return out
 
         return await self._run(read)
@@ -266,3 +343,18 @@ class SqliteStore(Store):
             return out
 
         return await self._run(read)
+
+    async def dead_letters(
+        self, connector: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        params = {"connector": connector, "limit": limit}
+        return await self._run(
+            lambda c: [dict(r) for r in c.execute(SQL["dlq_list"], params).fetchall()]
+        )
+
+    async def retry_dead(self, delivery_id: int | None, now: float) -> int:
+        params = {"id": delivery_id, "now": now}
+        return await self._run(lambda c: c.execute(SQL["dlq_retry"], params).rowcount)
+
+    async def purge_dead(self, before: float) -> int:
+        return await self._run(lambda c: c.execute(SQL["dlq_purge"], {"before": before}).rowcount)

@@ -11,14 +11,14 @@ from bridge.config import parse_config
 from bridge.server import create_app
 from tests.support import TOKEN, config_yaml, sample
 
-FINISHED = {"done", "dead", "dry_run"}
+FINISHED = {"done", "dead", "dry_run", "skipped"}
 
 
 @pytest.fixture
 async def bridge(tmp_path, hubspot_emulator, salesforce_emulator):
     clients = []
 
-    async def start(**overrides) -> TestClient:
+    async def start(delivery: str = "", **overrides) -> TestClient:
         settings = {
             "hubspot": {"access_token": "pat-na1-test", "base_url": hubspot_emulator.url},
             "salesforce": {
@@ -29,7 +29,8 @@ async def bridge(tmp_path, hubspot_emulator, salesforce_emulator):
                 "ca_bundle": salesforce_emulator.ca_path,
             },
         } | overrides
-        app = create_app(parse_config(config_yaml(tmp_path / "bridge.db", **settings)))
+        text = config_yaml(tmp_path / "bridge.db", delivery=delivery, **settings)
+        app = create_app(parse_config(text))
         client = TestClient(TestServer(app))
         await client.start_server()
         clients.append(client)
@@ -151,8 +152,8 @@ async def test_a_contacts_changes_reach_the_crm_in_order(bridge, hubspot_emulato
     client = await bridge()
     hubspot_emulator.latency = 0.02
     ids = []
-    for i, status in enumerate(["first", "second", "third"]):
-        body = await send(client, sample(first_name=status, updatedAt=f"2024-01-01T00:00:0{i}Z"))
+    for i, name in enumerate(["first", "second", "third"]):
+        body = await send(client, sample(first_name=name, updatedAt=f"2024-01-01T00:00:0{i}Z"))
         ids.append(body["event_id"])
     for event_id in ids:
         await settled(client, event_id)
@@ -160,9 +161,42 @@ async def test_a_contacts_changes_reach_the_crm_in_order(bridge, hubspot_emulato
         c.json["inputs"][0]["properties"]["firstname"]
         for c in hubspot_emulator.calls_to("POST", "/batch/upsert")
     ]
-    assert writes == ["first", "second", "third"]
+    # Queued changes may merge into one write, but never go backwards.
+    assert writes[-1] == "third"
+    assert writes == sorted(writes, key=["first", "second", "third"].index)
     (contact,) = hubspot_contacts(hubspot_emulator, "andrew@xoxo.capital")
     assert contact["firstname"] == "third"
+
+
+async def test_a_resent_older_state_never_overwrites_a_newer_one(bridge, hubspot_emulator):
+    client = await bridge()
+    newer = await send(client, sample(first_name="newer", updatedAt="2024-01-01T00:00:09Z"))
+    await settled(client, newer["event_id"])
+    older = await send(client, sample(first_name="older", updatedAt="2024-01-01T00:00:01Z"))
+    hubspot, _ = await settled(client, older["event_id"])
+    assert hubspot["status"] == "skipped"
+    assert hubspot["last_error"] == "older than the data this CRM already has for the contact"
+    (contact,) = hubspot_contacts(hubspot_emulator, "andrew@xoxo.capital")
+    assert contact["firstname"] == "newer"
+    assert len(hubspot_emulator.calls_to("POST", "/batch/upsert")) == 1
+
+
+async def test_a_burst_within_the_window_becomes_one_write(bridge, hubspot_emulator):
+    client = await bridge(delivery="  coalesce_window: 0.3")
+    ids = []
+    for i, (type_, name) in enumerate([("open", "a"), ("click", "b"), ("interest", "c")]):
+        body = await send(
+            client, sample(type=type_, first_name=name, updatedAt=f"2024-01-01T00:00:0{i}Z")
+        )
+        ids.append(body["event_id"])
+    results = [await settled(client, event_id) for event_id in ids]
+    hubspot_results = [r[0] for r in results if r and r[0]["connector"] == "hubspot"]
+    assert {d["status"] for d in hubspot_results} == {"done"}
+    (write,) = hubspot_emulator.calls_to("POST", "/batch/upsert")
+    assert write.json["inputs"][0]["properties"]["firstname"] == "c"
+    assert sorted(hubspot_results[-1]["result"]["coalesced"]) == sorted(
+        d["id"] for d in hubspot_results
+    )
 
 
 async def test_one_crm_down_does_not_delay_the_other(bridge, hubspot_emulator, salesforce_emulator):

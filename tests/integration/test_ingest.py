@@ -199,6 +199,7 @@ async def test_without_credentials_connectors_keep_what_they_would_have_written(
         "object": "contact",
         "id_property": None,
         "id_value": "andrew@xoxo.capital",
+        "record_id": None,
         "fields": {"firstname": "Ada", "lastname": "Lovelace", "hs_lead_status": "OPEN"},
     }
     assert salesforce["result"]["detail"]["would_write"]["fields"] == {

@@ -7,15 +7,25 @@ import stat
 import pytest
 
 from bridge.errors import StoreUnavailable
-from bridge.models import NewDelivery, NewEvent
+from bridge.models import DeliveryStatus, Finish, NewDelivery, NewEvent
 from bridge.store.sqlite import SqliteStore
 from connectors.base import LeadUpsert
 
 
-def new_event(key: str, email: str | None = "a@example.com") -> NewEvent:
+def new_event(key: str, email: str | None = "a@example.com", sort_at: float = 1000.0) -> NewEvent:
     return NewEvent(
-        source="s", type="reply", email=email, idempotency_key=key, received_at=1000.0, body="{}"
+        source="s",
+        type="reply",
+        email=email,
+        idempotency_key=key,
+        received_at=1000.0,
+        sort_at=sort_at,
+        body="{}",
     )
+
+
+def done(ids, **kw):
+    return Finish(delivery_ids=ids, status=DeliveryStatus.DONE, result={"record_id": "1"}, **kw)
 
 
 def new_delivery(email: str = "a@example.com", connector: str = "hubspot") -> NewDelivery:
@@ -63,22 +73,66 @@ async def test_claims_follow_each_contacts_order(store):
     for i in range(3):
         await store.ingest(new_event(f"a{i}"), [new_delivery("a@x.io")])
     await store.ingest(new_event("b"), [new_delivery("b@x.io")])
-    claimed = await store.claim("hubspot", 10, now=2000.0, lease_seconds=60)
+    groups = await store.claim("hubspot", 10, now=2000.0, lease_seconds=60)
     # Only the head of each contact's queue: a@'s second write waits for its first.
+    claimed = [g.head for g in groups]
+    assert [len(g.deliveries) for g in groups] == [1, 1]
     assert [d.contact_key for d in claimed] == ["a@x.io", "b@x.io"]
     assert all(d.status == "in_flight" and d.attempts == 1 for d in claimed)
     assert await store.claim("hubspot", 10, now=2000.0, lease_seconds=60) == []
-    await store.complete(claimed[0].id, "done", {"record_id": "1"}, now=2001.0)
+    await store.finish([done([claimed[0].id])], now=2001.0)
     (nxt,) = await store.claim("hubspot", 10, now=2001.0, lease_seconds=60)
-    assert nxt.contact_key == "a@x.io" and nxt.id > claimed[0].id
+    assert nxt.head.contact_key == "a@x.io" and nxt.head.id > claimed[0].id
+
+
+async def test_order_is_the_contacts_updated_at_not_arrival(store):
+    # The platform resent an older state after a newer one.
+    await store.ingest(new_event("new", sort_at=2000.0), [new_delivery("a@x.io")])
+    await store.ingest(new_event("old", sort_at=1000.0), [new_delivery("a@x.io")])
+    (group,) = await store.claim("hubspot", 10, now=3000.0, lease_seconds=60)
+    assert group.head.sort_at == 1000.0
+
+
+async def test_a_queued_burst_is_claimed_as_one_group_with_what_the_crm_has(store):
+    for i in range(3):
+        await store.ingest(new_event(f"a{i}", sort_at=1000.0 + i), [new_delivery("a@x.io")])
+    (group,) = await store.claim("hubspot", 10, now=3000.0, lease_seconds=60, coalesce=10)
+    assert [d.sort_at for d in group.deliveries] == [1000.0, 1001.0, 1002.0]
+    assert (group.record_id, group.applied_sort_at) == (None, None)
+    await store.finish(
+        [
+            done(
+                group.ids,
+                connector="hubspot",
+                contact_key="a@x.io",
+                record_id="R1",
+                applied_sort_at=1002.0,
+            )
+        ],
+        now=3001.0,
+    )
+    await store.ingest(new_event("late", sort_at=1001.5), [new_delivery("a@x.io")])
+    (later,) = await store.claim("hubspot", 10, now=3002.0, lease_seconds=60, coalesce=10)
+    assert (later.record_id, later.applied_sort_at) == ("R1", 1002.0)
+
+
+async def test_a_contact_with_a_delivery_in_flight_gets_no_second_claim(store):
+    await store.ingest(new_event("new", sort_at=2000.0), [new_delivery("a@x.io")])
+    (first,) = await store.claim("hubspot", 10, now=3000.0, lease_seconds=60)
+    await store.ingest(new_event("old", sort_at=1000.0), [new_delivery("a@x.io")])
+    assert await store.claim("hubspot", 10, now=3000.0, lease_seconds=60) == []
 
 
 async def test_a_rescheduled_delivery_is_not_claimed_before_it_is_due(store):
     await store.ingest(new_event("k"), [new_delivery()])
-    (d,) = await store.claim("hubspot", 1, now=2000.0, lease_seconds=60)
-    await store.retry_later(d.id, next_attempt_at=2100.0, error="503", now=2000.0)
+    (group,) = await store.claim("hubspot", 1, now=2000.0, lease_seconds=60)
+    retry = Finish(
+        delivery_ids=group.ids, status=DeliveryStatus.PENDING, error="503", next_attempt_at=2100.0
+    )
+    await store.finish([retry], now=2000.0)
     assert await store.claim("hubspot", 1, now=2099.0, lease_seconds=60) == []
-    (again,) = await store.claim("hubspot", 1, now=2100.0, lease_seconds=60)
+    (group,) = await store.claim("hubspot", 1, now=2100.0, lease_seconds=60)
+    again = group.head
     assert again.attempts == 2 and again.last_error == "503"
 
 
@@ -99,8 +153,8 @@ async def test_deliveries_in_flight_at_a_crash_are_resumed_on_reopen(tmp_path):
     second = SqliteStore(path)
     await second.open()
     try:
-        (d,) = await second.claim("hubspot", 1, now=2001.0, lease_seconds=60)
-        assert d.attempts == 2
+        (group,) = await second.claim("hubspot", 1, now=2001.0, lease_seconds=60)
+        assert group.head.attempts == 2
     finally:
         await second.close()
 
@@ -129,3 +183,25 @@ async def test_a_failing_call_rolls_back_alone(store):
     assert not isinstance(results[0], Exception) and not isinstance(results[2], Exception)
     assert isinstance(results[1], Exception)
     assert await store.counts() == {"hubspot": {"pending": 2}}
+
+
+async def test_dead_letters_can_be_listed_retried_and_purged(store):
+    await store.ingest(new_event("k1"), [new_delivery("a@x.io"), new_delivery("b@x.io")])
+    groups = await store.claim("hubspot", 10, now=2000.0, lease_seconds=60)
+    dead = Finish(
+        delivery_ids=[g.head.id for g in groups],
+        status=DeliveryStatus.DEAD,
+        error="HubSpot 400: bad",
+    )
+    await store.finish([dead], now=2000.0)
+    listed = await store.dead_letters()
+    assert [(d["contact_key"], d["last_error"]) for d in listed] == [
+        ("a@x.io", "HubSpot 400: bad"),
+        ("b@x.io", "HubSpot 400: bad"),
+    ]
+    assert await store.retry_dead(listed[0]["id"], now=5000.0) == 1
+    (group,) = await store.claim("hubspot", 10, now=5000.0, lease_seconds=60)
+    assert group.head.horizon_start == 5000.0  # a fresh horizon
+    assert await store.purge_dead(before=1999.0) == 0
+    assert await store.purge_dead(before=2001.0) == 1
+    assert await store.dead_letters() == []

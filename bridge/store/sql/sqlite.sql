@@ -21,10 +21,22 @@ CREATE TABLE IF NOT EXISTS deliveries (
     attempts        INTEGER NOT NULL DEFAULT 0,
     created_at      REAL NOT NULL,
     next_attempt_at REAL NOT NULL,
+    sort_at         REAL NOT NULL,
+    horizon_start   REAL NOT NULL,  -- retries stop horizon seconds after this (reset by dlq retry)
     lease_until     REAL,
     last_error      TEXT,
     result          TEXT,
     updated_at      REAL NOT NULL
+);
+-- What each connector last confirmed for a contact: its record id (later writes skip the
+-- lookup) and the newest `sort_at` applied (older deliveries are skipped, not applied).
+CREATE TABLE IF NOT EXISTS contact_state (
+    connector       TEXT NOT NULL,
+    contact_key     TEXT NOT NULL,
+    record_id       TEXT,
+    applied_sort_at REAL NOT NULL,
+    updated_at      REAL NOT NULL,
+    PRIMARY KEY (connector, contact_key)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (connector, status, next_attempt_at);
 CREATE INDEX IF NOT EXISTS deliveries_by_contact ON deliveries (connector, contact_key, status);
@@ -40,45 +52,66 @@ SELECT id FROM events WHERE idempotency_key = :idempotency_key
 
 -- name: insert_delivery
 INSERT INTO deliveries (event_id, rule, connector, action, contact_key, operation,
-                        created_at, next_attempt_at, updated_at)
-VALUES (:event_id, :rule, :connector, :action, :contact_key, :operation, :now, :now, :now)
+                        created_at, next_attempt_at, sort_at, horizon_start, updated_at)
+VALUES (:event_id, :rule, :connector, :action, :contact_key, :operation,
+        :now, :due, :sort_at, :now, :now)
 
 -- name: release_claims
 -- One process owns a SQLite store (a lock file sees to it), so whatever was in flight when it
 -- stopped was interrupted: send it again.
 UPDATE deliveries SET status = 'pending', lease_until = NULL WHERE status = 'in_flight'
 
--- name: claim
+-- name: claim_heads
+-- The first unfinished delivery of each contact, in (sort_at, id) order, when due; none for a
+-- contact that has a delivery in flight.
+SELECT d.* FROM deliveries d
+ WHERE d.connector = :connector
+   AND (d.status = 'pending' AND d.next_attempt_at <= :now
+        OR d.status = 'in_flight' AND d.lease_until < :now)
+   AND NOT EXISTS (
+        SELECT 1 FROM deliveries e
+         WHERE e.connector = d.connector AND e.contact_key = d.contact_key AND e.id != d.id
+           AND (e.status = 'in_flight' AND e.lease_until >= :now
+                OR e.status IN ('pending', 'in_flight')
+                   AND (e.sort_at < d.sort_at OR e.sort_at = d.sort_at AND e.id < d.id)))
+ ORDER BY d.next_attempt_at, d.id
+ LIMIT :limit
+
+-- name: claim_followers
+-- The rest of a contact's queued burst for the same action, to be merged into one write.
+SELECT * FROM deliveries
+ WHERE connector = :connector AND contact_key = :contact_key AND action = :action
+   AND status = 'pending' AND next_attempt_at <= :now AND id != :head
+ ORDER BY sort_at, id
+ LIMIT :limit
+
+-- name: mark_claimed
 UPDATE deliveries
    SET status = 'in_flight', attempts = attempts + 1, lease_until = :lease_until, updated_at = :now
- WHERE id IN (
-    SELECT d.id FROM deliveries d
-     WHERE d.connector = :connector
-       AND (d.status = 'pending' AND d.next_attempt_at <= :now
-            OR d.status = 'in_flight' AND d.lease_until < :now)
-       AND NOT EXISTS (
-            SELECT 1 FROM deliveries e
-             WHERE e.connector = d.connector AND e.contact_key = d.contact_key
-               AND e.status IN ('pending', 'in_flight') AND e.id < d.id)
-     ORDER BY d.next_attempt_at, d.id
-     LIMIT :limit)
+ WHERE id = :id
 RETURNING *
 
--- name: complete
-UPDATE deliveries
-   SET status = :status, result = :result, last_error = NULL, lease_until = NULL, updated_at = :now
- WHERE id = :id
+-- name: contact_state
+SELECT record_id, applied_sort_at FROM contact_state
+ WHERE connector = :connector AND contact_key = :contact_key
 
--- name: retry_later
+-- name: finish
 UPDATE deliveries
-   SET status = 'pending', next_attempt_at = :next_attempt_at, last_error = :error,
+   SET status = :status, result = :result, last_error = :error,
+       next_attempt_at = coalesce(:next_attempt_at, next_attempt_at),
        lease_until = NULL, updated_at = :now
  WHERE id = :id
 
--- name: dead_letter
-UPDATE deliveries
-   SET status = 'dead', last_error = :error, lease_until = NULL, updated_at = :now
- WHERE id = :id
+-- name: remember_contact
+INSERT INTO contact_state (connector, contact_key, record_id, applied_sort_at, updated_at)
+VALUES (:connector, :contact_key, :record_id, :applied_sort_at, :now)
+ON CONFLICT (connector, contact_key) DO UPDATE
+   SET record_id = coalesce(excluded.record_id, contact_state.record_id),
+       applied_sort_at = max(contact_state.applied_sort_at, excluded.applied_sort_at),
+       updated_at = excluded.updated_at
+
+-- name: backlog
+SELECT count(*) FROM deliveries WHERE status IN ('pending', 'in_flight')
 
 -- name: event
 SELECT * FROM events WHERE id = :id
@@ -88,3 +121,22 @@ SELECT * FROM deliveries WHERE event_id = :id ORDER BY id
 
 -- name: counts
 SELECT connector, status, count(*) AS n FROM deliveries GROUP BY connector, status
+
+-- name: dlq_list
+SELECT d.id, d.event_id, d.rule, d.connector, d.action, d.contact_key, d.attempts,
+       d.last_error, d.updated_at
+  FROM deliveries d
+ WHERE d.status = 'dead' AND (:connector IS NULL OR d.connector = :connector)
+ ORDER BY d.id
+ LIMIT :limit
+
+-- name: delivery
+SELECT * FROM deliveries WHERE id = :id
+
+-- name: dlq_retry
+UPDATE deliveries
+   SET status = 'pending', next_attempt_at = :now, horizon_start = :now, updated_at = :now
+ WHERE status = 'dead' AND (:id IS NULL OR id = :id)
+
+-- name: dlq_purge
+DELETE FROM deliveries WHERE status = 'dead' AND updated_at < :before

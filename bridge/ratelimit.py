@@ -1,0 +1,82 @@
+"""Client-side rate limiting: stay under the CRM's documented limit instead of hitting 429s.
+
+`RateLimiter` is a sliding-window log: at most `requests` calls start in any `per_seconds`
+window, which matches HubSpot's rolling ten-second limit exactly (a token bucket would let a
+full bucket plus a window's refill through and earn a 429). The CRM's own counters (response
+headers) are authoritative, because other integrations share the same allowance: `observe`
+folds them in, and `pause` honours an explicit Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Awaitable, Callable
+
+
+class RateLimiter:
+    """At most `requests` starts per rolling `per_seconds`; FIFO among waiters."""
+
+    def __init__(
+        self,
+        requests: int,
+        per_seconds: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if requests < 1 or per_seconds <= 0:
+            raise ValueError("a rate limit needs requests >= 1 and per_seconds > 0")
+        self.requests = requests
+        self.per_seconds = per_seconds
+        self._clock = clock
+        self._sleep = sleep
+        self._starts: collections.deque[float] = collections.deque()
+        self._paused_until = 0.0
+        self._lock = asyncio.Lock()
+        self.waited_seconds = 0.0  # total time callers spent waiting here, for metrics
+
+    def _delay(self, now: float) -> float:
+        while self._starts and self._starts[0] <= now - self.per_seconds:
+            self._starts.popleft()
+        if now < self._paused_until:
+            return self._paused_until - now
+        if len(self._starts) < self.requests:
+            return 0.0
+        return self._starts[0] + self.per_seconds - now
+
+    async def acquire(self) -> float:
+        """Wait for a slot and take it; returns the seconds waited."""
+        waited = 0.0
+        async with self._lock:
+            while (delay := self._delay(self._clock())) > 0:
+                await self._sleep(delay)
+                waited += delay
+            self._starts.append(self._clock())
+        self.waited_seconds += waited
+        return waited
+
+    def paused_for(self) -> float:
+        """Seconds the current pause still lasts; 0 when not paused."""
+        return max(0.0, self._paused_until - self._clock())
+
+    def pause(self, seconds: float) -> None:
+        """Start nothing for `seconds` (the CRM said Retry-After, or its window is spent)."""
+        self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+    def observe(self, remaining: int | None, window_seconds: float | None = None) -> None:
+        """Fold in the CRM's count of what is left in the current window.
+
+        When others use the same allowance the CRM has fewer left than we think: fill our log
+        with phantom starts so that we slow down before the CRM answers 429.
+        """
+        if remaining is None:
+            return
+        now = self._clock()
+        self._delay(now)  # drop expired starts
+        ours_left = self.requests - len(self._starts)
+        for _ in range(max(0, ours_left - max(remaining, 0))):
+            self._starts.append(now)
+        if remaining <= 0:
+            self.pause(window_seconds or self.per_seconds)
