@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import json
 from datetime import datetime
 from typing import Any
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from connectors.base import LeadUpsert
@@ -19,6 +19,21 @@ from connectors.base import LeadUpsert
 # What Supersend documents; newer versions also send `sent`, `unsubscribe` and `finished`, which
 # are accepted and stored like any other string (they match no rule unless a rule asks for them).
 KNOWN_EVENT_TYPES = ("open", "click", "reply", "bounce", "interest", "appointment")
+
+
+def normalise_email(value: object) -> str | None:
+    """Trimmed and lower-cased: CRMs match emails case-insensitively, and a stray space would
+    otherwise create a second record. Empty is None; anything without a local part and a
+    domain is refused."""
+    if not isinstance(value, str):
+        return None  # the model's type check has refused anything but a string or null
+    value = value.strip().lower()
+    if not value:
+        return None
+    local, at, domain = value.rpartition("@")
+    if not at or not local or not domain:
+        raise ValueError("not an email address")
+    return value
 
 
 class ContactSender(BaseModel):
@@ -59,16 +74,7 @@ class Contact(BaseModel):
     @field_validator("email")
     @classmethod
     def _normalise_email(cls, value: str | None) -> str | None:
-        # Trimmed and lower-cased before any lookup: CRMs match emails case-insensitively, and
-        # a stray space would otherwise create a second record.
-        if value is None:
-            return None
-        value = value.strip().lower()
-        if not value:
-            return None
-        if "@" not in value or value.startswith("@") or value.endswith("@"):
-            raise ValueError("not an email address")
-        return value
+        return normalise_email(value)
 
 
 class WebhookPayload(BaseModel):
@@ -97,18 +103,27 @@ UNFINISHED = (DeliveryStatus.PENDING, DeliveryStatus.IN_FLIGHT)
 
 
 class NewEvent(BaseModel):
-    """An accepted webhook, ready to be stored."""
+    """An accepted webhook, ready to be stored. Its id is its idempotency key."""
 
+    id: str
     source: str
     type: str
     email: str | None
-    idempotency_key: str
     received_at: float
     # The contact's `updatedAt` (else the receive time): a contact's deliveries are applied in
     # this order, and one older than what a CRM already has is skipped.
     sort_at: float
     body: str
-    notes: list[str] = Field(default_factory=list)
+
+
+class StoredEvent(BaseModel):
+    """A stored event waiting for the rules."""
+
+    id: str
+    source: str
+    body: str
+    received_at: float
+    sort_at: float
 
 
 class NewDelivery(BaseModel):
@@ -122,6 +137,15 @@ class NewDelivery(BaseModel):
     action: str
     contact_key: str
     operation: LeadUpsert
+
+
+class Routed(BaseModel):
+    """What the rules made of one stored event: its deliveries, and notes for the user."""
+
+    event_id: str
+    sort_at: float
+    deliveries: list[NewDelivery]
+    notes: list[str] = Field(default_factory=list)
 
 
 class Delivery(NewDelivery):
@@ -179,13 +203,13 @@ class IngestResult(BaseModel):
 
     event_id: str
     duplicate: bool
-    delivery_ids: list[int] = Field(default_factory=list)
 
 
 def idempotency_key(source: str, data: Any) -> str:
     """A key equal for equal payloads, whatever their key order or white space.
 
     The platform documents no delivery id and may resend, so the content is the identity.
+    128 bits of SHA-256 over the canonical JSON: collisions are not a practical concern.
     """
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(f"{source}\n{canonical}".encode()).hexdigest()
+    canonical = orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(source.encode() + b"\n" + canonical).hexdigest()[:32]

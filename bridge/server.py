@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
@@ -24,6 +24,7 @@ from bridge.delivery import DeliveryWorker
 from bridge.errors import FieldIssue, PayloadError, StoreUnavailable
 from bridge.models import NewEvent, WebhookPayload, idempotency_key
 from bridge.retry import RetryPolicy
+from bridge.router import Router
 from bridge.rules import RuleSet
 from bridge.store import Store, open_store
 from connectors import registry
@@ -33,8 +34,8 @@ log = logging.getLogger("crm_bridge.server")
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
-RULES = web.AppKey("rules", RuleSet)
 WORKERS = web.AppKey("workers", dict[str, DeliveryWorker])
+ROUTER = web.AppKey("router", Router)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 
 
@@ -106,7 +107,7 @@ async def _read_payload(
         raise PayloadError(413, "payload_too_large", f"body is larger than {limit} bytes") from None
     try:
         text = body.decode()
-        data = json.loads(text)
+        data = orjson.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise PayloadError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -135,7 +136,7 @@ def _check_backlog(backlog: int, limit: int) -> None:
 
 async def receive_webhook(request: web.Request) -> web.Response:
     app = request.app
-    config, store, rules = app[CONFIG], app[STORE], app[RULES]
+    config, store = app[CONFIG], app[STORE]
     source = request.match_info["source"]
     if source not in config.sources:
         return _error(PayloadError(404, "unknown_source", f"no source named {source!r}"))
@@ -152,34 +153,24 @@ async def receive_webhook(request: web.Request) -> web.Response:
         )
         return _error(exc, {"Retry-After": "30"} if exc.status == 503 else None)
 
-    # Rules see the raw contact (unknown fields included) with the email normalised.
-    contact = {**data["contact"], "email": payload.contact.email}
-    evaluation = rules.evaluate(rules.context(source, data, contact))
-    notes = list(evaluation.notes)
-    if not evaluation.deliveries and not notes:
-        notes.append(f"no rule matched type {payload.type!r}")
     received_at = app[CLOCK]()
     updated = payload.contact.updatedAt
     event = NewEvent(
+        id=idempotency_key(source, data),
         source=source,
         type=payload.type,
         email=payload.contact.email,
-        idempotency_key=idempotency_key(source, data),
         received_at=received_at,
         sort_at=updated.timestamp() if updated else received_at,
         body=text,
-        notes=notes,
     )
     try:
-        stored = await store.ingest(event, evaluation.deliveries, config.delivery.coalesce_window)
+        stored = await store.ingest(event)
     except StoreUnavailable as exc:
         return _error(PayloadError(503, "store_unavailable", str(exc)), {"Retry-After": "5"})
-    app[BACKLOG].value += len(stored.delivery_ids)
-
-    workers = app[WORKERS]
-    for delivery in evaluation.deliveries if not stored.duplicate else ():
-        if delivery.connector in workers:
-            workers[delivery.connector].wake()
+    if not stored.duplicate:
+        app[BACKLOG].value += 1
+        app[ROUTER].wake()
     log.info(
         "event %s stored (%s)%s",
         stored.event_id,
@@ -190,18 +181,11 @@ async def receive_webhook(request: web.Request) -> web.Response:
             "event_id": stored.event_id,
             "source": source,
             "type": payload.type,
-            "deliveries": len(stored.delivery_ids),
-            "notes": notes,
         },
     )
-    body: dict[str, Any] = {"event_id": stored.event_id, "duplicate": stored.duplicate}
-    if not stored.duplicate:
-        body["deliveries"] = [
-            {"id": i, "rule": d.rule, "connector": d.connector, "action": d.action}
-            for i, d in zip(stored.delivery_ids, evaluation.deliveries, strict=True)
-        ]
-        body["notes"] = notes
-    return web.json_response(body, status=202)
+    return web.json_response(
+        {"event_id": stored.event_id, "duplicate": stored.duplicate}, status=202
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -290,9 +274,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             )
         app[WORKERS].update(workers)
         tasks = [asyncio.create_task(w.run(), name=f"worker-{n}") for n, w in workers.items()]
+        tasks.append(asyncio.create_task(app[ROUTER].run(), name="router"))
         yield
     finally:
         refresher.cancel()
+        app[ROUTER].stop()
         for worker in workers.values():
             await worker.stop(config.server.shutdown_timeout)
         for task in tasks:
@@ -315,8 +301,21 @@ def create_app(
     app[CLOCK] = clock
     app[BACKLOG] = Backlog()
     app[STORE] = store or open_store(config.store)
-    app[RULES] = RuleSet(config.rules)
     app[WORKERS] = {}
+
+    def wake_workers(connectors: set[str]) -> None:
+        for name in connectors:
+            if name in app[WORKERS]:
+                app[WORKERS][name].wake()
+
+    app[ROUTER] = Router(
+        app[STORE],
+        RuleSet(config.rules),
+        on_routed=wake_workers,
+        poll_interval=config.delivery.poll_interval,
+        delay=config.delivery.coalesce_window,
+        clock=clock,
+    )
     app.router.add_post("/webhooks/{source}", receive_webhook)
     app.router.add_post("/webhooks/{source}/{token}", receive_webhook)
     app.router.add_get("/healthz", healthz)

@@ -246,10 +246,9 @@ class HubSpotConnector(Connector):
         try:
             response = await self._upsert(items)
         except PermanentDelivery as refusal:
-            status = (refusal.detail or {}).get("status")
-            if len(items) == 1 or status not in PER_RECORD_STATUSES:
-                if status not in PER_RECORD_STATUSES:
-                    raise  # not about a record (403 scopes, 404 route): the whole call failed
+            if (refusal.detail or {}).get("status") not in PER_RECORD_STATUSES:
+                raise  # not about a record (403 scopes, 404 route): the whole call failed
+            if len(items) == 1:
                 self._settle(items[0], refusal, outcomes)
                 return
             # HubSpot refuses the whole batch for one bad input: find it, let the rest land.
@@ -263,7 +262,9 @@ class HubSpotConnector(Connector):
         for position in item.positions:
             outcomes[position] = outcome
 
-    def _map_results(self, items: list[_Input], response: Any, outcomes: list[Outcome | None]) -> None:
+    def _map_results(
+        self, items: list[_Input], response: Any, outcomes: list[Outcome | None]
+    ) -> None:
         """Results by id (HubSpot's order is not the input's), errors by the ids they name."""
         by_key = {(i.id_property, i.key): i for i in items}
         for record in getattr(response, "results", None) or []:

@@ -5,26 +5,51 @@ login URL: production, `test` for sandboxes, My Domain, or an emulator) and buil
 from the session it got, because the SDK's own re-login on expiry never stops on object-level
 calls (simple-salesforce #804). On `INVALID_SESSION_ID` it logs in again once, under a lock so
 concurrent calls share one login, and repeats the call once.
+
+A batch of up to 200 records costs three calls: one SOQL lookup of the emails (records that
+carry a `record_id` hint skip it), one sObject Collections update and one Collections create,
+each with `allOrNone: false` so that one bad record fails alone. A hint whose record is gone
+(deleted, merged) falls back to the lookup. Records keyed by an external-id field go out in one
+Collections upsert, where Salesforce decides create versus update. A batch of one record uses
+the single-record routes instead (no cheaper as a collection, and its errors are plain).
+
+Every call first waits on `limiter`; after each, the org's API usage (`Sforce-Limit-Info`)
+decides whether the next may go: above `daily_reserve` of the daily allocation the connector
+stops calling for an hour and answers RetryableDelivery instead.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import requests
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from bridge.errors import DeliveryError, PermanentDelivery, RetryableDelivery
+from bridge.ratelimit import RateLimiter
 from connectors.base import Connector, ConnectorConfig, DeliveryResult, LeadUpsert
 
 T = TypeVar("T")
+Outcome = DeliveryResult | DeliveryError
 log = logging.getLogger("crm_bridge.connectors.salesforce")
 AUTH_PAUSE_SECONDS = 300.0
 DAILY_LIMIT_PAUSE_SECONDS = 3600.0
+# Per-record errors that may pass when the same record is sent again.
+RETRYABLE_RECORD_CODES = frozenset({"UNABLE_TO_LOCK_ROW"})
+# Errors of an update by id that mean the record is not there (any more): a stale hint.
+MISSING_RECORD_CODES = frozenset(
+    {"NOT_FOUND", "ENTITY_IS_DELETED", "INVALID_CROSS_REFERENCE_KEY", "MALFORMED_ID"}
+)
+# SOQL goes out in the URL of a GET: keep each lookup well below the ~16 KB URI limit.
+MAX_SOQL_CHARS = 6000
+LOOKUP_SOQL = "SELECT Id, Email FROM {:literal} WHERE Email IN {} ORDER BY CreatedDate ASC, Id ASC"
 
 
 class SalesforceConfig(ConnectorConfig):
@@ -38,6 +63,15 @@ class SalesforceConfig(ConnectorConfig):
     session_id: SecretStr | None = None
     instance_url: str | None = None
     api_version: str = "59.0"
+    # Stop calling once the org's rolling 24-hour API usage reaches this share of its daily
+    # allocation (0.9: stop at 90%, leaving 10% to the org's other integrations); look again
+    # an hour later.
+    daily_reserve: float = Field(default=0.9, gt=0, le=1)
+    # Client-side pacing, at most this many calls per `rate_limit_seconds`. Salesforce has no
+    # short-window limit (only the daily allocation and 25 concurrent long requests): this
+    # keeps a backlog from spending the org's daily pool in a few minutes.
+    rate_limit_requests: int = Field(default=25, ge=1)
+    rate_limit_seconds: float = Field(default=1.0, gt=0)
 
     @model_validator(mode="after")
     def _session_needs_instance(self) -> SalesforceConfig:
@@ -77,6 +111,12 @@ def _first_error(content: Any) -> tuple[str, str]:
     return "", str(content)[:500]
 
 
+def _is_daily_limit(exc: Exception) -> bool:
+    """403 REQUEST_LIMIT_EXCEEDED for the daily allocation (not for long concurrent calls)."""
+    code, message = _first_error(getattr(exc, "content", None))
+    return code == "REQUEST_LIMIT_EXCEEDED" and "ConcurrentPerOrgLongTxn" not in message
+
+
 def classify(exc: Exception) -> DeliveryError | None:
     """Map what simple-salesforce raised to retryable or permanent; None for the unexpected."""
     from simple_salesforce.exceptions import (
@@ -99,9 +139,8 @@ def classify(exc: Exception) -> DeliveryError | None:
             return RetryableDelivery(text)
         if code == "REQUEST_LIMIT_EXCEEDED":
             # Too many long requests passes quickly; the daily allocation takes hours.
-            long_txn = "ConcurrentPerOrgLongTxn" in message
             return RetryableDelivery(
-                text, retry_after=None if long_txn else DAILY_LIMIT_PAUSE_SECONDS
+                text, retry_after=DAILY_LIMIT_PAUSE_SECONDS if _is_daily_limit(exc) else None
             )
         return PermanentDelivery(text, detail={"status": exc.status, "errors": exc.content})
     if isinstance(exc, (requests.RequestException, OSError, TimeoutError)):
@@ -120,12 +159,170 @@ def _required_for_create(obj: str, fields: dict[str, Any], email: str) -> dict[s
     return out
 
 
+@dataclass
+class _Item:
+    """One record of a batch: the merged fields of every input naming it."""
+
+    obj: str  # "Lead" or "Contact"
+    id_property: str  # "Email" or an external-id field
+    id_value: str
+    fields: dict[str, Any]
+    positions: list[int]
+    hint: str | None = None
+    target: str | None = None  # the Id to update; None: create
+    by_hint: bool = False  # target came from the hint, not from a lookup
+
+    @property
+    def by_email(self) -> bool:
+        return self.id_property.lower() == "email"
+
+    @property
+    def email_key(self) -> str:
+        return self.id_value.strip().lower()
+
+
+def _items(leads: list[LeadUpsert]) -> list[_Item]:
+    """One item per record, in first-seen order.
+
+    The caller sends one input per record; if it does not, the duplicates are merged in order
+    (later fields win, as two upserts in a row would leave them) and all get one outcome:
+    a Collections request naming one record twice would fail both.
+    """
+    merged: dict[tuple[str, str, str], _Item] = {}
+    for position, lead in enumerate(leads):
+        obj = "Lead" if lead.object == "lead" else "Contact"
+        id_property = lead.id_property or "Email"
+        email_mode = id_property.lower() == "email"
+        # Salesforce compares emails case-insensitively; external ids may be case-sensitive.
+        value = lead.id_value.strip().lower() if email_mode else lead.id_value
+        key = (obj, "email" if email_mode else id_property, value)
+        if key not in merged:
+            merged[key] = _Item(obj, id_property, lead.id_value, {}, [])
+        item = merged[key]
+        item.fields.update(lead.fields)
+        if email_mode:
+            item.fields.setdefault("Email", lead.id_value)
+        item.hint = item.hint or lead.record_id
+        item.positions.append(position)
+    return list(merged.values())
+
+
+def _soql_chunks(obj: str, emails: list[str]) -> list[str]:
+    """Lookups of `emails`, as few as fit in MAX_SOQL_CHARS each."""
+    from simple_salesforce.format import format_soql
+
+    queries: list[str] = []
+    chunk: list[str] = []
+    for email in emails:
+        if chunk and len(format_soql(LOOKUP_SOQL, obj, [*chunk, email])) > MAX_SOQL_CHARS:
+            queries.append(format_soql(LOOKUP_SOQL, obj, chunk))
+            chunk = []
+        chunk.append(email)
+    if chunk:
+        queries.append(format_soql(LOOKUP_SOQL, obj, chunk))
+    return queries
+
+
+def _record_errors(exc: Exception) -> list[dict[str, Any]]:
+    """A single-record route's error body in the shape of a Collections result's `errors`."""
+    content = getattr(exc, "content", None)
+    if isinstance(content, list) and content and all(isinstance(e, dict) for e in content):
+        return [
+            {
+                "statusCode": e.get("errorCode", ""),
+                "message": e.get("message", ""),
+                "fields": e.get("fields") or [],
+            }
+            for e in content
+        ]
+    if getattr(exc, "status", None) == 300:  # an external id matching several records
+        return [{"statusCode": "MULTIPLE_CHOICES", "message": f"several records: {content}"}]
+    return [{"statusCode": "", "message": _first_error(content)[1]}]
+
+
+def _is_missing(result: dict[str, Any]) -> bool:
+    """Whether a failed update says the record itself is not there."""
+    errors = result.get("errors") or []
+    return bool(errors) and all(
+        isinstance(e, dict)
+        and e.get("statusCode") in MISSING_RECORD_CODES
+        and set(e.get("fields") or []) <= {"Id"}
+        for e in errors
+    )
+
+
+def _outcome(result: dict[str, Any], record_id: str | None, created: bool | None) -> Outcome:
+    """A Collections (or single-record) result as this record's outcome."""
+    if result.get("success"):
+        return DeliveryResult(record_id=result.get("id") or record_id, created=created)
+    errors = result.get("errors") or []
+    first = errors[0] if errors and isinstance(errors[0], dict) else {}
+    code = str(first.get("statusCode") or "")
+    text = f"Salesforce {code}: {first.get('message', '')}".replace("  ", " ")
+    if code in RETRYABLE_RECORD_CODES:
+        return RetryableDelivery(text)
+    return PermanentDelivery(text, detail={"errors": errors})
+
+
+# -- the calls, run on the connector's threads with the client as first argument -------------
+def _query(sf: Any, soql: str) -> Any:
+    return sf.query(soql)
+
+
+def _query_more(sf: Any, url: str) -> Any:
+    return sf.query_more(url, identifier_is_url=True)
+
+
+def _collection(sf: Any, path: str, method: str, records: list[dict[str, Any]]) -> Any:
+    return sf.restful(path, method=method, json={"allOrNone": False, "records": records})
+
+
+def _write_one(sf: Any, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One record by the single-record route, answered like a Collections result."""
+    from simple_salesforce.exceptions import (
+        SalesforceMalformedRequest,
+        SalesforceMoreThanOneRecord,
+        SalesforceResourceNotFound,
+    )
+
+    try:
+        answer = sf.restful(path, method=method, json=body)
+    except (
+        SalesforceMalformedRequest,
+        SalesforceResourceNotFound,
+        SalesforceMoreThanOneRecord,
+    ) as exc:
+        # 400/404/300 name this record's problem: its outcome, not the call's failure.
+        return {"success": False, "errors": _record_errors(exc)}
+    answer = answer if isinstance(answer, dict) else {}
+    # An upsert answers 201 + created (API >= 46), 200 + created=false or, before 46, 204.
+    return {"success": True, "errors": [], **answer}
+
+
+class _SessionExpired(Exception):
+    """The session of `client` expired during a call: log in again and repeat it once."""
+
+    def __init__(self, client: Any) -> None:
+        super().__init__("session expired")
+        self.client = client
+
+
 class SalesforceConnector(Connector):
     """Leads and Contacts in one Salesforce org."""
 
     name = "salesforce"
     config_model = SalesforceConfig
     config: SalesforceConfig
+    max_batch = 200  # an sObject Collections request takes 200 records
+    limiter: RateLimiter
+
+    def __init__(self, instance: str, config: SalesforceConfig) -> None:
+        super().__init__(instance, config)
+        self.limiter = RateLimiter(config.rate_limit_requests, config.rate_limit_seconds)
+        # (used, max) of the org's daily allocation from the latest answer, for metrics.
+        self.api_usage: tuple[int, int] | None = None
+        self._paused_until = 0.0  # time.monotonic() before which no call goes out
+        self._pause_reason = ""
 
     async def open(self) -> None:
         verify: str | bool = str(self.config.ca_bundle) if self.config.ca_bundle else True
@@ -185,55 +382,208 @@ class SalesforceConnector(Connector):
             )
             return self._sf
 
-    def _with_session(self, call: Callable[[Any], T]) -> T:
-        from simple_salesforce.exceptions import SalesforceExpiredSession
-
-        sf = self._sf or self._login(None)
+    # -- one HTTP call: daily guard, limiter, session, usage ----------------------------------
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(client, *args)` on a thread, after the daily guard and the limiter."""
         try:
-            return call(sf)
-        except SalesforceExpiredSession:
-            return call(self._login(sf))
-
-    def _upsert(self, lead: LeadUpsert) -> DeliveryResult:
-        from simple_salesforce.format import format_external_id, format_soql
-
-        obj = "Lead" if lead.object == "lead" else "Contact"
-        id_property = lead.id_property or "Email"
-        fields = dict(lead.fields)
-        if id_property.lower() != "email":
-            # An external id the admin named: Salesforce decides create versus update.
-            def upsert(sf: Any) -> DeliveryResult:
-                path = format_external_id(id_property, lead.id_value)
-                response = getattr(sf, obj).upsert(path, fields, raw_response=True)
-                body = response.json() if response.content else {}
-                return DeliveryResult(record_id=body.get("id"), created=response.status_code == 201)
-
-            return self._with_session(upsert)
-
-        # Email is not unique in Salesforce: update the oldest record with it, or create one.
-        fields.setdefault("Email", lead.id_value)
-        soql = format_soql(
-            "SELECT Id FROM {:literal} WHERE Email = {} ORDER BY CreatedDate ASC LIMIT 1",
-            obj,
-            lead.id_value,
-        )
-
-        def find_then_write(sf: Any) -> DeliveryResult:
-            records = sf.query(soql)["records"]
-            if records:
-                record_id = records[0]["Id"]
-                getattr(sf, obj).update(record_id, fields)
-                return DeliveryResult(record_id=record_id, created=False)
-            created = getattr(sf, obj).create(_required_for_create(obj, fields, lead.id_value))
-            return DeliveryResult(record_id=created["id"], created=True)
-
-        return self._with_session(find_then_write)
-
-    async def upsert_lead(self, lead: LeadUpsert) -> DeliveryResult:
-        try:
-            return await self.run_blocking(self._upsert, lead)
+            self._check_daily_usage()
+            await self.limiter.acquire()
+            try:
+                return await self.run_blocking(self._run, fn, args, None)
+            except _SessionExpired as expired:
+                await self.limiter.acquire()
+                return await self.run_blocking(self._run, fn, args, expired.client)
+        except DeliveryError:
+            raise
         except Exception as exc:
+            if _is_daily_limit(exc):
+                self._pause_calls("the org's daily API allocation is spent")
             mapped = classify(exc)
             if mapped is None:
                 raise
             raise mapped from exc
+
+    def _run(self, fn: Callable[..., T], args: tuple[Any, ...], stale: Any) -> T:
+        from simple_salesforce.exceptions import SalesforceExpiredSession
+
+        sf = self._sf if stale is None and self._sf is not None else self._login(stale)
+        try:
+            result = fn(sf, *args)
+        except SalesforceExpiredSession as exc:
+            if stale is not None:
+                raise  # expired again right after a login: give up for now
+            raise _SessionExpired(sf) from exc
+        self._note_usage(sf)
+        return result
+
+    def _note_usage(self, sf: Any) -> None:
+        # The SDK keeps the last Sforce-Limit-Info of client-level calls on the client.
+        usage = (getattr(sf, "api_usage", None) or {}).get("api-usage")
+        if usage is None:
+            return
+        self.api_usage = (int(usage.used), int(usage.total))
+        if usage.total and usage.used >= self.config.daily_reserve * usage.total:
+            self._pause_calls(
+                f"the org used {usage.used} of {usage.total} daily API requests, at or above "
+                f"the {self.config.daily_reserve:.0%} this connector may use"
+            )
+
+    def _pause_calls(self, reason: str) -> None:
+        if self._paused_until <= time.monotonic():
+            log.warning(
+                "salesforce %s: no calls for %.0fs: %s",
+                self.instance,
+                DAILY_LIMIT_PAUSE_SECONDS,
+                reason,
+                extra={"action": "connector.daily_limit", "connector": self.instance},
+            )
+        self._paused_until = time.monotonic() + DAILY_LIMIT_PAUSE_SECONDS
+        self._pause_reason = reason
+
+    def _check_daily_usage(self) -> None:
+        """Answer instead of calling while the org is near its daily allocation.
+
+        Usage is a rolling 24-hour count: after the pause one call goes out again, and its
+        answer says whether to pause once more.
+        """
+        wait = self._paused_until - time.monotonic()
+        if wait > 0:
+            raise RetryableDelivery(
+                f"Salesforce: {self._pause_reason}", retry_after=float(math.ceil(wait))
+            )
+
+    # -- batches -------------------------------------------------------------------------------
+    async def upsert_lead(self, lead: LeadUpsert) -> DeliveryResult:
+        (outcome,) = await self.upsert_leads([lead])
+        if isinstance(outcome, DeliveryError):
+            raise outcome
+        return outcome
+
+    async def upsert_leads(self, leads: list[LeadUpsert]) -> list[Outcome]:
+        """Outcomes per input, in input order.
+
+        A record Salesforce refuses gets a PermanentDelivery with Salesforce's errorCode and
+        message (RetryableDelivery for UNABLE_TO_LOCK_ROW); the others their result. A failure
+        of a whole call (network, 5xx, expired session, daily limit) raises when no record has
+        an outcome yet; after some have landed it becomes the outcome of the records left.
+        """
+        outcomes: list[Outcome | None] = [None] * len(leads)
+        try:
+            items = _items(leads)
+            for start in range(0, len(items), self.max_batch):
+                await self._upsert_batch(items[start : start + self.max_batch], outcomes)
+        except DeliveryError as exc:
+            if all(o is None for o in outcomes):
+                raise
+            outcomes = [exc if o is None else o for o in outcomes]
+        missing = RetryableDelivery("Salesforce returned no result for this record")
+        return [missing if o is None else o for o in outcomes]
+
+    async def _upsert_batch(self, items: list[_Item], outcomes: list[Outcome | None]) -> None:
+        by_external_id: dict[tuple[str, str], list[_Item]] = {}
+        for item in items:
+            if not item.by_email:
+                by_external_id.setdefault((item.obj, item.id_property), []).append(item)
+        for (obj, id_field), group in by_external_id.items():
+            await self._upsert_by_external_id(obj, id_field, group, outcomes)
+
+        # Email is not unique in Salesforce: update the oldest record with it, or create one.
+        by_email = [i for i in items if i.by_email]
+        for item in by_email:
+            item.target, item.by_hint = item.hint, item.hint is not None
+        await self._look_up([i for i in by_email if not i.by_hint])
+        stale = await self._save(by_email, outcomes)
+        if stale:  # hinted records that are gone: find them by email after all
+            await self._look_up(stale)
+            await self._save(stale, outcomes)
+
+    async def _look_up(self, items: list[_Item]) -> None:
+        """Set each item's target to the oldest record with its email, in one query per object."""
+        for obj in sorted({i.obj for i in items}):
+            wanted = [i for i in items if i.obj == obj]
+            found: dict[str, str] = {}
+            for soql in _soql_chunks(obj, list(dict.fromkeys(i.email_key for i in wanted))):
+                page = await self._call(_query, soql)
+                while True:
+                    for record in page.get("records", []):
+                        # Sorted oldest first: keep the first record seen per email.
+                        found.setdefault(str(record.get("Email") or "").lower(), record["Id"])
+                    if page.get("done", True) or not page.get("nextRecordsUrl"):
+                        break
+                    page = await self._call(_query_more, page["nextRecordsUrl"])
+            for item in wanted:
+                item.target = found.get(item.email_key)
+
+    async def _save(self, items: list[_Item], outcomes: list[Outcome | None]) -> list[_Item]:
+        """Update the items that have a target, create the others.
+
+        Returns the items updated by a hint whose record is gone, without an outcome.
+        """
+        stale: list[_Item] = []
+        # Grouped by object: Salesforce processes a collection in runs of one type (10 at most).
+        updates = sorted((i for i in items if i.target), key=lambda i: i.obj)
+        creates = sorted((i for i in items if not i.target), key=lambda i: i.obj)
+        if updates:
+            records = [{"Id": i.target, **i.fields} for i in updates]
+            results = await self._write("PATCH", updates, records)
+            for item, result in zip(updates, results, strict=True):
+                if item.by_hint and not result.get("success") and _is_missing(result):
+                    item.target, item.by_hint = None, False
+                    stale.append(item)
+                else:
+                    self._settle(item, _outcome(result, item.target, created=False), outcomes)
+        if creates:
+            records = [_required_for_create(i.obj, i.fields, i.id_value) for i in creates]
+            results = await self._write("POST", creates, records)
+            for item, result in zip(creates, results, strict=True):
+                self._settle(item, _outcome(result, None, created=True), outcomes)
+        return stale
+
+    async def _upsert_by_external_id(
+        self, obj: str, id_field: str, items: list[_Item], outcomes: list[Outcome | None]
+    ) -> None:
+        """Salesforce decides create versus update by the external id: no lookup."""
+        from simple_salesforce.format import format_external_id
+
+        if len(items) == 1:
+            (item,) = items
+            path = f"sobjects/{obj}/{format_external_id(id_field, item.id_value)}"
+            results = [await self._call(_write_one, "PATCH", path, item.fields)]
+        else:
+            records = [
+                {"attributes": {"type": obj}, **i.fields, id_field: i.id_value} for i in items
+            ]
+            path = f"composite/sobjects/{obj}/{id_field}"
+            results = self._checked(await self._call(_collection, path, "PATCH", records), items)
+        for item, result in zip(items, results, strict=True):
+            # Before API 46 a single upsert answered 201 {id} when it created, 204 otherwise.
+            created = result.get("created", bool(result.get("id")))
+            self._settle(item, _outcome(result, None, created), outcomes)
+
+    async def _write(
+        self, method: Literal["POST", "PATCH"], items: list[_Item], records: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Create (POST) or update (PATCH, records carry Id) `items`; one result per item."""
+        if len(items) == 1:
+            (item,), (record,) = items, records
+            if method == "POST":
+                return [await self._call(_write_one, method, f"sobjects/{item.obj}/", record)]
+            body = {k: v for k, v in record.items() if k != "Id"}
+            path = f"sobjects/{item.obj}/{record['Id']}"
+            result = await self._call(_write_one, method, path, body)
+            return [{"id": record["Id"], **result}]
+        typed = [{"attributes": {"type": i.obj}, **r} for i, r in zip(items, records, strict=True)]
+        return self._checked(
+            await self._call(_collection, "composite/sobjects", method, typed), items
+        )
+
+    @staticmethod
+    def _checked(results: Any, items: list[_Item]) -> list[dict[str, Any]]:
+        if not isinstance(results, list) or len(results) != len(items):
+            raise RetryableDelivery(f"Salesforce answered a collection with {results!r:.200}")
+        return [r if isinstance(r, dict) else {"success": False, "errors": []} for r in results]
+
+    @staticmethod
+    def _settle(item: _Item, outcome: Outcome, outcomes: list[Outcome | None]) -> None:
+        for position in item.positions:
+            outcomes[position] = outcome

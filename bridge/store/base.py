@@ -1,7 +1,8 @@
 """The store interface the server and the delivery workers rely on.
 
-An event and the deliveries its rules produced are written in one transaction: once `ingest`
-returns, both are durable, and only then does the webhook get its 202. Deliveries are claimed
+Once `ingest` returns the event is durable, and only then does the webhook get its 202. The
+router then hands stored events to the rules and stores the deliveries they make, marking the
+event routed in the same transaction, so a crash in between routes it again. Deliveries are claimed
 under a lease, oldest first, and never while an earlier delivery for the same contact on the
 same connector is unfinished, so each CRM sees a contact's changes in the order they came.
 """
@@ -14,7 +15,7 @@ from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from bridge.models import ClaimedGroup, Finish, IngestResult, NewDelivery, NewEvent
+from bridge.models import ClaimedGroup, Finish, IngestResult, NewEvent, Routed, StoredEvent
 
 if TYPE_CHECKING:
     from bridge.config import SqliteStoreConfig
@@ -30,10 +31,17 @@ class Store(abc.ABC):
         """Flush and release everything."""
 
     @abc.abstractmethod
-    async def ingest(
-        self, event: NewEvent, deliveries: list[NewDelivery], delay: float = 0.0
-    ) -> IngestResult:
-        """Store an event with its deliveries (due after `delay`), or report a resent one's twin."""
+    async def ingest(self, event: NewEvent) -> IngestResult:
+        """Store an event durably, or report that its twin (same id) is stored already."""
+
+    @abc.abstractmethod
+    async def unrouted(self, limit: int) -> list[StoredEvent]:
+        """Stored events the rules have not seen yet, oldest first."""
+
+    @abc.abstractmethod
+    async def route(self, routed: list[Routed], now: float, delay: float = 0.0) -> list[int]:
+        """Store the deliveries the rules made (due after `delay`) and mark the events routed,
+        in one transaction; the new deliveries' ids."""
 
     @abc.abstractmethod
     async def claim(

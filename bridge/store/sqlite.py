@@ -16,13 +16,20 @@ import os
 import queue
 import sqlite3
 import threading
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from bridge.errors import StoreUnavailable
-from bridge.models import ClaimedGroup, Delivery, Finish, IngestResult, NewDelivery, NewEvent
+from bridge.models import (
+    ClaimedGroup,
+    Delivery,
+    Finish,
+    IngestResult,
+    NewEvent,
+    Routed,
+    StoredEvent,
+)
 from bridge.store.base import Store, queries
 
 T = TypeVar("T")
@@ -32,7 +39,9 @@ MAX_GROUP = 512  # calls committed together at most
 # Actions whose queued burst for one contact merges into one write (activities never merge).
 COALESCED_ACTIONS = ("upsert_lead", "upsert_contact")
 
-_Call = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]
+EventRow = tuple[str, str, str, str | None, float, float, str]  # events' columns, in order
+_Work = Callable[[sqlite3.Connection], Any] | EventRow
+_Call = tuple[_Work, asyncio.Future[Any], asyncio.AbstractEventLoop]
 
 
 def _resolve(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
@@ -65,10 +74,11 @@ class _Writer:
         self._queue.put(None)
         self._thread.join()
 
-    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+    def submit(self, work: _Work) -> asyncio.Future[Any]:
+        """Queue a function of the connection, or an event row to insert; await the commit."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put((fn, fut, loop))
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._queue.put((work, fut, loop))
         return fut
 
     def _connect(self) -> sqlite3.Connection:
@@ -114,10 +124,17 @@ class _Writer:
         outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for fn, fut, _ in group:
+            new_events = self._insert_events(conn, [w for w, _, _ in group if isinstance(w, tuple)])
+            for work, fut, _ in group:
+                if isinstance(work, tuple):
+                    # The first of equal payloads in a group is new; any later one is a duplicate.
+                    new = work[0] in new_events
+                    new_events.discard(work[0])
+                    outcomes.append((fut, True, IngestResult(event_id=work[0], duplicate=not new)))
+                    continue
                 conn.execute("SAVEPOINT call")
                 try:
-                    value = fn(conn)
+                    value = work(conn)
                 except Exception as exc:  # noqa: BLE001 - handed to the caller, not swallowed
                     conn.execute("ROLLBACK TO call")
                     outcomes.append((fut, False, exc))
@@ -133,10 +150,22 @@ class _Writer:
             failure = StoreUnavailable(f"the store could not commit: {exc}")
             outcomes = [(fut, False, failure) for _, fut, _ in group]
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        # (the outcomes follow the group's order, so zip pairs each with its caller's loop)
         for (_, _, loop), outcome in zip(group, outcomes, strict=True):
             by_loop.setdefault(loop, []).append(outcome)
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_resolve, items)
+
+    @staticmethod
+    def _insert_events(conn: sqlite3.Connection, rows: list[EventRow]) -> set[str]:
+        """Insert a whole group's events in one statement; the ids that were new."""
+        if not rows:
+            return set()
+        unique = list({row[0]: row for row in rows}.values())
+        placeholders = ",".join(["(?,?,?,?,?,?,?)"] * len(unique))
+        params = [value for row in unique for value in row]
+        sql = SQL["insert_events"].format(rows=placeholders)
+        return {r[0] for r in conn.execute(sql, params).fetchall()}
 
 
 def _delivery(row: sqlite3.Row) -> Delivery:
@@ -200,36 +229,50 @@ class SqliteStore(Store):
         self._lock_fd = fd
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._writer.submit(fn)
+        result: T = await self._writer.submit(fn)
+        return result
 
-    async def ingest(
-        self, event: NewEvent, deliveries: list[NewDelivery], delay: float = 0.0
-    ) -> IngestResult:
-        event_id = uuid.uuid4().hex
-        row = event.model_dump()
-        row["id"] = event_id
-        row["notes"] = json.dumps(event.notes)
-        ops = [
+    async def ingest(self, event: NewEvent) -> IngestResult:
+        row: EventRow = (
+            event.id,
+            event.source,
+            event.type,
+            event.email,
+            event.received_at,
+            event.sort_at,
+            event.body,
+        )
+        result: IngestResult = await self._writer.submit(row)
+        return result
+
+    async def unrouted(self, limit: int) -> list[StoredEvent]:
+        def read(conn: sqlite3.Connection) -> list[StoredEvent]:
+            rows = conn.execute(SQL["unrouted"], {"limit": limit}).fetchall()
+            return [StoredEvent.model_validate(dict(r)) for r in rows]
+
+        return await self._run(read)
+
+    async def route(self, routed: list[Routed], now: float, delay: float = 0.0) -> list[int]:
+        deliveries = [
             {
-                "event_id": event_id,
+                "event_id": r.event_id,
                 "rule": d.rule,
                 "connector": d.connector,
                 "action": d.action,
                 "contact_key": d.contact_key,
                 "operation": d.operation.model_dump_json(),
-                "now": event.received_at,
-                "due": event.received_at + delay,
-                "sort_at": event.sort_at,
+                "now": now,
+                "due": now + delay,
+                "sort_at": r.sort_at,
             }
-            for d in deliveries
+            for r in routed
+            for d in r.deliveries
         ]
+        marks = [{"id": r.event_id, "now": now, "notes": json.dumps(r.notes)} for r in routed]
 
-        def write(conn: sqlite3.Connection) -> IngestResult:
-            if conn.execute(SQL["insert_event"], row).rowcount == 0:
-                existing = conn.execute(SQL["event_by_key"], row).fetchone()
-                return IngestResult(event_id=existing["id"], duplicate=True)
-            ids = [conn.execute(SQL["insert_delivery"], op).lastrowid or 0 for op in ops]
-            return IngestResult(event_id=event_id, duplicate=False, delivery_ids=ids)
+        def write(conn: sqlite3.Connection) -> list[int]:
+            conn.executemany(SQL["mark_routed"], marks)
+            return [conn.execute(SQL["insert_delivery"], d).lastrowid or 0 for d in deliveries]
 
         return await self._run(write)
 

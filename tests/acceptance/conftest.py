@@ -67,9 +67,10 @@ class Daemon:
 
     def settled(self, event_id: str) -> list[dict] | None:
         """The event's deliveries if none is pending or in flight any more, else None."""
-        deliveries = self.event(event_id)["deliveries"]
+        event = self.event(event_id)
+        deliveries = event["deliveries"]
         finished = all(d["status"] not in ("pending", "in_flight") for d in deliveries)
-        return deliveries if finished else None
+        return deliveries if event["routed_at"] is not None and finished else None
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

@@ -219,7 +219,7 @@ class HubSpotEmulator(EmulatorBase):
     (note_id, contact_id)), ``properties`` (object type → name → PropertyDef), ``calls``.
     Knobs read on every request: ``token``, ``tier_max``, ``interval_ms``, ``daily``,
     ``daily_used``, ``search_per_second``, ``retry_after``, ``search_delay``, ``latency``,
-    ``clock``.
+    ``clock``, ``reverse_batch_results``.
     """
 
     def __init__(
@@ -247,6 +247,8 @@ class HubSpotEmulator(EmulatorBase):
         self.search_per_second = search_per_second
         self.retry_after = retry_after  # seconds; None: 429s carry no Retry-After (HubSpot's usual)
         self.search_delay = search_delay  # clock seconds before a write becomes searchable
+        # HubSpot does not promise batch results in input order: True answers them reversed.
+        self.reverse_batch_results = False
         self.portal_id = portal_id
         self.contacts: dict[str, HubSpotRecord] = {}
         self.notes: dict[str, HubSpotRecord] = {}
@@ -598,6 +600,8 @@ class HubSpotEmulator(EmulatorBase):
             else:
                 self._apply(record, props)
                 results.append({**record.to_json(), "new": False})
+        if self.reverse_batch_results:
+            results.reverse()
         data: dict[str, Any] = {
             "status": "COMPLETE",
             "results": results,

@@ -362,6 +362,7 @@ class SalesforceEmulator(EmulatorBase):
         self.duplicate_rules: dict[str, list[str]] = {}
         self._records: dict[str, dict[str, Record]] = {name: {} for name in self.schema}
         self._deleted: dict[str, tuple[str, Record]] = {}
+        self._locked: dict[str, int] = {}  # record id -> writes still to refuse (lock_records)
         self._counter = 0
         self._own_tmp: Path | None = None
         self.tls = tls or LocalCA()
@@ -408,6 +409,14 @@ class SalesforceEmulator(EmulatorBase):
             sobj = self.schema[obj]
             clean = {(f.name if (f := sobj.field(k)) else k): v for k, v in fields.items()}
             return str(self._insert(sobj, clean)["Id"])
+
+    def delete(self, record_id: str) -> None:
+        """Delete a record directly, to the recycle bin: ``queryAll`` still sees it and writes
+        to its id get ENTITY_IS_DELETED (no API usage)."""
+        rid = normalise_id(record_id)
+        with self.lock:
+            obj = next(name for name, table in self._records.items() if rid in table)
+            self._delete(self.schema[obj], self._records[obj][rid or ""])
 
     def add_field(
         self,
@@ -476,6 +485,14 @@ class SalesforceEmulator(EmulatorBase):
             return call.method in ("POST", "PATCH", "PUT", "DELETE") and data(call)
 
         self.add_rule(is_write, n, Reply(400, [error.rest()]))
+
+    def lock_records(self, *record_ids: str, n: int = 1) -> None:
+        """The next ``n`` updates of each of these records fail with UNABLE_TO_LOCK_ROW, as when
+        another transaction holds the row: per record inside a collection (the others are
+        saved), 400 on the single-record routes."""
+        with self.lock:
+            for record_id in record_ids:
+                self._locked[normalise_id(record_id) or record_id] = n
 
     def enable_duplicate_rule(
         self, obj: str = "Lead", fields: tuple[str, ...] = ("Email",)
@@ -696,6 +713,12 @@ class SalesforceEmulator(EmulatorBase):
     ) -> list[SfError]:
         if not isinstance(body, dict):
             return [not_json()]
+        if self._locked.get(record["Id"], 0) > 0:
+            self._locked[record["Id"]] -= 1
+            message = (
+                f"unable to obtain exclusive access to this record or 1 records: {record['Id']}"
+            )
+            return [SfError("UNABLE_TO_LOCK_ROW", message, [])]
         clean, errors = self._validate(sobj, body, record)
         if not errors:
             errors = self._conflicts(sobj, clean, {**record, **clean}, record["Id"], headers)
@@ -973,6 +996,8 @@ class SalesforceEmulator(EmulatorBase):
             return _failed([sobj])
         rid = normalise_id(_text(_get_ci(rec, "Id")))
         record = self._records[sobj.name].get(rid or "")
+        if record is None and rid in self._deleted:
+            return {"id": rid, **_failed([SfError("ENTITY_IS_DELETED", "entity is deleted", [])])}
         if record is None:
             return _failed([SfError("MALFORMED_ID", "invalid record id", [])])
         errors = self._update(

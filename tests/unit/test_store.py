@@ -7,21 +7,32 @@ import stat
 import pytest
 
 from bridge.errors import StoreUnavailable
-from bridge.models import DeliveryStatus, Finish, NewDelivery, NewEvent
+from bridge.models import DeliveryStatus, Finish, NewDelivery, NewEvent, Routed
 from bridge.store.sqlite import SqliteStore
 from connectors.base import LeadUpsert
 
 
 def new_event(key: str, email: str | None = "a@example.com", sort_at: float = 1000.0) -> NewEvent:
     return NewEvent(
+        id=key,
         source="s",
         type="reply",
         email=email,
-        idempotency_key=key,
         received_at=1000.0,
         sort_at=sort_at,
         body="{}",
     )
+
+
+async def add(store, deliveries, key, sort_at=1000.0):
+    """Store an event and, as the router would, its deliveries."""
+    result = await store.ingest(new_event(key, sort_at=sort_at))
+    ids = []
+    if not result.duplicate:
+        ids = await store.route(
+            [Routed(event_id=key, sort_at=sort_at, deliveries=deliveries)], now=1000.0
+        )
+    return result, ids
 
 
 def done(ids, **kw):
@@ -47,32 +58,46 @@ async def store(tmp_path):
 
 
 async def test_an_event_and_its_deliveries_are_stored_together(store):
-    result = await store.ingest(new_event("k1"), [new_delivery(), new_delivery(connector="sf")])
-    assert not result.duplicate and len(result.delivery_ids) == 2
+    result, ids = await add(store, [new_delivery(), new_delivery(connector="sf")], "k1")
+    assert not result.duplicate and len(ids) == 2
     stored = await store.event(result.event_id)
     assert [d["connector"] for d in stored["deliveries"]] == ["hubspot", "sf"]
     assert {d["status"] for d in stored["deliveries"]} == {"pending"}
 
 
 async def test_a_resent_event_is_recognised_and_adds_no_delivery(store):
-    first = await store.ingest(new_event("k1"), [new_delivery()])
-    again = await store.ingest(new_event("k1"), [new_delivery()])
-    assert again.duplicate and again.event_id == first.event_id and again.delivery_ids == []
+    first, _ = await add(store, [new_delivery()], "k1")
+    again, ids = await add(store, [new_delivery()], "k1")
+    assert again.duplicate and again.event_id == first.event_id and ids == []
     assert await store.counts() == {"hubspot": {"pending": 1}}
 
 
 async def test_concurrent_ingests_commit_together_and_each_gets_its_answer(store):
-    results = await asyncio.gather(
-        *(store.ingest(new_event(f"k{i}"), [new_delivery(f"{i}@x.io")]) for i in range(200))
-    )
-    assert len({r.event_id for r in results}) == 200
-    assert await store.counts() == {"hubspot": {"pending": 200}}
+    # The same payload twice inside one commit group: the first is new, the second a duplicate.
+    events = [new_event(f"k{i}") for i in range(200)] + [new_event("k7")]
+    results = await asyncio.gather(*(store.ingest(e) for e in events))
+    assert [r.event_id for r in results] == [e.id for e in events]
+    assert [r.duplicate for r in results] == [False] * 200 + [True]
+    assert len(await store.unrouted(1000)) == 200
+
+
+async def test_routing_stores_deliveries_and_marks_the_event_in_one_go(store):
+    await store.ingest(new_event("k1"))
+    (event,) = await store.unrouted(10)
+    routed = Routed(event_id="k1", sort_at=1000.0, deliveries=[new_delivery()], notes=["n"])
+    (delivery_id,) = await store.route([routed], now=1500.0, delay=30.0)
+    assert await store.unrouted(10) == []
+    stored = await store.event("k1")
+    assert stored["notes"] == ["n"] and stored["routed_at"] == 1500.0
+    assert [(d["id"], d["next_attempt_at"]) for d in stored["deliveries"]] == [
+        (delivery_id, 1530.0)
+    ]
 
 
 async def test_claims_follow_each_contacts_order(store):
     for i in range(3):
-        await store.ingest(new_event(f"a{i}"), [new_delivery("a@x.io")])
-    await store.ingest(new_event("b"), [new_delivery("b@x.io")])
+        await add(store, [new_delivery("a@x.io")], f"a{i}")
+    await add(store, [new_delivery("b@x.io")], "b")
     groups = await store.claim("hubspot", 10, now=2000.0, lease_seconds=60)
     # Only the head of each contact's queue: a@'s second write waits for its first.
     claimed = [g.head for g in groups]
@@ -87,15 +112,15 @@ async def test_claims_follow_each_contacts_order(store):
 
 async def test_order_is_the_contacts_updated_at_not_arrival(store):
     # The platform resent an older state after a newer one.
-    await store.ingest(new_event("new", sort_at=2000.0), [new_delivery("a@x.io")])
-    await store.ingest(new_event("old", sort_at=1000.0), [new_delivery("a@x.io")])
+    await add(store, [new_delivery("a@x.io")], "new", sort_at=2000.0)
+    await add(store, [new_delivery("a@x.io")], "old", sort_at=1000.0)
     (group,) = await store.claim("hubspot", 10, now=3000.0, lease_seconds=60)
     assert group.head.sort_at == 1000.0
 
 
 async def test_a_queued_burst_is_claimed_as_one_group_with_what_the_crm_has(store):
     for i in range(3):
-        await store.ingest(new_event(f"a{i}", sort_at=1000.0 + i), [new_delivery("a@x.io")])
+        await add(store, [new_delivery("a@x.io")], f"a{i}", sort_at=1000.0 + i)
     (group,) = await store.claim("hubspot", 10, now=3000.0, lease_seconds=60, coalesce=10)
     assert [d.sort_at for d in group.deliveries] == [1000.0, 1001.0, 1002.0]
     assert (group.record_id, group.applied_sort_at) == (None, None)
@@ -111,20 +136,20 @@ async def test_a_queued_burst_is_claimed_as_one_group_with_what_the_crm_has(stor
         ],
         now=3001.0,
     )
-    await store.ingest(new_event("late", sort_at=1001.5), [new_delivery("a@x.io")])
+    await add(store, [new_delivery("a@x.io")], "late", sort_at=1001.5)
     (later,) = await store.claim("hubspot", 10, now=3002.0, lease_seconds=60, coalesce=10)
     assert (later.record_id, later.applied_sort_at) == ("R1", 1002.0)
 
 
 async def test_a_contact_with_a_delivery_in_flight_gets_no_second_claim(store):
-    await store.ingest(new_event("new", sort_at=2000.0), [new_delivery("a@x.io")])
+    await add(store, [new_delivery("a@x.io")], "new", sort_at=2000.0)
     (first,) = await store.claim("hubspot", 10, now=3000.0, lease_seconds=60)
-    await store.ingest(new_event("old", sort_at=1000.0), [new_delivery("a@x.io")])
+    await add(store, [new_delivery("a@x.io")], "old", sort_at=1000.0)
     assert await store.claim("hubspot", 10, now=3000.0, lease_seconds=60) == []
 
 
 async def test_a_rescheduled_delivery_is_not_claimed_before_it_is_due(store):
-    await store.ingest(new_event("k"), [new_delivery()])
+    await add(store, [new_delivery()], "k")
     (group,) = await store.claim("hubspot", 1, now=2000.0, lease_seconds=60)
     retry = Finish(
         delivery_ids=group.ids, status=DeliveryStatus.PENDING, error="503", next_attempt_at=2100.0
@@ -137,7 +162,7 @@ async def test_a_rescheduled_delivery_is_not_claimed_before_it_is_due(store):
 
 
 async def test_an_expired_lease_makes_a_delivery_claimable_again(store):
-    await store.ingest(new_event("k"), [new_delivery()])
+    await add(store, [new_delivery()], "k")
     await store.claim("hubspot", 1, now=2000.0, lease_seconds=60)
     assert await store.claim("hubspot", 1, now=2059.0, lease_seconds=60) == []
     assert len(await store.claim("hubspot", 1, now=2061.0, lease_seconds=60)) == 1
@@ -147,7 +172,7 @@ async def test_deliveries_in_flight_at_a_crash_are_resumed_on_reopen(tmp_path):
     path = tmp_path / "bridge.db"
     first = SqliteStore(path)
     await first.open()
-    await first.ingest(new_event("k"), [new_delivery()])
+    await add(first, [new_delivery()], "k")
     await first.claim("hubspot", 1, now=2000.0, lease_seconds=3600)
     await first.close()
     second = SqliteStore(path)
@@ -175,9 +200,9 @@ async def test_a_failing_call_rolls_back_alone(store):
         return await store._run(lambda conn: conn.execute("INSERT INTO nowhere VALUES (1)"))
 
     results = await asyncio.gather(
-        store.ingest(new_event("k1"), [new_delivery()]),
+        add(store, [new_delivery()], "k1"),
         bad(),
-        store.ingest(new_event("k2"), [new_delivery("b@x.io")]),
+        add(store, [new_delivery("b@x.io")], "k2"),
         return_exceptions=True,
     )
     assert not isinstance(results[0], Exception) and not isinstance(results[2], Exception)
@@ -186,7 +211,7 @@ async def test_a_failing_call_rolls_back_alone(store):
 
 
 async def test_dead_letters_can_be_listed_retried_and_purged(store):
-    await store.ingest(new_event("k1"), [new_delivery("a@x.io"), new_delivery("b@x.io")])
+    await add(store, [new_delivery("a@x.io"), new_delivery("b@x.io")], "k1")
     groups = await store.claim("hubspot", 10, now=2000.0, lease_seconds=60)
     dead = Finish(
         delivery_ids=[g.head.id for g in groups],

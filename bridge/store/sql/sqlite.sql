@@ -1,14 +1,17 @@
 -- name: schema
+-- An event's id is its idempotency key: a resent payload finds its twin by primary key.
 CREATE TABLE IF NOT EXISTS events (
     id              TEXT PRIMARY KEY,
     source          TEXT NOT NULL,
-    idempotency_key TEXT NOT NULL UNIQUE,
     type            TEXT NOT NULL,
     email           TEXT,
     received_at     REAL NOT NULL,
+    sort_at         REAL NOT NULL,
     body            TEXT NOT NULL,
+    routed_at       REAL,           -- NULL until the rules have made its deliveries
     notes           TEXT NOT NULL DEFAULT '[]'
 );
+CREATE INDEX IF NOT EXISTS events_unrouted ON events (received_at) WHERE routed_at IS NULL;
 CREATE TABLE IF NOT EXISTS deliveries (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id        TEXT NOT NULL REFERENCES events(id),
@@ -42,13 +45,21 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (connector, status, next
 CREATE INDEX IF NOT EXISTS deliveries_by_contact ON deliveries (connector, contact_key, status);
 CREATE INDEX IF NOT EXISTS deliveries_by_event ON deliveries (event_id);
 
--- name: insert_event
-INSERT INTO events (id, source, idempotency_key, type, email, received_at, body, notes)
-VALUES (:id, :source, :idempotency_key, :type, :email, :received_at, :body, :notes)
-ON CONFLICT (idempotency_key) DO NOTHING
+-- name: insert_events
+-- One multi-row statement per commit group (the VALUES rows are added in code); RETURNING
+-- names the new ones, the others were already stored.
+INSERT INTO events (id, source, type, email, received_at, sort_at, body) VALUES {rows}
+ON CONFLICT (id) DO NOTHING
+RETURNING id
 
--- name: event_by_key
-SELECT id FROM events WHERE idempotency_key = :idempotency_key
+-- name: unrouted
+SELECT id, source, body, received_at, sort_at FROM events
+ WHERE routed_at IS NULL
+ ORDER BY received_at
+ LIMIT :limit
+
+-- name: mark_routed
+UPDATE events SET routed_at = :now, notes = :notes WHERE id = :id
 
 -- name: insert_delivery
 INSERT INTO deliveries (event_id, rule, connector, action, contact_key, operation,
@@ -63,19 +74,31 @@ UPDATE deliveries SET status = 'pending', lease_until = NULL WHERE status = 'in_
 
 -- name: claim_heads
 -- The first unfinished delivery of each contact, in (sort_at, id) order, when due; none for a
--- contact that has a delivery in flight.
-SELECT d.* FROM deliveries d
- WHERE d.connector = :connector
-   AND (d.status = 'pending' AND d.next_attempt_at <= :now
-        OR d.status = 'in_flight' AND d.lease_until < :now)
-   AND NOT EXISTS (
-        SELECT 1 FROM deliveries e
-         WHERE e.connector = d.connector AND e.contact_key = d.contact_key AND e.id != d.id
-           AND (e.status = 'in_flight' AND e.lease_until >= :now
-                OR e.status IN ('pending', 'in_flight')
-                   AND (e.sort_at < d.sort_at OR e.sort_at = d.sort_at AND e.id < d.id)))
- ORDER BY d.next_attempt_at, d.id
- LIMIT :limit
+-- contact that has a delivery in flight. Two branches, each walking deliveries_due in order,
+-- so the cost does not grow with the backlog.
+SELECT * FROM (
+    SELECT d.* FROM deliveries d
+     WHERE d.connector = :connector AND d.status = 'pending' AND d.next_attempt_at <= :now
+       AND NOT EXISTS (
+            SELECT 1 FROM deliveries e
+             WHERE e.connector = d.connector AND e.contact_key = d.contact_key
+               AND e.status IN ('pending', 'in_flight') AND e.id != d.id
+               AND (e.status = 'in_flight' OR e.sort_at < d.sort_at
+                    OR e.sort_at = d.sort_at AND e.id < d.id))
+     ORDER BY d.next_attempt_at, d.id
+     LIMIT :limit)
+UNION ALL
+SELECT * FROM (
+    SELECT d.* FROM deliveries d
+     WHERE d.connector = :connector AND d.status = 'in_flight' AND d.lease_until < :now
+       AND NOT EXISTS (
+            SELECT 1 FROM deliveries e
+             WHERE e.connector = d.connector AND e.contact_key = d.contact_key
+               AND e.status IN ('pending', 'in_flight') AND e.id != d.id
+               AND (e.status = 'in_flight' AND e.lease_until >= :now
+                    OR e.sort_at < d.sort_at OR e.sort_at = d.sort_at AND e.id < d.id))
+     ORDER BY d.id
+     LIMIT :limit)
 
 -- name: claim_followers
 -- The rest of a contact's queued burst for the same action, to be merged into one write.

@@ -1,0 +1,104 @@
+"""The router: stored events -> rules -> stored deliveries.
+
+It runs beside the HTTP handlers, so the webhook is acknowledged as soon as the raw event is
+durable, and rule evaluation, in batches, never holds a request. Routing an event and storing
+its deliveries happen in one transaction: after a crash an event is either routed with all its
+deliveries or not at all, and is then routed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import orjson
+
+from bridge.models import Routed, StoredEvent, normalise_email
+from bridge.rules import RuleSet
+from bridge.store import Store
+
+log = logging.getLogger("crm_bridge.router")
+
+
+class Router:
+    """Routes stored events in batches of up to `batch`, oldest first."""
+
+    def __init__(
+        self,
+        store: Store,
+        rules: RuleSet,
+        *,
+        on_routed: Callable[[set[str]], None],
+        batch: int = 500,
+        poll_interval: float = 1.0,
+        delay: float = 0.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.rules = rules  # swapped whole on reload; a batch uses the one it started with
+        self._store = store
+        self._on_routed = on_routed
+        self._batch = batch
+        self._poll = poll_interval
+        self._delay = delay
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            if not await self.route_once():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._poll)
+
+    async def route_once(self) -> int:
+        """Route one batch; the number of events routed."""
+        events = await self._store.unrouted(self._batch)
+        if not events:
+            return 0
+        rules = self.rules
+        routed = [self.evaluate(rules, event) for event in events]
+        await self._store.route(routed, self._clock(), self._delay)
+        self._on_routed({d.connector for r in routed for d in r.deliveries})
+        for r in routed:
+            if r.notes:
+                log.info(
+                    "event %s: %s",
+                    r.event_id,
+                    "; ".join(r.notes),
+                    extra={
+                        "action": "event.routed",
+                        "event_id": r.event_id,
+                        "deliveries": len(r.deliveries),
+                        "notes": r.notes,
+                    },
+                )
+        return len(events)
+
+    @staticmethod
+    def evaluate(rules: RuleSet, event: StoredEvent) -> Routed:
+        data = orjson.loads(event.body)
+        # Rules see the raw contact (unknown fields included) with the email normalised, as
+        # validated when the webhook came in.
+        contact = dict(data.get("contact") or {})
+        try:
+            contact["email"] = normalise_email(contact.get("email"))
+        except ValueError:
+            contact["email"] = None
+        evaluation = rules.evaluate(rules.context(event.source, data, contact))
+        notes = list(evaluation.notes)
+        if not evaluation.deliveries and not notes:
+            notes.append(f"no rule matched type {data.get('type')!r}")
+        return Routed(
+            event_id=event.id, sort_at=event.sort_at, deliveries=evaluation.deliveries, notes=notes
+        )

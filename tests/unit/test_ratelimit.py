@@ -1,0 +1,119 @@
+"""The sliding-window limiter, on a fake clock whose sleep only moves the clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bridge.ratelimit import RateLimiter
+
+
+class FakeTime:
+    """A clock that `sleep` advances; it yields once so that other tasks run in between."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+def limiter(requests: int = 3, per_seconds: float = 10.0) -> tuple[RateLimiter, FakeTime]:
+    clock = FakeTime()
+    return RateLimiter(requests, per_seconds, clock=clock, sleep=clock.sleep), clock
+
+
+async def test_never_more_than_n_starts_in_any_window():
+    rl, clock = limiter(requests=3, per_seconds=10.0)
+    starts: list[float] = []
+
+    async def call(pause_after: float) -> None:
+        await rl.acquire()
+        starts.append(clock())
+        clock.now += pause_after  # the caller's own work takes time too
+
+    # Uneven gaps, concurrent callers: the window must hold for every start.
+    await asyncio.gather(*(call(gap) for gap in [0, 0.5, 3, 0, 7, 0.1, 0, 0, 12, 0, 0, 0, 0]))
+    assert len(starts) == 13
+    assert starts == sorted(starts)
+    for i in range(len(starts) - 3):
+        assert starts[i + 3] - starts[i] >= 10.0, (i, starts)
+    assert rl.waited_seconds == pytest.approx(sum(clock.slept))
+    assert rl.waited_seconds > 0
+
+
+async def test_a_full_window_waits_exactly_until_the_oldest_start_leaves_it():
+    rl, clock = limiter(requests=2, per_seconds=10.0)
+    assert await rl.acquire() == 0
+    clock.now += 4
+    assert await rl.acquire() == 0
+    assert await rl.acquire() == pytest.approx(6.0)  # the first start leaves at +10
+    assert clock() == pytest.approx(1010.0)
+
+
+async def test_waiters_are_served_first_in_first_out():
+    rl, _ = limiter(requests=1, per_seconds=1.0)
+    order: list[int] = []
+
+    async def call(i: int) -> None:
+        await rl.acquire()
+        order.append(i)
+
+    tasks = []
+    for i in range(8):
+        tasks.append(asyncio.create_task(call(i)))
+        await asyncio.sleep(0)  # task i queues before task i + 1 exists
+    await asyncio.gather(*tasks)
+    assert order == list(range(8))
+
+
+async def test_pause_holds_every_start_until_it_ends():
+    rl, _ = limiter(requests=100, per_seconds=10.0)
+    rl.pause(7.0)
+    assert rl.paused_for() == pytest.approx(7.0)
+    assert await rl.acquire() == pytest.approx(7.0)
+    assert rl.paused_for() == 0
+    # a shorter pause never cuts a longer one short
+    rl.pause(30.0)
+    rl.pause(5.0)
+    assert rl.paused_for() == pytest.approx(30.0)
+
+
+async def test_observe_slows_down_when_the_crm_has_fewer_left_than_we_think():
+    rl, _ = limiter(requests=10, per_seconds=10.0)
+    await rl.acquire()
+    rl.observe(remaining=2)  # others spent most of the window: 2 left, not our 9
+    assert await rl.acquire() == 0
+    assert await rl.acquire() == 0
+    assert await rl.acquire() == pytest.approx(10.0)
+
+
+async def test_observe_never_speeds_up_and_ignores_missing_headers():
+    rl, _ = limiter(requests=2, per_seconds=10.0)
+    await rl.acquire()
+    await rl.acquire()
+    rl.observe(remaining=50)  # the CRM's own count is higher than our share: keep ours
+    rl.observe(remaining=None)
+    assert await rl.acquire() == pytest.approx(10.0)
+
+
+async def test_observe_of_nothing_left_pauses_for_the_crms_window():
+    rl, _ = limiter(requests=10, per_seconds=10.0)
+    rl.observe(remaining=0, window_seconds=4.0)
+    assert rl.paused_for() == pytest.approx(4.0)
+    # and the window is full of phantom starts until they expire
+    assert await rl.acquire() == pytest.approx(10.0)
+
+
+def test_a_limit_needs_at_least_one_request_and_a_window():
+    with pytest.raises(ValueError):
+        RateLimiter(0, 10.0)
+    with pytest.raises(ValueError):
+        RateLimiter(1, 0)
