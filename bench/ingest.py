@@ -474,7 +474,7 @@ def store_counts(db: Path) -> dict[str, Any]:
     """What the stopped daemon's SQLite file holds (read-write: a left-over WAL is replayed)."""
     conn = sqlite3.connect(db)
     try:
-        events = conn.execute("SELECT count(*), count(DISTINCT idempotency_key) FROM events")
+        events = conn.execute("SELECT count(*), count(DISTINCT id) FROM events")
         total, distinct = events.fetchone()
         rows = conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status").fetchall()
     finally:

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from bridge.breaker import BreakerState, CircuitBreaker
@@ -61,6 +61,7 @@ class DeliveryWorker:
         coalesce: int = 50,
         breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] = time.time,
+        pace: Callable[[float], Awaitable[None]] | None = None,
     ) -> None:
         self.name = name
         self.connector = connector
@@ -72,6 +73,7 @@ class DeliveryWorker:
         self._poll = poll_interval
         self._coalesce = coalesce
         self._clock = clock
+        self._pace = pace
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
@@ -92,9 +94,12 @@ class DeliveryWorker:
                 free = 0 if self._inflight else 1
             if free > 0:
                 limit = 1 if probing else free * self.connector.max_batch
+                started = time.perf_counter()
                 groups = await self._store.claim(
                     self.name, limit, self._clock(), self._lease, self._coalesce
                 )
+                if groups and self._pace:
+                    await self._pace(time.perf_counter() - started)
                 for action, batch in self._batches(groups):
                     task = asyncio.create_task(self._deliver(action, batch))
                     self._inflight.add(task)

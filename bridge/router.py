@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 
@@ -32,10 +32,11 @@ class Router:
         rules: RuleSet,
         *,
         on_routed: Callable[[set[str]], None],
-        batch: int = 500,
+        batch: int = 100,
         poll_interval: float = 1.0,
         delay: float = 0.0,
         clock: Callable[[], float] = time.time,
+        pace: Callable[[float], Awaitable[None]] | None = None,
     ) -> None:
         self.rules = rules  # swapped whole on reload; a batch uses the one it started with
         self._store = store
@@ -44,6 +45,7 @@ class Router:
         self._poll = poll_interval
         self._delay = delay
         self._clock = clock
+        self._pace = pace
         self._wake = asyncio.Event()
         self._stopping = False
 
@@ -57,9 +59,13 @@ class Router:
     async def run(self) -> None:
         while not self._stopping:
             self._wake.clear()
-            if not await self.route_once():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._poll)
+            started = time.perf_counter()
+            if await self.route_once():
+                if self._pace:
+                    await self._pace(time.perf_counter() - started)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._poll)
 
     async def route_once(self) -> int:
         """Route one batch; the number of events routed."""

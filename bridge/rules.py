@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jinja2
+from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from bridge.config import RuleConfig
@@ -55,6 +56,34 @@ def compile_problems(rule: RuleConfig) -> Iterator[tuple[tuple[str, ...], str]]:
             yield tuple(where.split(".", 1)), f"invalid template: {exc.message}"
 
 
+def _types_required(expr: nodes.Node) -> frozenset[str] | None:
+    """The event types an expression can be true for, when it says so at its top level
+    (`type == 'reply' and ...`, `type in ('open', 'click') or type == 'reply'`); None if any.
+    Lets the engine skip most rules of a large file without evaluating them."""
+    if isinstance(expr, nodes.And):
+        left, right = _types_required(expr.left), _types_required(expr.right)
+        if left is None or right is None:
+            return left if right is None else right
+        return left & right
+    if isinstance(expr, nodes.Or):
+        left, right = _types_required(expr.left), _types_required(expr.right)
+        return None if left is None or right is None else left | right
+    if (
+        isinstance(expr, nodes.Compare)
+        and isinstance(expr.expr, nodes.Name)
+        and expr.expr.name == "type"
+        and len(expr.ops) == 1
+    ):
+        op = expr.ops[0]
+        if op.op == "eq" and isinstance(op.expr, nodes.Const) and isinstance(op.expr.value, str):
+            return frozenset([op.expr.value])
+        if op.op == "in" and isinstance(op.expr, (nodes.Tuple, nodes.List)):
+            items = op.expr.items
+            if all(isinstance(i, nodes.Const) and isinstance(i.value, str) for i in items):
+                return frozenset(i.value for i in items)  # type: ignore[attr-defined]
+    return None
+
+
 @dataclass
 class CompiledRule:
     """A rule ready to evaluate: its condition and templates compiled once."""
@@ -63,11 +92,16 @@ class CompiledRule:
     when: Callable[..., Any]
     id_value: jinja2.Template
     fields: dict[str, jinja2.Template | Any] = field(default_factory=dict)
+    types: frozenset[str] | None = None  # None: any event type may match
 
     @classmethod
     def build(cls, rule: RuleConfig) -> CompiledRule:
+        parsed = ENV.parse("{{ (" + rule.when + ") }}")
+        output = parsed.body[0]
+        assert isinstance(output, nodes.Output)
         return cls(
             config=rule,
+            types=_types_required(output.nodes[0]),
             when=ENV.compile_expression(rule.when),
             id_value=ENV.from_string(rule.id_value),
             fields={
@@ -128,7 +162,10 @@ class RuleSet:
 
     def evaluate(self, context: dict[str, Any]) -> Evaluation:
         result = Evaluation()
+        event_type = context.get("type")
         for rule in self.rules:
+            if rule.types is not None and event_type not in rule.types:
+                continue
             try:
                 matched = bool(rule.when(**context))
             except jinja2.TemplateError as exc:

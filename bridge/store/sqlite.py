@@ -280,36 +280,42 @@ class SqliteStore(Store):
         self, connector: str, limit: int, now: float, lease_seconds: float, coalesce: int = 0
     ) -> list[ClaimedGroup]:
         params = {"connector": connector, "limit": limit, "now": now}
-        lease = {"now": now, "lease_until": now + lease_seconds}
 
         def claim(conn: sqlite3.Connection) -> list[ClaimedGroup]:
+            heads = conn.execute(SQL["claim_heads"], params).fetchall()[:limit]
+            if not heads:
+                return []
+            keys = list({h["contact_key"] for h in heads})
+            marks = ",".join("?" * len(keys))
+            members: dict[int, list[int]] = {h["id"]: [h["id"]] for h in heads}
+            if coalesce:
+                by_key = {h["contact_key"]: h for h in heads}
+                sql = SQL["claim_followers"].format(keys=marks)
+                for row in conn.execute(sql, [connector, now, *keys]):
+                    head = by_key[row["contact_key"]]
+                    group = members[head["id"]]
+                    if (
+                        row["id"] != head["id"]
+                        and row["action"] == head["action"]
+                        and head["action"] in COALESCED_ACTIONS
+                        and len(group) <= coalesce
+                    ):
+                        group.append(row["id"])
+            ids = [i for group in members.values() for i in group]
+            sql = SQL["mark_claimed"].format(ids=",".join("?" * len(ids)))
+            rows = {
+                r["id"]: _delivery(r) for r in conn.execute(sql, [now + lease_seconds, now, *ids])
+            }
+            sql = SQL["contact_states"].format(keys=marks)
+            states = {r["contact_key"]: r for r in conn.execute(sql, [connector, *keys])}
             groups = []
-            for head in conn.execute(SQL["claim_heads"], params).fetchall():
-                rows = [head]
-                if coalesce and head["action"] in COALESCED_ACTIONS:
-                    rows += conn.execute(
-                        SQL["claim_followers"],
-                        {
-                            **params,
-                            "contact_key": head["contact_key"],
-                            "action": head["action"],
-                            "head": head["id"],
-                            "limit": coalesce,
-                        },
-                    ).fetchall()
-                claimed = [
-                    _delivery(
-                        conn.execute(SQL["mark_claimed"], {**lease, "id": r["id"]}).fetchone()
-                    )
-                    for r in rows
-                ]
-                state = conn.execute(
-                    SQL["contact_state"],
-                    {"connector": connector, "contact_key": head["contact_key"]},
-                ).fetchone()
+            for head in heads:
+                state = states.get(head["contact_key"])
                 groups.append(
                     ClaimedGroup(
-                        deliveries=claimed,
+                        deliveries=sorted(
+                            (rows[i] for i in members[head["id"]]), key=lambda d: (d.sort_at, d.id)
+                        ),
                         applied_sort_at=state["applied_sort_at"] if state else None,
                         record_id=state["record_id"] if state else None,
                     )

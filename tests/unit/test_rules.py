@@ -113,3 +113,26 @@ def test_the_sandbox_refuses_attribute_escapes():
     result = evaluate([rule], event("interest"))
     assert result.deliveries == []
     assert len(result.notes) == 1 and "could not be evaluated" in result.notes[0]
+
+
+@pytest.mark.parametrize(
+    ("when", "types"),
+    [
+        ("type == 'reply'", {"reply"}),
+        ("type == 'interest' and contact.interest == 'interested'", {"interest"}),
+        ("contact.interest == 'interested' and type in ('open', 'click')", {"open", "click"}),
+        ("type == 'reply' or type == 'bounce'", {"reply", "bounce"}),
+        ("type == 'reply' or contact.replied", None),
+        ("contact.appointment", None),
+        ("type != 'open'", None),
+    ],
+)
+def test_rules_that_name_their_types_are_skipped_for_other_types(when, types):
+    rule = RuleSet([RuleConfig.model_validate({**INTERESTED, "when": when})]).rules[0]
+    assert rule.types == (frozenset(types) if types is not None else None)
+    # The shortcut never changes a result: every type gives what full evaluation gives.
+    for kind in ("open", "click", "reply", "bounce", "interest", "appointment"):
+        data = event(kind, replied=True, appointment=True)
+        full = bool(rule.when(**RuleSet.context("supersend", data, data["contact"])))
+        got = len(evaluate([{**INTERESTED, "when": when}], data).deliveries) == 1
+        assert got == full

@@ -101,22 +101,22 @@ SELECT * FROM (
      LIMIT :limit)
 
 -- name: claim_followers
--- The rest of a contact's queued burst for the same action, to be merged into one write.
+-- The rest of these contacts' queued bursts, to be merged into their heads' writes.
+-- ({keys} is a list of placeholders added in code.)
 SELECT * FROM deliveries
- WHERE connector = :connector AND contact_key = :contact_key AND action = :action
-   AND status = 'pending' AND next_attempt_at <= :now AND id != :head
- ORDER BY sort_at, id
- LIMIT :limit
+ WHERE connector = ? AND status = 'pending' AND next_attempt_at <= ?
+   AND contact_key IN ({keys})
+ ORDER BY contact_key, sort_at, id
 
 -- name: mark_claimed
 UPDATE deliveries
-   SET status = 'in_flight', attempts = attempts + 1, lease_until = :lease_until, updated_at = :now
- WHERE id = :id
+   SET status = 'in_flight', attempts = attempts + 1, lease_until = ?, updated_at = ?
+ WHERE id IN ({ids})
 RETURNING *
 
--- name: contact_state
-SELECT record_id, applied_sort_at FROM contact_state
- WHERE connector = :connector AND contact_key = :contact_key
+-- name: contact_states
+SELECT contact_key, record_id, applied_sort_at FROM contact_state
+ WHERE connector = ? AND contact_key IN ({keys})
 
 -- name: finish
 UPDATE deliveries
