@@ -1,4 +1,8 @@
-"""`crm-bridge`: thin commands over the core (serve, check)."""
+"""`crm-bridge`: thin commands over the core (serve, check, dlq, backfill).
+
+Exit codes: 0 done, 1 failed or not found (`dlq`) or some lines invalid (`backfill`), 2 bad usage
+or configuration.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,21 @@ import contextlib
 import logging
 import signal
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from aiohttp import web
 
+from bridge import backfill, dlq
 from bridge.config import Config, load_config
 from bridge.errors import ConfigError, StoreUnavailable
 from bridge.logs import setup_logging
 from bridge.server import create_app
+from bridge.store import Store, open_store
+
+T = TypeVar("T")
 
 log = logging.getLogger("crm_bridge")
 
@@ -79,6 +90,179 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _on_store(config: Config, work: Callable[[Store], Awaitable[T]]) -> T:
+    """Run `work` on the configured store, opened beside a daemon that may be running."""
+
+    async def run() -> T:
+        store = open_store(config.store, exclusive=False)
+        await store.open()
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(run())
+    except StoreUnavailable as exc:
+        print(f"crm-bridge: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _existing_store(config: Config) -> Config:
+    # Reading the DLQ must not create an empty store where the config points by mistake.
+    if not config.store.path.exists():
+        print(f"crm-bridge: no store at {config.store.path}", file=sys.stderr)
+        raise SystemExit(2)
+    return config
+
+
+def cmd_dlq_list(args: argparse.Namespace) -> int:
+    config = _existing_store(_load(args.config))
+    rows, total = _on_store(config, lambda store: dlq.list_dead(store, args.connector, args.limit))
+    if args.json:
+        print(dlq.to_json([dlq.readable(r) for r in rows]))
+    elif not rows:
+        print("no dead deliveries")
+    else:
+        print(dlq.render_table(rows))
+        if total > len(rows):
+            print(f"({len(rows)} of {total} shown; raise --limit to see more)")
+    return 0
+
+
+def cmd_dlq_show(args: argparse.Namespace) -> int:
+    config = _existing_store(_load(args.config))
+    delivery = _on_store(config, lambda store: store.delivery(args.id))
+    if delivery is None:
+        print(f"crm-bridge: no delivery {args.id}", file=sys.stderr)
+        return 1
+    print(dlq.to_json(dlq.readable(delivery)))
+    return 0
+
+
+def cmd_dlq_retry(args: argparse.Namespace) -> int:
+    config = _existing_store(_load(args.config))
+    queued, problem = _on_store(config, lambda store: dlq.retry(store, args.id, time.time()))
+    if problem:
+        print(f"crm-bridge: {problem}", file=sys.stderr)
+        return 1
+    print(f"queued {queued} dead deliver{'y' if queued == 1 else 'ies'} again")
+    return 0
+
+
+def cmd_dlq_purge(args: argparse.Namespace) -> int:
+    config = _existing_store(_load(args.config))
+    before = time.time() - args.older_than
+    purged = _on_store(config, lambda store: store.purge_dead(before))
+    print(
+        f"purged {purged} dead deliver{'y' if purged == 1 else 'ies'}"
+        f" last touched before {dlq.iso(before)}"
+    )
+    return 0
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if not args.file.is_file():
+        print(f"crm-bridge: no such file: {args.file}", file=sys.stderr)
+        return 2
+    try:
+        source = backfill.pick_source(config, args.source)
+        summary = _on_store(
+            config,
+            lambda store: backfill.run_backfill(
+                store, args.file, source=source, type_=args.type, fmt=args.format
+            ),
+        )
+    except backfill.BackfillError as exc:
+        print(f"crm-bridge: {exc}", file=sys.stderr)
+        return 2
+    print(backfill.render_summary(summary, args.file, source, args.type))
+    return 1 if summary.invalid else 0
+
+
+def _duration(text: str) -> float:
+    try:
+        return dlq.parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _event_type(text: str) -> str:
+    if not 1 <= len(text) <= 64:
+        raise argparse.ArgumentTypeError("an event type has 1 to 64 characters")
+    return text
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _add_dlq(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", "-c", type=Path, default=Path("config.yaml"))
+    dlq_parser = sub.add_parser(
+        "dlq",
+        help="inspect, retry or purge dead deliveries (daemon running or not)",
+        description="Dead deliveries: those the CRM refused for good or that ran out of retries.",
+    )
+    actions = dlq_parser.add_subparsers(dest="dlq_command", required=True)
+    list_ = actions.add_parser("list", parents=[config], help="dead deliveries, oldest first")
+    list_.add_argument("--connector", help="only this connector's")
+    list_.add_argument("--limit", type=_positive, default=100, help="at most this many (100)")
+    list_.add_argument("--json", action="store_true", help="as a JSON array, errors in full")
+    list_.set_defaults(func=cmd_dlq_list)
+    show = actions.add_parser("show", parents=[config], help="one delivery with its event")
+    show.add_argument("id", type=int)
+    show.set_defaults(func=cmd_dlq_show)
+    retry = actions.add_parser(
+        "retry", parents=[config], help="queue dead deliveries again, with a fresh retry horizon"
+    )
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", type=int, nargs="?", help="the dead delivery to retry")
+    which.add_argument("--all", action="store_true", help="every dead delivery")
+    retry.set_defaults(func=cmd_dlq_retry)
+    purge = actions.add_parser("purge", parents=[config], help="delete old dead deliveries")
+    purge.add_argument(
+        "--older-than",
+        type=_duration,
+        required=True,
+        metavar="AGE",
+        help="last touched longer ago than this: 30m, 12h, 7d, 2w (0s: all)",
+    )
+    purge.set_defaults(func=cmd_dlq_purge)
+
+
+def _add_backfill(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "backfill",
+        help="store contacts from a CSV or JSON-lines file as events, as webhooks would be",
+        description=(
+            "Validate each line as a webhook and store it as an event (same idempotency key: a "
+            "second run stores nothing new). The daemon's router applies the rules to it. CSV: "
+            "the header names contact fields, empty cells are null. JSON lines: full webhook "
+            "payloads, which keep their type, or bare contact objects. Rules match on type: "
+            "bare contacts and CSV rows get --type, e.g. --type interest."
+        ),
+    )
+    parser.add_argument("file", type=Path, help="a .csv, or a .jsonl/.ndjson file")
+    parser.add_argument("--config", "-c", type=Path, default=Path("config.yaml"))
+    parser.add_argument("--source", help="the configured source to store under (default: first)")
+    parser.add_argument(
+        "--type",
+        type=_event_type,
+        default=backfill.DEFAULT_TYPE,
+        help=f"event type of bare contacts and CSV rows (default: {backfill.DEFAULT_TYPE})",
+    )
+    parser.add_argument(
+        "--format", choices=["csv", "jsonl"], help="default: from the extension, else the content"
+    )
+    parser.set_defaults(func=cmd_backfill)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crm-bridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file and exit")
     check.add_argument("--config", "-c", type=Path, default=Path("config.yaml"))
     check.set_defaults(func=cmd_check)
+    _add_dlq(sub)
+    _add_backfill(sub)
     return parser
 
 

@@ -24,6 +24,7 @@ from bridge.errors import (
     DeliveryError,
     PermanentDelivery,
     RetryableDelivery,
+    StoreUnavailable,
 )
 from bridge.models import ClaimedGroup, Delivery, DeliveryStatus, Finish
 from bridge.retry import RetryPolicy
@@ -77,6 +78,7 @@ class DeliveryWorker:
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
         """New work was stored: look now rather than at the next poll."""
@@ -95,9 +97,18 @@ class DeliveryWorker:
             if free > 0:
                 limit = 1 if probing else free * self.connector.max_batch
                 started = time.perf_counter()
-                groups = await self._store.claim(
-                    self.name, limit, self._clock(), self._lease, self._coalesce
-                )
+                try:
+                    groups = await self._store.claim(
+                        self.name, limit, self._clock(), self._lease, self._coalesce
+                    )
+                except StoreUnavailable as exc:
+                    log.warning(
+                        "%s: cannot claim: %s",
+                        self.name,
+                        exc,
+                        extra={"action": "delivery.store_unavailable"},
+                    )
+                    groups = []
                 if groups and self._pace:
                     await self._pace(time.perf_counter() - started)
                 for action, batch in self._batches(groups):
@@ -125,6 +136,9 @@ class DeliveryWorker:
         self._inflight.discard(task)
         self._wake.set()
 
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name=f"worker-{self.name}")
+
     async def stop(self, timeout: float) -> None:
         """Stop claiming; let calls in flight finish within `timeout`, then abandon them.
 
@@ -132,6 +146,8 @@ class DeliveryWorker:
         """
         self._stopping = True
         self._wake.set()
+        if self._task is not None:
+            await self._task  # after this, nothing new is claimed
         if self._inflight:
             _, pending = await asyncio.wait(set(self._inflight), timeout=timeout)
             for task in pending:
@@ -161,7 +177,31 @@ class DeliveryWorker:
             now = self._clock()
             for (group, fresh), outcome in zip(live, outcomes, strict=True):
                 finishes.append(self._finish(group, fresh, outcome, now))
-        await self._store.finish(finishes, self._clock())
+        await self._record(finishes)
+
+    async def _record(self, finishes: list[Finish]) -> None:
+        """Store the outcomes; while the store cannot write, keep them and try again.
+
+        Given up only at shutdown: the deliveries then stay in flight and are sent again after
+        the restart, which the connectors' upserts make harmless.
+        """
+        wait = 0.05
+        while True:
+            try:
+                await self._store.finish(finishes, self._clock())
+            except StoreUnavailable as exc:
+                if self._stopping:
+                    raise
+                log.warning(
+                    "%s: cannot record outcomes yet: %s",
+                    self.name,
+                    exc,
+                    extra={"action": "delivery.store_unavailable"},
+                )
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 5.0)
+            else:
+                return
 
     async def _send(self, action: str, leads: list[LeadUpsert]) -> list[Outcome]:
         """Outcomes per record; a failure of the whole call becomes every record's outcome."""

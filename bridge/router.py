@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 
+from bridge.errors import StoreUnavailable
 from bridge.models import Routed, StoredEvent, normalise_email
 from bridge.rules import RuleSet
 from bridge.store import Store
@@ -48,19 +49,32 @@ class Router:
         self._pace = pace
         self._wake = asyncio.Event()
         self._stopping = False
+        self._task: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
         self._wake.set()
 
-    def stop(self) -> None:
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="router")
+
+    async def stop(self) -> None:
+        """Finish the batch under way, then stop."""
         self._stopping = True
         self._wake.set()
+        if self._task is not None:
+            await self._task
 
     async def run(self) -> None:
         while not self._stopping:
             self._wake.clear()
             started = time.perf_counter()
-            if await self.route_once():
+            try:
+                routed = await self.route_once()
+            except StoreUnavailable as exc:
+                # The events stay stored and unrouted: try again at the next poll.
+                log.warning("routing paused: %s", exc, extra={"action": "router.store_unavailable"})
+                routed = 0
+            if routed:
                 if self._pace:
                     await self._pace(time.perf_counter() - started)
                 continue

@@ -276,7 +276,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await store.open()
     connectors = {name: build_connector(name, config) for name in config.connectors}
     workers: dict[str, DeliveryWorker] = {}
-    tasks = []
     delivery = config.delivery
     refresher = asyncio.create_task(app[BACKLOG].refresh_forever(store, delivery.poll_interval))
     try:
@@ -301,16 +300,15 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                 pace=app[LOAD].pace,
             )
         app[WORKERS].update(workers)
-        tasks = [asyncio.create_task(w.run(), name=f"worker-{n}") for n, w in workers.items()]
-        tasks.append(asyncio.create_task(app[ROUTER].run(), name="router"))
+        for worker in workers.values():
+            worker.start()
+        app[ROUTER].start()
         yield
     finally:
         refresher.cancel()
-        app[ROUTER].stop()
-        for worker in workers.values():
-            await worker.stop(config.server.shutdown_timeout)
-        for task in tasks:
-            await task
+        await app[ROUTER].stop()
+        # All workers wait for their calls in flight at once, within one shutdown timeout.
+        await asyncio.gather(*(w.stop(config.server.shutdown_timeout) for w in workers.values()))
         await asyncio.gather(refresher, return_exceptions=True)
         for connector in connectors.values():
             await connector.close()

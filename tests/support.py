@@ -60,6 +60,18 @@ def config_yaml(
       Title: "{{ contact.title }}"
       Company: "{{ contact.company_name }}"
 """
+    delivery_settings = {
+        "in_call_wait": "0.01",
+        "in_call_wait_max": "0.05",
+        "backoff_initial": "0.05",
+        "backoff_max": "0.2",
+        "poll_interval": "0.05",
+    }
+    for line in delivery.splitlines():
+        key, _, value = line.strip().partition(":")
+        if key:
+            delivery_settings[key.strip()] = value.strip()
+    delivery_block = "\n".join(f"  {k}: {v}" for k, v in delivery_settings.items())
     return f"""\
 server:
   host: 127.0.0.1
@@ -73,12 +85,7 @@ store:
   type: sqlite
   path: {db_path}
 delivery:
-  in_call_wait: 0.01
-  in_call_wait_max: 0.05
-  backoff_initial: 0.05
-  backoff_max: 0.2
-  poll_interval: 0.05
-{delivery}
+{delivery_block}
 connectors:
 {block("hubspot", hubspot)}
 {block("salesforce", salesforce)}

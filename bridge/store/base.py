@@ -59,7 +59,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def backlog(self) -> int:
-        """Deliveries not finished yet (pending or in flight), all connectors."""
+        """Work waiting: events not routed yet plus deliveries not finished, all connectors."""
 
     @abc.abstractmethod
     async def event(self, event_id: str) -> dict[str, Any] | None:

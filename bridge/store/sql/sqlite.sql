@@ -134,7 +134,8 @@ ON CONFLICT (connector, contact_key) DO UPDATE
        updated_at = excluded.updated_at
 
 -- name: backlog
-SELECT count(*) FROM deliveries WHERE status IN ('pending', 'in_flight')
+SELECT (SELECT count(*) FROM events WHERE routed_at IS NULL)
+     + (SELECT count(*) FROM deliveries WHERE status IN ('pending', 'in_flight'))
 
 -- name: event
 SELECT * FROM events WHERE id = :id

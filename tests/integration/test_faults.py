@@ -1,0 +1,183 @@
+"""Faults: a CRM outage over many retry steps (on a manual clock), a full disk, a full queue."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from bridge.config import parse_config
+from bridge.server import create_app
+from tests.emulators import ManualClock
+from tests.support import TOKEN, config_yaml, sample
+
+
+async def start(tmp_path, hubspot_emulator, *, delivery: str = "", clock=None, db=None):
+    text = config_yaml(
+        db or tmp_path / "bridge.db",
+        hubspot={"access_token": "pat-na1-test", "base_url": hubspot_emulator.url},
+        rules="""
+  - name: interested
+    when: contact.interest == 'interested'
+    connector: hubspot
+    action: upsert_contact
+    fields:
+      firstname: "{{ contact.first_name }}"
+""",
+        delivery=delivery,
+    ).replace("  salesforce:\n    type: salesforce\n", "")
+    app = create_app(parse_config(text), clock=clock or __import__("time").time)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    return client
+
+
+async def post(client, body):
+    response = await client.post(f"/webhooks/supersend/{TOKEN}", json=body)
+    return response.status, await response.json(), response.headers
+
+
+async def delivery_of(client, event_id, predicate, timeout=20.0):
+    async def poll():
+        while True:
+            event = await (await client.get(f"/events/{event_id}")).json()
+            if event["deliveries"] and predicate(event["deliveries"][0]):
+                return event["deliveries"][0]
+            await asyncio.sleep(0.01)
+
+    return await asyncio.wait_for(poll(), timeout)
+
+
+REAL_BACKOFF = """\
+  backoff_initial: 30
+  backoff_max: 3600
+  horizon: 86400
+  breaker_failures: 1000"""
+
+
+async def test_an_outage_over_many_retry_steps_ends_in_one_record(tmp_path, hubspot_emulator):
+    # Given a CRM that fails every call for the first 8 attempts (3 calls each)
+    clock = ManualClock(start=1_700_000_000.0)
+    client = await start(tmp_path, hubspot_emulator, delivery=REAL_BACKOFF, clock=clock)
+    try:
+        hubspot_emulator.fail_next_server_error(8 * 3, status=503)
+        _, body, _ = await post(client, sample(first_name="Ada"))
+        delays = []
+        for attempt in range(1, 9):
+            # When each scheduled retry comes due (no real waiting: the clock moves)
+            failed = await delivery_of(
+                client,
+                body["event_id"],
+                lambda d, n=attempt: d["attempts"] == n and d["status"] == "pending",
+            )
+            delays.append(failed["next_attempt_at"] - clock())
+            assert failed["last_error"].startswith("HubSpot 503")
+            clock.advance(failed["next_attempt_at"] - clock() + 0.001)
+        # Then the ninth attempt lands, once
+        done = await delivery_of(client, body["event_id"], lambda d: d["status"] == "done")
+        assert done["attempts"] == 9
+        assert len(hubspot_emulator.contacts) == 1
+        # and the waits doubled from 30 s up to the one-hour cap, each jittered in its upper half
+        for attempt, delay in enumerate(delays, start=1):
+            ceiling = min(3600, 30 * 2 ** (attempt - 1))
+            assert ceiling / 2 <= delay <= ceiling
+    finally:
+        await client.close()
+
+
+async def test_an_outage_longer_than_the_horizon_dead_letters(tmp_path, hubspot_emulator):
+    clock = ManualClock(start=1_700_000_000.0)
+    delivery = REAL_BACKOFF.replace("horizon: 86400", "horizon: 7200")
+    client = await start(tmp_path, hubspot_emulator, delivery=delivery, clock=clock)
+    try:
+        hubspot_emulator.fail_next_server_error(1000, status=503)
+        _, body, _ = await post(client, sample())
+        while True:
+            d = await delivery_of(
+                client, body["event_id"], lambda d: d["status"] != "in_flight" and d["attempts"] > 0
+            )
+            if d["status"] == "dead":
+                break
+            clock.advance(d["next_attempt_at"] - clock() + 0.001)
+        assert d["last_error"].startswith(f"gave up after {d['attempts']} attempts: HubSpot 503")
+        assert clock() - 1_700_000_000.0 <= 7200
+    finally:
+        hubspot_emulator.clear_failures()
+        await client.close()
+
+
+async def test_a_full_queue_answers_503_with_retry_after(tmp_path, hubspot_emulator):
+    client = await start(tmp_path, hubspot_emulator, delivery="  max_backlog: 3")
+    hubspot_emulator.stop()  # nothing drains
+    try:
+        statuses = []
+        for i in range(5):
+            status, body, headers = await post(client, sample(email=f"p{i}@example.com"))
+            statuses.append(status)
+        assert statuses == [202, 202, 202, 503, 503]
+        assert body["error"] == "backlog_full" and headers["Retry-After"] == "30"
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MiB tmpfs: a real filesystem that fills up. Needs root (CI runs as root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs in CI: {result.stderr}")
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(path):
+    """Fill the filesystem holding `path` to the last byte."""
+    filler = path / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (65536, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def test_a_full_disk_acknowledges_nothing_and_recovers_by_itself(tiny_disk, hubspot_emulator):
+    client = await start(tiny_disk, hubspot_emulator, db=tiny_disk / "bridge.db")
+    try:
+        status, first, _ = await post(client, sample(email="before@example.com"))
+        assert status == 202
+        filler = fill(tiny_disk)
+        # While the disk is full nothing is acknowledged (each event is bigger than a page)
+        refused = []
+        for i in range(5):
+            payload = sample(email=f"full{i}@example.com", note="x" * 2000)
+            status, body, headers = await post(client, payload)
+            refused.append((status, body.get("error"), headers.get("Retry-After")))
+        assert set(refused) == {(503, "store_unavailable", "5")}
+        # and once space is back the same daemon takes events again, without a restart
+        filler.unlink()
+        status, after, _ = await post(client, sample(email="after@example.com"))
+        assert status == 202
+        for event_id in (first["event_id"], after["event_id"]):
+            await delivery_of(client, event_id, lambda d: d["status"] == "done")
+        with hubspot_emulator.lock:
+            emails = sorted(r.properties["email"] for r in hubspot_emulator.contacts.values())
+        assert emails == ["after@example.com", "before@example.com"]
+    finally:
+        await client.close()
