@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from bridge.errors import ConfigError, ConfigProblem
 from connectors import registry
@@ -75,15 +75,33 @@ class ConnectorEntry(BaseModel):
     type: str
 
 
+class ActivityConfig(_Strict):
+    """What `log_activity` writes: a HubSpot note (or task), a Salesforce Task."""
+
+    kind: Literal["note", "task"] = "note"
+    object: Literal["lead", "contact"] = "contact"  # the record it is logged on
+    subject: str = Field(min_length=1, description="template")
+    body: str = Field(default="", description="template")
+
+
 class RuleConfig(_Strict):
     name: str = Field(min_length=1)
     when: str = Field(min_length=1, description="Jinja2 expression, e.g. type == 'reply'")
     connector: str
-    action: Literal["upsert_lead", "upsert_contact"] = "upsert_lead"
+    action: Literal["upsert_lead", "upsert_contact", "log_activity"] = "upsert_lead"
     # The CRM field that identifies the record (None: the CRM's email field), and its value.
     id_property: str | None = None
     id_value: str = "{{ contact.email }}"
     fields: dict[str, Any] = Field(default_factory=dict)
+    activity: ActivityConfig | None = None
+
+    @model_validator(mode="after")
+    def _activity_goes_with_log_activity(self) -> RuleConfig:
+        if self.action == "log_activity" and self.activity is None:
+            raise ValueError("action log_activity needs an `activity:` (subject, body)")
+        if self.action != "log_activity" and self.activity is not None:
+            raise ValueError(f"`activity:` is only for action log_activity, not {self.action}")
+        return self
 
 
 class LoggingConfig(_Strict):

@@ -29,7 +29,7 @@ from bridge.errors import (
 from bridge.models import ClaimedGroup, Delivery, DeliveryStatus, Finish
 from bridge.retry import RetryPolicy
 from bridge.store import Store
-from connectors.base import Connector, DeliveryResult, LeadUpsert
+from connectors.base import Activity, Connector, DeliveryResult, LeadUpsert
 
 log = logging.getLogger("crm_bridge.delivery")
 
@@ -39,11 +39,11 @@ Outcome = DeliveryResult | DeliveryError
 
 def merge(deliveries: list[Delivery], record_id: str | None) -> LeadUpsert:
     """One write holding the latest state of a contact's burst (deliveries in sort order)."""
-    first = deliveries[0].operation
+    upserts = [d.operation for d in deliveries if isinstance(d.operation, LeadUpsert)]
     fields: dict[str, Any] = {}
-    for delivery in deliveries:
-        fields.update(delivery.operation.fields)
-    return first.model_copy(update={"fields": fields, "record_id": record_id})
+    for upsert in upserts:
+        fields.update(upsert.fields)
+    return upserts[0].model_copy(update={"fields": fields, "record_id": record_id})
 
 
 class DeliveryWorker:
@@ -127,8 +127,8 @@ class DeliveryWorker:
         by_action: dict[str, list[ClaimedGroup]] = {}
         for group in groups:
             by_action.setdefault(group.head.action, []).append(group)
-        size = self.connector.max_batch
         for action, items in by_action.items():
+            size = self.connector.max_batch if action in UPSERT_ACTIONS else 1
             for i in range(0, len(items), size):
                 yield action, items[i : i + size]
 
@@ -158,7 +158,8 @@ class DeliveryWorker:
         finishes: list[Finish] = []
         live: list[tuple[ClaimedGroup, list[Delivery]]] = []
         for group in groups:
-            applied = group.applied_sort_at
+            # An older state must not overwrite a newer one; an older activity still happened.
+            applied = group.applied_sort_at if action in UPSERT_ACTIONS else None
             stale = [d for d in group.deliveries if applied is not None and d.sort_at < applied]
             fresh = [d for d in group.deliveries if d not in stale]
             if stale:
@@ -172,7 +173,7 @@ class DeliveryWorker:
             if fresh:
                 live.append((group, fresh))
         if live:
-            outcomes = await self._send(action, [merge(fresh, g.record_id) for g, fresh in live])
+            outcomes = await self._send(action, live)
             self._update_breaker(outcomes)
             now = self._clock()
             for (group, fresh), outcome in zip(live, outcomes, strict=True):
@@ -203,16 +204,30 @@ class DeliveryWorker:
             else:
                 return
 
-    async def _send(self, action: str, leads: list[LeadUpsert]) -> list[Outcome]:
+    async def _call(
+        self, action: str, live: list[tuple[ClaimedGroup, list[Delivery]]]
+    ) -> list[Outcome]:
+        if action in UPSERT_ACTIONS:
+            return await self.connector.upsert_leads([merge(f, g.record_id) for g, f in live])
+        if action == "log_activity":
+            ((group, (delivery,)),) = live  # activities are never batched nor merged
+            assert isinstance(delivery.operation, Activity)
+            activity = delivery.operation.model_copy(
+                update={"record_id": group.record_id, "attempt": delivery.attempts}
+            )
+            return [await self.connector.log_activity(activity)]
+        return [PermanentDelivery(f"unknown action {action!r}")] * len(live)
+
+    async def _send(
+        self, action: str, live: list[tuple[ClaimedGroup, list[Delivery]]]
+    ) -> list[Outcome]:
         """Outcomes per record; a failure of the whole call becomes every record's outcome."""
-        if action not in UPSERT_ACTIONS:
-            return [PermanentDelivery(f"unknown action {action!r}")] * len(leads)
         try:
             async for attempt in self._policy.in_call():
                 with attempt:
-                    return await self.connector.upsert_leads(leads)
+                    return await self._call(action, live)
         except DeliveryError as exc:
-            return [exc] * len(leads)
+            return [exc] * len(live)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # unknown: retryable, but loud and still bounded
@@ -221,7 +236,7 @@ class DeliveryWorker:
                 self.name,
                 extra={"action": "delivery.error", "connector": self.name},
             )
-            return [RetryableDelivery(f"{type(exc).__name__}: {exc}")] * len(leads)
+            return [RetryableDelivery(f"{type(exc).__name__}: {exc}")] * len(live)
         raise AssertionError("unreachable: tenacity re-raises the last failure")
 
     def _update_breaker(self, outcomes: list[Outcome]) -> None:

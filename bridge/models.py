@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from connectors.base import LeadUpsert
+from connectors.base import Operation
 
 # What Supersend documents; newer versions also send `sent`, `unsubscribe` and `finished`, which
 # are accepted and stored like any other string (they match no rule unless a rule asks for them).
@@ -136,7 +136,7 @@ class NewDelivery(BaseModel):
     connector: str
     action: str
     contact_key: str
-    operation: LeadUpsert
+    operation: Operation
 
 
 class Routed(BaseModel):

@@ -69,14 +69,18 @@ class RateLimiter:
         """Fold in the CRM's count of what is left in the current window.
 
         When others use the same allowance the CRM has fewer left than we think: fill our log
-        with phantom starts so that we slow down before the CRM answers 429.
+        with phantom starts so that we slow down before the CRM answers 429. When the CRM has
+        nothing left for reasons our log does not show, also pause for its window: its oldest
+        counted request may be younger than ours. When it agrees with our log, the log decides.
         """
         if remaining is None:
             return
         now = self._clock()
         self._delay(now)  # drop expired starts
         ours_left = self.requests - len(self._starts)
-        for _ in range(max(0, ours_left - max(remaining, 0))):
+        if remaining >= ours_left:
+            return
+        for _ in range(ours_left - max(remaining, 0)):
             self._starts.append(now)
         if remaining <= 0:
             self.pause(window_seconds or self.per_seconds)

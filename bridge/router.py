@@ -115,7 +115,9 @@ class Router:
             contact["email"] = normalise_email(contact.get("email"))
         except ValueError:
             contact["email"] = None
-        evaluation = rules.evaluate(rules.context(event.source, data, contact))
+        evaluation = rules.evaluate(
+            rules.context(event.source, data, contact), event.id, event.sort_at
+        )
         notes = list(evaluation.notes)
         if not evaluation.deliveries and not notes:
             notes.append(f"no rule matched type {data.get('type')!r}")

@@ -7,6 +7,7 @@ simply undefined, so `contact.Sender.email` on a contact without a Sender is fal
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from bridge.config import RuleConfig
 from bridge.errors import RuleError
 from bridge.models import NewDelivery
-from connectors.base import LeadUpsert
+from connectors.base import Activity, LeadUpsert
 
 log = logging.getLogger("crm_bridge.rules")
 
@@ -49,6 +50,11 @@ def compile_problems(rule: RuleConfig) -> Iterator[tuple[tuple[str, ...], str]]:
     templates = {"id_value": rule.id_value} | {
         f"fields.{k}": v for k, v in rule.fields.items() if _is_template(v)
     }
+    if rule.activity is not None:
+        templates |= {
+            "activity.subject": rule.activity.subject,
+            "activity.body": rule.activity.body,
+        }
     for where, source in templates.items():
         try:
             ENV.from_string(source)
@@ -93,6 +99,8 @@ class CompiledRule:
     id_value: jinja2.Template
     fields: dict[str, jinja2.Template | Any] = field(default_factory=dict)
     types: frozenset[str] | None = None  # None: any event type may match
+    subject: jinja2.Template | None = None
+    body: jinja2.Template | None = None
 
     @classmethod
     def build(cls, rule: RuleConfig) -> CompiledRule:
@@ -107,6 +115,33 @@ class CompiledRule:
             fields={
                 k: ENV.from_string(v) if _is_template(v) else v for k, v in rule.fields.items()
             },
+            subject=ENV.from_string(rule.activity.subject) if rule.activity else None,
+            body=ENV.from_string(rule.activity.body) if rule.activity else None,
+        )
+
+    def activity(
+        self, context: dict[str, Any], event_id: str, occurred_at: float
+    ) -> Activity | None:
+        """The activity this rule logs, or None when the record has no key."""
+        assert self.subject is not None and self.body is not None and self.config.activity
+        try:
+            key = self.id_value.render(context).strip()
+            subject = self.subject.render(context).strip()
+            body = self.body.render(context).strip()
+        except jinja2.TemplateError as exc:
+            raise RuleError(f"rule {self.config.name!r}: {exc}") from exc
+        if not key:
+            return None
+        return Activity(
+            kind=self.config.activity.kind,
+            object=self.config.activity.object,
+            id_property=self.config.id_property,
+            id_value=key,
+            subject=subject,
+            body=body,
+            occurred_at=occurred_at,
+            # The same event and rule always give the same key: a redelivery finds its twin.
+            key=hashlib.sha256(f"{event_id}/{self.config.name}".encode()).hexdigest()[:24],
         )
 
     def operation(self, context: dict[str, Any]) -> LeadUpsert | None:
@@ -160,7 +195,9 @@ class RuleSet:
             },
         }
 
-    def evaluate(self, context: dict[str, Any]) -> Evaluation:
+    def evaluate(
+        self, context: dict[str, Any], event_id: str = "", occurred_at: float = 0.0
+    ) -> Evaluation:
         result = Evaluation()
         event_type = context.get("type")
         for rule in self.rules:
@@ -174,7 +211,11 @@ class RuleSet:
             if not matched:
                 continue
             try:
-                op = rule.operation(context)
+                op: LeadUpsert | Activity | None
+                if rule.config.action == "log_activity":
+                    op = rule.activity(context, event_id, occurred_at)
+                else:
+                    op = rule.operation(context)
             except RuleError as exc:
                 result.notes.append(str(exc))
                 continue

@@ -14,11 +14,11 @@ import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bridge.errors import DeliveryError
+from bridge.errors import DeliveryError, PermanentDelivery
 from bridge.ratelimit import RateLimiter
 
 T = TypeVar("T")
@@ -46,6 +46,7 @@ class LeadUpsert(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    op: Literal["upsert"] = "upsert"
     object: Literal["lead", "contact"] = "lead"
     # The CRM field that identifies the record; None means the CRM's email field.
     id_property: str | None = None
@@ -54,6 +55,32 @@ class LeadUpsert(BaseModel):
     # The CRM's id for this record if an earlier delivery found or created it: lets a connector
     # skip its lookup. A hint only: the record may have been deleted or merged since.
     record_id: str | None = None
+
+
+class Activity(BaseModel):
+    """Log something that happened (a reply, a booked meeting) on a record's timeline.
+
+    `key` is stable across redeliveries of the same delivery: a connector that is asked again
+    (`attempt` > 1, so an earlier attempt may have written it before a crash or a timeout)
+    looks for an activity carrying that key before creating one, so it is logged once.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    op: Literal["activity"] = "activity"
+    kind: Literal["note", "task"] = "note"
+    object: Literal["lead", "contact"] = "contact"
+    id_property: str | None = None
+    id_value: str
+    subject: str
+    body: str = ""
+    occurred_at: float  # epoch seconds
+    key: str
+    record_id: str | None = None
+    attempt: int = 1
+
+
+Operation = Annotated[LeadUpsert | Activity, Field(discriminator="op")]
 
 
 class DeliveryResult(BaseModel):
@@ -110,6 +137,10 @@ class Connector(abc.ABC):
                 outcomes.append(exc)
         return outcomes
 
+    async def log_activity(self, activity: Activity) -> DeliveryResult:
+        """Log an activity on the record keyed by `id_value`; once, whatever the attempt."""
+        raise PermanentDelivery(f"the {self.name} connector cannot log activities")
+
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking SDK call on this connector's own bounded thread pool."""
         if self._executor is None:
@@ -134,6 +165,10 @@ class DryRunConnector(Connector):
     def __init__(self, instance: str, config: ConnectorConfig) -> None:
         super().__init__(instance, config)
         self.crm = config.type
+
+    async def log_activity(self, activity: Activity) -> DeliveryResult:
+        operation = {"crm": self.crm, "operation": "log_activity", **activity.model_dump()}
+        return DeliveryResult(dry_run=True, detail={"would_write": operation})
 
     async def upsert_lead(self, lead: LeadUpsert) -> DeliveryResult:
         operation = {"crm": self.crm, "operation": "upsert_lead", **lead.model_dump()}

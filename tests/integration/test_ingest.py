@@ -201,6 +201,7 @@ async def test_without_credentials_connectors_keep_what_they_would_have_written(
     assert hubspot["result"]["detail"]["would_write"] == {
         "crm": "hubspot",
         "operation": "upsert_lead",
+        "op": "upsert",
         "object": "contact",
         "id_property": None,
         "id_value": "andrew@xoxo.capital",

@@ -136,3 +136,50 @@ def test_rules_that_name_their_types_are_skipped_for_other_types(when, types):
         full = bool(rule.when(**RuleSet.context("supersend", data, data["contact"])))
         got = len(evaluate([{**INTERESTED, "when": when}], data).deliveries) == 1
         assert got == full
+
+
+REPLY_NOTE = {
+    "name": "reply-note",
+    "when": "type == 'reply'",
+    "connector": "hubspot",
+    "action": "log_activity",
+    "activity": {
+        "subject": "Replied to campaign {{ CampaignId }}",
+        "body": "{{ contact.first_name | default('Someone', true) }} replied.",
+    },
+}
+
+
+def test_an_activity_is_templated_and_keyed_by_event_and_rule():
+    ruleset = RuleSet([RuleConfig.model_validate(REPLY_NOTE)])
+    data = event("reply", first_name=None)
+    context = RuleSet.context("supersend", data, data["contact"])
+    (first,) = ruleset.evaluate(context, "event-1", 1700000000.0).deliveries
+    (again,) = ruleset.evaluate(context, "event-1", 1700000000.0).deliveries
+    (other,) = ruleset.evaluate(context, "event-2", 1700000000.0).deliveries
+    activity = first.operation
+    assert (activity.subject, activity.body) == (
+        "Replied to campaign d9ff359d-8d50-378b-989a-34100a0503c1",
+        "Someone replied.",
+    )
+    assert (activity.kind, activity.object, activity.occurred_at) == (
+        "note",
+        "contact",
+        1700000000.0,
+    )
+    assert activity.key == again.operation.key != other.operation.key
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ({**REPLY_NOTE, "activity": None}, "action log_activity needs an `activity:`"),
+        (
+            {**INTERESTED, "activity": REPLY_NOTE["activity"]},
+            "`activity:` is only for action log_activity",
+        ),
+    ],
+)
+def test_activity_settings_go_with_the_log_activity_action(rule, message):
+    with pytest.raises(ValueError, match=message):
+        RuleConfig.model_validate(rule)
