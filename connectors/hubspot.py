@@ -20,7 +20,7 @@ from typing import Any, Literal
 import urllib3
 from pydantic import Field, SecretStr
 
-from bridge.errors import DeliveryError, PermanentDelivery, RetryableDelivery
+from bridge.errors import AuthenticationFailed, DeliveryError, PermanentDelivery, RetryableDelivery
 from bridge.ratelimit import RateLimiter
 from connectors.base import Connector, ConnectorConfig, DeliveryResult, LeadUpsert
 
@@ -108,7 +108,7 @@ def classify(exc: Exception) -> DeliveryError | None:
             return RetryableDelivery(message)
         if status == 401:
             # A revoked or mistyped token: keep the delivery and wait for a fixed config.
-            return RetryableDelivery(message, retry_after=AUTH_PAUSE_SECONDS)
+            return AuthenticationFailed(message, retry_after=AUTH_PAUSE_SECONDS)
         body = _parse(exc.body)
         return PermanentDelivery(
             message,
@@ -266,36 +266,28 @@ class HubSpotConnector(Connector):
         self, items: list[_Input], response: Any, outcomes: list[Outcome | None]
     ) -> None:
         """Results by id (HubSpot's order is not the input's), errors by the ids they name."""
-        by_key = {(i.id_property, i.key): i for i in items}
+        id_property = items[0].id_property  # one batch, one id property
+        by_key = {i.key: i for i in items}
         for record in getattr(response, "results", None) or []:
             properties = getattr(record, "properties", None) or {}
-            item = None
-            for id_property in {i.id_property for i in items}:
-                value = record.id if id_property == "hs_object_id" else properties.get(id_property)
-                if value is not None:
-                    item = by_key.get((id_property, _key(id_property, str(value))))
-                if item is not None:
-                    break
+            value = record.id if id_property == "hs_object_id" else properties.get(id_property)
+            item = by_key.get(_key(id_property, str(value))) if value is not None else None
             if item is None and len(items) == 1:
                 item = items[0]
             if item is not None:
                 result = DeliveryResult(record_id=record.id, created=getattr(record, "new", None))
                 self._settle(item, result, outcomes)
         for error in getattr(response, "errors", None) or []:
-            named = {
-                str(value)
-                for values in (getattr(error, "context", None) or {}).values()
-                for value in values or []
-            }
+            context = getattr(error, "context", None) or {}
+            named = {_key(id_property, str(v)) for values in context.values() for v in values or []}
             text = f"HubSpot refused the record: {error.message}"
             failure: DeliveryError
             if getattr(error, "category", None) in RETRYABLE_CATEGORIES:
                 failure = RetryableDelivery(text)
             else:
                 failure = PermanentDelivery(text, detail={"errors": [error.to_dict()]})
-            for item in items:
-                if item.key in {_key(item.id_property, n) for n in named}:
-                    self._settle(item, failure, outcomes)
+            for key in named & by_key.keys():
+                self._settle(by_key[key], failure, outcomes)
 
     async def _upsert(self, items: list[_Input]) -> Any:
         """One batch upsert call, under the limiter; its headers correct the limiter."""

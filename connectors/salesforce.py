@@ -27,12 +27,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import requests
 from pydantic import Field, SecretStr, model_validator
 
-from bridge.errors import DeliveryError, PermanentDelivery, RetryableDelivery
+from bridge.errors import (
+    AuthenticationFailed,
+    DeliveryError,
+    PermanentDelivery,
+    RetryableDelivery,
+)
 from bridge.ratelimit import RateLimiter
 from connectors.base import Connector, ConnectorConfig, DeliveryResult, LeadUpsert
 
@@ -126,12 +131,12 @@ def classify(exc: Exception) -> DeliveryError | None:
     )
 
     if isinstance(exc, SalesforceAuthenticationFailed):
-        return RetryableDelivery(
+        return AuthenticationFailed(
             f"Salesforce login failed: {_first_error(exc.content)[1]}",
             retry_after=AUTH_PAUSE_SECONDS,
         )
     if isinstance(exc, SalesforceExpiredSession):
-        return RetryableDelivery("Salesforce session expired", retry_after=AUTH_PAUSE_SECONDS)
+        return AuthenticationFailed("Salesforce session expired", retry_after=AUTH_PAUSE_SECONDS)
     if isinstance(exc, SalesforceError):
         code, message = _first_error(exc.content)
         text = f"Salesforce {exc.status} {code}: {message}".replace("  ", " ")
@@ -569,7 +574,7 @@ class SalesforceConnector(Connector):
             if method == "POST":
                 return [await self._call(_write_one, method, f"sobjects/{item.obj}/", record)]
             body = {k: v for k, v in record.items() if k != "Id"}
-            path = f"sobjects/{item.obj}/{record['Id']}"
+            path = f"sobjects/{item.obj}/{quote(str(record['Id']), safe='')}"
             result = await self._call(_write_one, method, path, body)
             return [{"id": record["Id"], **result}]
         typed = [{"attributes": {"type": i.obj}, **r} for i, r in zip(items, records, strict=True)]

@@ -140,3 +140,31 @@ def test_an_invalid_config_stops_with_every_problem(tmp_path):
     )
     assert result.returncode == 2
     assert f"{path}:3:3: server.prot: unknown key (did you mean `port`?)" in result.stderr
+
+
+def test_sigkill_during_a_batch_writes_each_record_once(
+    daemon_factory, config_path, tmp_path, hubspot_emulator, salesforce_emulator
+):
+    # Given a burst big enough for full batches, and CRMs slow enough to be killed mid-call
+    hubspot_emulator.latency = salesforce_emulator.latency = 0.3
+    daemon = daemon_factory(config_path)
+    emails = [f"batch{i}@example.com" for i in range(150)]
+    for i, email in enumerate(emails):
+        assert daemon.post(sample(email=email, first_name=f"n{i}")).status_code == 202
+    # When the daemon dies while a batch call is in flight
+    wait_for(lambda: hubspot_emulator.calls_to("POST", "/batch/upsert") or None)
+    daemon.kill()
+    # Then after a restart each contact exists once in each CRM, with its values
+    hubspot_emulator.latency = salesforce_emulator.latency = 0
+    restarted = daemon_factory(config_path)
+    db = tmp_path / "bridge.db"
+    wait_for(lambda: delivery_states(db) == {"done": 2 * len(emails)}, timeout=60)
+    assert hubspot_emails(hubspot_emulator) == sorted(emails)
+    assert salesforce_emails(salesforce_emulator) == sorted(emails)
+    with hubspot_emulator.lock:
+        names = {
+            r.properties["email"]: r.properties["firstname"]
+            for r in hubspot_emulator.contacts.values()
+        }
+    assert names == {email: f"n{i}" for i, email in enumerate(emails)}
+    assert restarted.stop() == 0

@@ -268,13 +268,18 @@ async def test_hubspot_with_a_revoked_token_waits_instead_of_dropping(hubspot_em
 
 
 async def test_salesforce_with_an_existing_session_needs_no_login(salesforce_emulator):
-    settings = {"type": "salesforce", "session_id": salesforce_emulator.new_session(),
-                "instance_url": f"https://{salesforce_emulator.instance}",
-                "ca_bundle": str(salesforce_emulator.ca_path)}
+    settings = {
+        "type": "salesforce",
+        "session_id": salesforce_emulator.new_session(),
+        "instance_url": f"https://{salesforce_emulator.instance}",
+        "ca_bundle": str(salesforce_emulator.ca_path),
+    }
     connector = SalesforceConnector("salesforce", SalesforceConfig.model_validate(settings))
     await connector.open()
     try:
-        assert (await connector.upsert_lead(SalesforceCase(salesforce_emulator).lead("a@b.io"))).created
+        assert (
+            await connector.upsert_lead(SalesforceCase(salesforce_emulator).lead("a@b.io"))
+        ).created
         assert salesforce_emulator.logins == 0
         # A session cannot be renewed: expiry waits for a new one instead of dropping the delivery.
         salesforce_emulator.expire_sessions()

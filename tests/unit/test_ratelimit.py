@@ -112,6 +112,16 @@ async def test_observe_of_nothing_left_pauses_for_the_crms_window():
     assert await rl.acquire() == pytest.approx(10.0)
 
 
+async def test_observe_agreeing_with_our_own_count_adds_no_pause():
+    rl, clock = limiter(requests=2, per_seconds=10.0)
+    await rl.acquire()
+    clock.now += 9
+    await rl.acquire()
+    rl.observe(remaining=0, window_seconds=10.0)  # the CRM saw exactly our two
+    assert rl.paused_for() == 0
+    assert await rl.acquire() == pytest.approx(1.0)  # the first start leaves the window
+
+
 def test_a_limit_needs_at_least_one_request_and_a_window():
     with pytest.raises(ValueError):
         RateLimiter(0, 10.0)
