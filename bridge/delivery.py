@@ -313,7 +313,13 @@ class DeliveryWorker:
         retry_after = outcome.retry_after if isinstance(outcome, RetryableDelivery) else None
         attempts = max(d.attempts for d in fresh)
         horizon_start = min(d.horizon_start for d in fresh)
-        due = self._policy.next_attempt(attempts, horizon_start, now, retry_after)
+        if isinstance(outcome, AuthenticationFailed):
+            # The breaker holds the whole connector until a probe logs in again; the delivery
+            # must be due by then, not after its own backoff.
+            paused_until = now + self.breaker.auth_cooldown
+            due = paused_until if paused_until <= horizon_start + self._policy.horizon else None
+        else:
+            due = self._policy.next_attempt(attempts, horizon_start, now, retry_after)
         if due is None:
             log.warning(
                 "%s: giving up after %d attempts: %s",

@@ -181,3 +181,61 @@ async def test_a_full_disk_acknowledges_nothing_and_recovers_by_itself(tiny_disk
         assert emails == ["after@example.com", "before@example.com"]
     finally:
         await client.close()
+
+
+async def status(client):
+    return await (await client.get("/status")).json()
+
+
+async def test_a_refused_token_pauses_the_connector_and_nothing_is_dropped(
+    tmp_path, hubspot_emulator
+):
+    # Given a HubSpot that refuses the configured token
+    hubspot_emulator.token = "pat-na1-rotated"
+    client = await start(tmp_path, hubspot_emulator, delivery="  auth_pause: 0.5")
+    try:
+        _, first, _ = await post(client, sample(email="a@example.com"))
+
+        async def paused():
+            while (await status(client))["connectors"]["hubspot"]["breaker"] != "open":
+                await asyncio.sleep(0.01)
+            return await status(client)
+
+        state = await asyncio.wait_for(paused(), 20)
+        assert state["connectors"]["hubspot"]["reason"].startswith("HubSpot 401")
+        calls = len(hubspot_emulator.calls)
+        # While paused, new events queue up without calls to the CRM
+        _, second, _ = await post(client, sample(email="b@example.com"))
+        await delivery_of(client, second["event_id"], lambda d: d["status"] == "pending")
+        assert len(hubspot_emulator.calls) == calls
+        # When the token is accepted again, the probe after the pause succeeds and all lands
+        hubspot_emulator.token = "pat-na1-test"
+        for body in (first, second):
+            await delivery_of(client, body["event_id"], lambda d: d["status"] == "done")
+        assert (await status(client))["connectors"]["hubspot"]["breaker"] == "closed"
+        with hubspot_emulator.lock:
+            assert len(hubspot_emulator.contacts) == 2
+    finally:
+        await client.close()
+
+
+async def test_repeated_failures_open_the_breaker_then_one_probe_closes_it(
+    tmp_path, hubspot_emulator
+):
+    delivery = "  breaker_failures: 2\n  breaker_cooldown: 0.3"
+    client = await start(tmp_path, hubspot_emulator, delivery=delivery)
+    try:
+        hubspot_emulator.fail_next_server_error(6, status=503)  # two attempts of three calls
+        _, body, _ = await post(client, sample())
+
+        async def opened():
+            while (await status(client))["connectors"]["hubspot"]["breaker"] != "open":
+                await asyncio.sleep(0.005)
+
+        await asyncio.wait_for(opened(), 20)
+        assert len(hubspot_emulator.calls_to("POST", "/batch/upsert")) == 6
+        done = await delivery_of(client, body["event_id"], lambda d: d["status"] == "done")
+        assert done["attempts"] == 3
+        assert (await status(client))["connectors"]["hubspot"]["breaker"] == "closed"
+    finally:
+        await client.close()
