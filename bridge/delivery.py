@@ -177,8 +177,22 @@ class DeliveryWorker:
             self._update_breaker(outcomes)
             now = self._clock()
             for (group, fresh), outcome in zip(live, outcomes, strict=True):
-                finishes.append(self._finish(group, fresh, outcome, now))
+                if isinstance(outcome, PermanentDelivery) and len(fresh) > 1:
+                    finishes.extend(await self._unmerged(action, group, fresh))
+                else:
+                    finishes.append(self._finish(group, fresh, outcome, now))
         await self._record(finishes)
+
+    async def _unmerged(
+        self, action: str, group: ClaimedGroup, fresh: list[Delivery]
+    ) -> list[Finish]:
+        """A merged write was refused: send its deliveries one by one, in order, so that only
+        the ones the CRM refuses fail and the others still land."""
+        finishes = []
+        for delivery in fresh:
+            (outcome,) = await self._send(action, [(group, [delivery])])
+            finishes.append(self._finish(group, [delivery], outcome, self._clock()))
+        return finishes
 
     async def _record(self, finishes: list[Finish]) -> None:
         """Store the outcomes; while the store cannot write, keep them and try again.

@@ -179,6 +179,7 @@ class FailRule:
     remaining: int
     reply: Reply | None
     delay: float = 0.0
+    drop: bool = False  # close the connection instead of answering
 
 
 def call_matcher(match: str | None, method: str | None) -> Callable[[Call], bool]:
@@ -213,6 +214,9 @@ class EmulatorBase:
         self.errors: list[BaseException] = []  # emulator bugs, answered as 500 and kept here
         self.latency: float = 0.0
         self._rules: list[FailRule] = []
+        # Requests received and not answered yet; ``wait_idle`` waits until there are none.
+        self._in_flight = 0
+        self._idle = threading.Condition(self.lock)
         self._server: ServerThread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -279,15 +283,44 @@ class EmulatorBase:
         """Serve the next ``n`` matching requests normally, but ``seconds`` late."""
         self.add_rule(call_matcher(match, method), n, None, delay=seconds)
 
+    def drop_next(
+        self,
+        n: int,
+        match: str | None = None,
+        method: str | None = None,
+        *,
+        after_processing: bool = True,
+    ) -> None:
+        """Close the connection of the next ``n`` matching requests without an answer. With
+        ``after_processing`` the request is served first: the write happens, the client never
+        hears of it (a reset after commit); otherwise nothing happens (a reset before)."""
+        reply = None if after_processing else Reply(502)
+        self.add_rule(call_matcher(match, method), n, reply, drop=True)
+
     def add_rule(
-        self, predicate: Callable[[Call], bool], n: int, reply: Reply | None, delay: float = 0.0
+        self,
+        predicate: Callable[[Call], bool],
+        n: int,
+        reply: Reply | None,
+        delay: float = 0.0,
+        drop: bool = False,
     ) -> None:
         with self.lock:
-            self._rules.append(FailRule(predicate, n, reply, delay))
+            self._rules.append(FailRule(predicate, n, reply, delay, drop))
 
     def clear_failures(self) -> None:
         with self.lock:
             self._rules.clear()
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Block until every request received so far is served, delayed ones included.
+
+        A client that timed out does not stop its request: the emulator still serves it once
+        its delay has passed, as a real CRM finishes a write whose caller stopped listening.
+        """
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._in_flight == 0, timeout):
+                raise TimeoutError(f"{self._in_flight} requests still in flight")
 
     def calls_to(self, method: str | None = None, path_contains: str | None = None) -> list[Call]:
         """Logged calls filtered by method and path substring."""
@@ -322,6 +355,17 @@ class EmulatorBase:
             self.calls.append(call)
             rule = self._take_rule(call)
             delay = self.latency + (rule.delay if rule else 0.0)
+            self._in_flight += 1
+        try:
+            return await self._serve(request, call, rule, delay)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    async def _serve(
+        self, request: web.Request, call: Call, rule: FailRule | None, delay: float
+    ) -> web.StreamResponse:
         if delay > 0:
             await asyncio.sleep(delay)
         with self.lock:
@@ -335,6 +379,11 @@ class EmulatorBase:
                     self.errors.append(exc)
                     reply = Reply(500, f"emulator error: {exc!r}")
             reply = self._decorate(call, reply)
+        if rule is not None and rule.drop:
+            call.status = None
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("dropped by the emulator")
         call.status = reply.status
         return self._to_response(reply)
 

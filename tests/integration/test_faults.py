@@ -239,3 +239,100 @@ async def test_repeated_failures_open_the_breaker_then_one_probe_closes_it(
         assert (await status(client))["connectors"]["hubspot"]["breaker"] == "closed"
     finally:
         await client.close()
+
+
+async def test_storms_end_with_one_record_per_email_and_only_bad_records_dead(
+    tmp_path, hubspot_emulator, salesforce_emulator
+):
+    # Given both CRMs, rules that also write a field the CRM lacks for "bad" contacts
+    rules = """
+  - name: to-hubspot
+    when: contact.interest == 'interested'
+    connector: hubspot
+    action: upsert_contact
+    fields:
+      firstname: "{{ contact.first_name }}"
+  - name: bad-to-hubspot
+    when: contact.custom and contact.custom.bad
+    connector: hubspot
+    action: upsert_contact
+    fields:
+      no_such_property: x
+  - name: to-salesforce
+    when: contact.interest == 'interested'
+    connector: salesforce
+    action: upsert_lead
+    fields:
+      FirstName: "{{ contact.first_name }}"
+"""
+    text = config_yaml(
+        tmp_path / "bridge.db",
+        hubspot={"access_token": "pat-na1-test", "base_url": hubspot_emulator.url},
+        salesforce={
+            "username": "user@example.com",
+            "password": "pw",
+            "security_token": "tok",
+            "login_url": salesforce_emulator.url,
+            "ca_bundle": salesforce_emulator.ca_path,
+        },
+        rules=rules,
+    )
+    client = TestClient(TestServer(create_app(parse_config(text))))
+    await client.start_server()
+    try:
+        # and CRMs that misbehave: a 429 storm, connections reset after the write, expired
+        # sessions, a locked row
+        hubspot_emulator.fail_next_rate_limited(3, retry_after=1)
+        hubspot_emulator.drop_next(2, match="/batch/upsert")
+        salesforce_emulator.drop_next(2, match="/sobjects")
+        salesforce_emulator.lock_rows(2)
+        emails = [f"s{i}@example.com" for i in range(30)]
+        ids = []
+        for version in range(2):
+            if version == 1:
+                salesforce_emulator.expire_sessions()
+            for i, email in enumerate(emails):
+                custom = {"bad": True} if i % 10 == 0 else None
+                _, body, _ = await post(
+                    client,
+                    sample(
+                        email=email,
+                        first_name=f"{email}-v{version}",
+                        custom=custom,
+                        updatedAt=f"2024-01-01T00:00:{10 * version + i % 10:02d}Z",
+                    ),
+                )
+                ids.append(body["event_id"])
+
+        # When everything has settled
+        async def settled():
+            while True:
+                counts = (await status(client))["deliveries"]
+                unfinished = sum(
+                    n
+                    for c in counts.values()
+                    for s, n in c.items()
+                    if s in ("pending", "in_flight")
+                )
+                if counts and not unfinished and (await status(client))["backlog"] == 0:
+                    return counts
+                await asyncio.sleep(0.05)
+
+        counts = await asyncio.wait_for(settled(), 60)
+        # Then each email is one record holding the latest values, in both CRMs
+        with hubspot_emulator.lock:
+            hubspot = {
+                r.properties["email"]: r.properties.get("firstname")
+                for r in hubspot_emulator.contacts.values()
+            }
+        assert len(hubspot_emulator.contacts) == len(emails)
+        assert hubspot == {e: f"{e}-v1" for e in emails}
+        leads = salesforce_emulator.records("Lead")
+        assert sorted(r["Email"] for r in leads) == sorted(emails)
+        assert {r["Email"]: r["FirstName"] for r in leads} == {e: f"{e}-v1" for e in emails}
+        # and the dead letters are exactly the bad records' writes
+        assert counts["salesforce"].get("dead", 0) == 0
+        dead = (await status(client))["deliveries"]["hubspot"].get("dead", 0)
+        assert dead == 2 * len([e for i, e in enumerate(emails) if i % 10 == 0])
+    finally:
+        await client.close()
