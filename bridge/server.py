@@ -226,6 +226,20 @@ def _loopback_only(request: web.Request) -> web.Response | None:
     return None
 
 
+async def readyz(request: web.Request) -> web.Response:
+    """Ready: the store commits, and no connector is paused by its circuit breaker."""
+    reasons: dict[str, str] = {}
+    try:
+        await request.app[STORE].backlog()  # a round trip through the writer's transaction
+    except StoreUnavailable as exc:
+        reasons["store"] = str(exc)
+    for name, worker in request.app[WORKERS].items():
+        if worker.breaker.state == "open":
+            reasons[name] = f"paused: {worker.breaker.reason}"
+    body = {"ready": not reasons, "reasons": reasons}
+    return web.json_response(body, status=503 if reasons else 200)
+
+
 async def show_status(request: web.Request) -> web.Response:
     if refused := _loopback_only(request):
         return refused
@@ -346,6 +360,7 @@ def create_app(
     app.router.add_post("/webhooks/{source}", receive_webhook)
     app.router.add_post("/webhooks/{source}/{token}", receive_webhook)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/events/{event_id}", show_event)
     app.router.add_get("/status", show_status)
     app.cleanup_ctx.append(_lifecycle)

@@ -192,7 +192,7 @@ async def test_a_refused_token_pauses_the_connector_and_nothing_is_dropped(
 ):
     # Given a HubSpot that refuses the configured token
     hubspot_emulator.token = "pat-na1-rotated"
-    client = await start(tmp_path, hubspot_emulator, delivery="  auth_pause: 0.5")
+    client = await start(tmp_path, hubspot_emulator, delivery="  auth_pause: 1.0")
     try:
         _, first, _ = await post(client, sample(email="a@example.com"))
 
@@ -203,6 +203,9 @@ async def test_a_refused_token_pauses_the_connector_and_nothing_is_dropped(
 
         state = await asyncio.wait_for(paused(), 20)
         assert state["connectors"]["hubspot"]["reason"].startswith("HubSpot 401")
+        ready = await client.get("/readyz")
+        assert ready.status == 503
+        assert (await ready.json())["reasons"]["hubspot"].startswith("paused: HubSpot 401")
         calls = len(hubspot_emulator.calls)
         # While paused, new events queue up without calls to the CRM
         _, second, _ = await post(client, sample(email="b@example.com"))
@@ -213,6 +216,7 @@ async def test_a_refused_token_pauses_the_connector_and_nothing_is_dropped(
         for body in (first, second):
             await delivery_of(client, body["event_id"], lambda d: d["status"] == "done")
         assert (await status(client))["connectors"]["hubspot"]["breaker"] == "closed"
+        assert (await client.get("/readyz")).status == 200
         with hubspot_emulator.lock:
             assert len(hubspot_emulator.contacts) == 2
     finally:
