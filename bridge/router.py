@@ -90,19 +90,20 @@ class Router:
         routed = [self.evaluate(rules, event) for event in events]
         await self._store.route(routed, self._clock(), self._delay)
         self._on_routed({d.connector for r in routed for d in r.deliveries})
-        for r in routed:
-            if r.notes:
-                log.info(
-                    "event %s: %s",
-                    r.event_id,
-                    "; ".join(r.notes),
-                    extra={
-                        "action": "event.routed",
-                        "event_id": r.event_id,
-                        "deliveries": len(r.deliveries),
-                        "notes": r.notes,
-                    },
-                )
+        # The one log line per event: what the rules made of it.
+        for event, r in zip(events, routed, strict=True):
+            log.info(
+                "event %s: %s",
+                r.event_id,
+                f"{len(r.deliveries)} deliveries" + "".join(f"; {n}" for n in r.notes),
+                extra={
+                    "action": "event.routed",
+                    "event_id": r.event_id,
+                    "source": event.source,
+                    "deliveries": [[d.rule, d.connector] for d in r.deliveries],
+                    "notes": r.notes,
+                },
+            )
         return len(events)
 
     @staticmethod
