@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -93,6 +94,24 @@ rules:{rules if rules is not None else default_rules}
 logging:
   format: json
 """
+
+
+def hubspot_emails(emulator: Any) -> list[str]:
+    """Emails of the HubSpot emulator's contacts, sorted."""
+    with emulator.lock:
+        return sorted(r.properties["email"] for r in emulator.contacts.values())
+
+
+def salesforce_emails(emulator: Any) -> list[str]:
+    """Emails of the Salesforce emulator's Leads, sorted."""
+    return sorted(r["Email"] for r in emulator.records("Lead"))
+
+
+def delivery_states(db: Path) -> dict[str, int]:
+    """Deliveries by status, read from a store file (read-only, beside a running daemon)."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status").fetchall()
+    return dict(rows)
 
 
 def wait_for(check: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.02) -> T:

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import config_yaml, sample, wait_for
+from tests.support import (
+    config_yaml,
+    delivery_states,
+    hubspot_emails,
+    salesforce_emails,
+    sample,
+    wait_for,
+)
 
 HUBSPOT_ONLY_RULES = """
   - name: interested-to-hubspot
@@ -39,22 +45,6 @@ def cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
         timeout=60,
         env=env,
     )
-
-
-def hubspot_emails(emulator) -> list[str]:
-    with emulator.lock:
-        return sorted(r.properties["email"] for r in emulator.contacts.values())
-
-
-def salesforce_emails(emulator) -> list[str]:
-    return sorted(r["Email"] for r in emulator.records("Lead"))
-
-
-def delivery_states(db: Path) -> dict[str, int]:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        return dict(
-            conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status").fetchall()
-        )
 
 
 @pytest.fixture

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import SAMPLE_TEXT, config_yaml, sample, wait_for
+from tests.support import (
+    SAMPLE_TEXT,
+    config_yaml,
+    delivery_states,
+    hubspot_emails,
+    salesforce_emails,
+    sample,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -27,22 +35,6 @@ def config_path(tmp_path, hubspot_emulator, salesforce_emulator) -> Path:
         )
     )
     return path
-
-
-def hubspot_emails(emulator) -> list[str]:
-    with emulator.lock:
-        return sorted(r.properties["email"] for r in emulator.contacts.values())
-
-
-def salesforce_emails(emulator) -> list[str]:
-    return sorted(r["Email"] for r in emulator.records("Lead"))
-
-
-def delivery_states(db: Path) -> dict[str, int]:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        return dict(
-            conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status").fetchall()
-        )
 
 
 def test_the_sample_reaches_both_crms_once(
@@ -70,16 +62,15 @@ def test_every_acknowledged_event_survives_sigkill(
     hubspot_emulator.latency = salesforce_emulator.latency = 0.05
     daemon = daemon_factory(config_path)
     emails = [f"person{i}@example.com" for i in range(40)]
-    acked = []
     for i, email in enumerate(emails):
         response = daemon.post(sample(email=email, first_name=f"v{i}"))
         assert response.status_code == 202
-        acked.append(response.json()["event_id"])
     # When it is killed without warning right after acknowledging
     daemon.kill()
     db = tmp_path / "bridge.db"
-    unfinished = delivery_states(db).get("pending", 0) + delivery_states(db).get("in_flight", 0)
-    assert unfinished > 0, "the burst was delivered before the kill: the test proves nothing"
+    states = delivery_states(db)
+    delivered = states.get("done", 0)
+    assert delivered < 2 * len(emails), "all was delivered before the kill: the test proves nothing"
     # Then a restarted daemon delivers every acknowledged event, each to one record
     hubspot_emulator.latency = salesforce_emulator.latency = 0
     restarted = daemon_factory(config_path)
@@ -89,7 +80,6 @@ def test_every_acknowledged_event_survives_sigkill(
     for i, email in enumerate(emails):
         (lead,) = [r for r in salesforce_emulator.records("Lead") if r["Email"] == email]
         assert lead["FirstName"] == f"v{i}"
-    assert restarted.actions("store.resume") or unfinished == delivery_states(db).get("pending", 0)
     assert restarted.stop() == 0
 
 

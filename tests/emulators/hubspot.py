@@ -1,4 +1,5 @@
-"""HubSpot CRM v3 emulator: contacts, notes, default associations, contact properties.
+"""HubSpot CRM v3 emulator: contacts, notes and tasks (create, batch read), v4 associations
+(default create, list a contact's notes or tasks), properties.
 
 Wire format, status codes, error bodies and rate-limit headers follow
 /work/shared/docs/crm-apis.md §2; where the real API is unverified (§5) the
@@ -8,6 +9,7 @@ read and changed from the test thread while the server runs.
 
 from __future__ import annotations
 
+import base64
 import collections
 import json
 import re
@@ -37,6 +39,22 @@ LEAD_STATUSES = (
 DEFAULT_PROPERTIES = "createdate email firstname hs_object_id lastmodifieddate lastname".split()
 SYSTEM_PROPERTIES = ["createdate", "hs_object_id", "lastmodifieddate"]
 NOTE_TO_CONTACT, CONTACT_TO_NOTE = 202, 201
+TASK_TO_CONTACT, CONTACT_TO_TASK = 204, 203
+# HUBSPOT_DEFINED association type ids by (from, to) object type.
+ASSOCIATION_TYPES = {
+    ("notes", "contacts"): NOTE_TO_CONTACT,
+    ("contacts", "notes"): CONTACT_TO_NOTE,
+    ("tasks", "contacts"): TASK_TO_CONTACT,
+    ("contacts", "tasks"): CONTACT_TO_TASK,
+}
+ENGAGEMENTS = ("notes", "tasks")
+# What a read of a note or task returns besides the properties asked for.
+ENGAGEMENT_SYSTEM_PROPERTIES = ["hs_createdate", "hs_lastmodifieddate", "hs_object_id"]
+TASK_STATUSES = "NOT_STARTED IN_PROGRESS WAITING COMPLETED DEFERRED".split()
+TASK_PRIORITIES = "LOW MEDIUM HIGH".split()
+TASK_TYPES = "EMAIL CALL TODO LINKED_IN".split()
+# hs_timestamp and other datetimes: epoch milliseconds, or an ISO 8601 date or date-time.
+EPOCH_MS_RE = re.compile(r"^-?\d+$")
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 HTML = "text/html;charset=utf-8"
 AUTH_MESSAGE = (
@@ -146,7 +164,27 @@ def default_properties() -> dict[str, dict[str, PropertyDef]]:
         PropertyDef("hs_createdate", "Create Date", "datetime", "date", **ro),
         PropertyDef("hs_lastmodifieddate", "Last Modified Date", "datetime", "date", **ro),
     ]
-    return {"contacts": {p.name: p for p in contacts}, "notes": {p.name: p for p in notes}}
+    tasks = [
+        PropertyDef("hs_timestamp", "Due date", "datetime", "date", **engagement),
+        PropertyDef("hs_task_subject", "Task Title", **engagement),
+        PropertyDef("hs_task_body", "Notes", field_type="html", **engagement),
+        PropertyDef(
+            "hs_task_status", "Task Status", "enumeration", "select", TASK_STATUSES, **engagement
+        ),
+        PropertyDef(
+            "hs_task_priority", "Priority", "enumeration", "select", TASK_PRIORITIES, **engagement
+        ),
+        PropertyDef("hs_task_type", "Task Type", "enumeration", "select", TASK_TYPES, **engagement),
+        PropertyDef("hubspot_owner_id", "Assigned to", **engagement),
+        PropertyDef("hs_object_id", "Record ID", "number", "number", unique=True, **ro),
+        PropertyDef("hs_createdate", "Create Date", "datetime", "date", **ro),
+        PropertyDef("hs_lastmodifieddate", "Last Modified Date", "datetime", "date", **ro),
+    ]
+    return {
+        "contacts": {p.name: p for p in contacts},
+        "notes": {p.name: p for p in notes},
+        "tasks": {p.name: p for p in tasks},
+    }
 
 
 @dataclass
@@ -215,8 +253,9 @@ def not_found(object_id: str) -> Reply:
 class HubSpotEmulator(EmulatorBase):
     """An emulated HubSpot account at ``url`` (plain HTTP unless ``tls`` is given).
 
-    State: ``contacts`` and ``notes`` (id → HubSpotRecord), ``associations`` (set of
-    (note_id, contact_id)), ``properties`` (object type → name → PropertyDef), ``calls``.
+    State: ``contacts``, ``notes`` and ``tasks`` (id → HubSpotRecord), ``associations`` (set
+    of (note_id, contact_id)), ``task_associations`` (set of (task_id, contact_id)),
+    ``properties`` (object type → name → PropertyDef), ``calls``.
     Knobs read on every request: ``token``, ``tier_max``, ``interval_ms``, ``daily``,
     ``daily_used``, ``search_per_second``, ``retry_after``, ``search_delay``, ``latency``,
     ``clock``, ``reverse_batch_results``.
@@ -252,28 +291,32 @@ class HubSpotEmulator(EmulatorBase):
         self.portal_id = portal_id
         self.contacts: dict[str, HubSpotRecord] = {}
         self.notes: dict[str, HubSpotRecord] = {}
-        self.associations: set[tuple[str, str]] = set()
+        self.tasks: dict[str, HubSpotRecord] = {}
+        self.associations: set[tuple[str, str]] = set()  # (note id, contact id)
+        self.task_associations: set[tuple[str, str]] = set()  # (task id, contact id)
         self.properties = default_properties()
         self._next_id = 100
         self._window: collections.deque[float] = collections.deque()
         self._search_window: collections.deque[float] = collections.deque()
-        contact, note, props = (
+        contact, engagement, props = (
             "/crm/v3/objects/contacts",
-            "/crm/v3/objects/notes",
+            "/crm/v3/objects/(?P<object_type>notes|tasks)",
             "/crm/v3/properties",
         )
-        assoc = (
-            r"/crm/v4/objects/(?P<from_type>notes|contacts)/(?P<from_id>[^/]+)"
-            r"/associations/default/(?P<to_type>notes|contacts)/(?P<to_id>[^/]+)"
-        )
+        # v4 paths take the object type in the singular or the plural.
+        v4_type = "(?P<{}>notes?|tasks?|contacts?)"
+        assoc_of = "/crm/v4/objects/" + v4_type.format("from_type") + "/(?P<from_id>[^/]+)"
+        assoc_default = assoc_of + "/associations/default/" + v4_type.format("to_type")
         routes: list[tuple[str, str, Callable[..., Reply]]] = [
             ("POST", contact + "/?", self._create_contact),
             ("POST", contact + "/batch/upsert", self._batch_upsert),
             ("POST", contact + "/search", self._search),
             ("GET", contact + "/(?P<object_id>[^/]+)", self._get_contact),
             ("PATCH", contact + "/(?P<object_id>[^/]+)", self._update_contact),
-            ("POST", note + "/?", self._create_note),
-            ("PUT", assoc, self._associate_default),
+            ("POST", engagement + "/?", self._create_engagement),
+            ("POST", engagement + "/batch/read", self._batch_read),
+            ("PUT", assoc_default + "/(?P<to_id>[^/]+)", self._associate_default),
+            ("GET", assoc_of + "/associations/" + v4_type.format("to_type"), self._associations),
             ("GET", props + "/(?P<object_type>[^/]+)/?", self._list_properties),
             ("GET", props + "/(?P<object_type>[^/]+)/(?P<name>[^/]+)", self._get_property),
         ]
@@ -295,6 +338,23 @@ class HubSpotEmulator(EmulatorBase):
     def contact_by_email(self, email: str) -> HubSpotRecord | None:
         with self.lock:
             return self._find_contact("email", email)
+
+    def add_engagement(
+        self, object_type: str, properties: dict[str, Any], contact_id: str | None = None
+    ) -> HubSpotRecord:
+        """Store a note or task directly, associated to ``contact_id`` if given (no API call)."""
+        with self.lock:
+            record = self._insert(self._table(object_type), _normalise(properties))
+            if contact_id is not None:
+                self._links(object_type).add((record.id, contact_id))
+            return record
+
+    def engagements_of(self, object_type: str, contact_id: str) -> list[HubSpotRecord]:
+        """The notes or tasks associated to a contact, oldest first."""
+        with self.lock:
+            table = self._table(object_type)
+            ids = sorted((e for e, c in self._links(object_type) if c == contact_id), key=int)
+            return [table[i] for i in ids if i in table]
 
     def add_property(
         self,
@@ -465,7 +525,7 @@ class HubSpotEmulator(EmulatorBase):
     def _insert(self, table: dict[str, HubSpotRecord], props: dict[str, str]) -> HubSpotRecord:
         self._next_id += 1
         object_id, stamp = str(self._next_id), iso_now()
-        prefix = "hs_" if table is self.notes else ""
+        prefix = "" if table is self.contacts else "hs_"  # notes, tasks: hs_createdate
         stored = {k: v for k, v in props.items() if v != ""}
         stored.update(
             {
@@ -538,10 +598,12 @@ class HubSpotEmulator(EmulatorBase):
         if record is None or (call.param("archived") or "").lower() == "true":
             return not_found(object_id)  # nothing is ever archived here
         data = record.to_json(_requested(call.query.get("properties")))
-        if "notes" in ",".join(call.query.get("associations", [])):
-            linked = sorted(n for n, c in self.associations if c == record.id)
-            results = [{"id": n, "type": "contact_to_note"} for n in linked]
-            data["associations"] = {"notes": {"results": results}}
+        wanted = ",".join(call.query.get("associations", []))
+        for object_type, label in (("notes", "contact_to_note"), ("tasks", "contact_to_task")):
+            if object_type in wanted:
+                linked = sorted(e for e, c in self._links(object_type) if c == record.id)
+                results = [{"id": e, "type": label} for e in linked]
+                data.setdefault("associations", {})[object_type] = {"results": results}
         return Reply(200, data)
 
     def _update_contact(self, call: Call, object_id: str) -> Reply:
@@ -657,14 +719,24 @@ class HubSpotEmulator(EmulatorBase):
             }
         return Reply(200, data)
 
-    # -- notes and associations ------------------------------------------------------------------
-    def _create_note(self, call: Call) -> Reply:
+    # -- notes, tasks and associations -----------------------------------------------------------
+    def _table(self, object_type: str) -> dict[str, HubSpotRecord]:
+        return {"notes": self.notes, "tasks": self.tasks, "contacts": self.contacts}[object_type]
+
+    def _links(self, object_type: str) -> set[tuple[str, str]]:
+        """(engagement id, contact id) pairs of the notes or the tasks."""
+        return self.associations if object_type == "notes" else self.task_associations
+
+    def _create_engagement(self, call: Call, object_type: str) -> Reply:
+        """A note or a task, created with its associations in the same call (or none)."""
         body = _body(call, "properties")
-        props = self._validate("notes", body["properties"])
+        props = self._validate(object_type, body["properties"])
         if not props.get("hs_timestamp"):
             raise ValidationFailure(
                 invalid("hs_timestamp", "REQUIRED_PROPERTY", 'Property "hs_timestamp" is required')
             )
+        expected = ASSOCIATION_TYPES[(object_type, "contacts")]
+        singular = object_type[:-1]
         links: list[str] = []
         for assoc in body.get("associations") or []:
             if not isinstance(assoc, dict):
@@ -675,34 +747,106 @@ class HubSpotEmulator(EmulatorBase):
                 return bad_request(f"One or more associations are invalid: no contact {to_id}")
             if not any(
                 t.get("associationCategory") == "HUBSPOT_DEFINED"
-                and int(t.get("associationTypeId", 0)) == NOTE_TO_CONTACT
+                and int(t.get("associationTypeId", 0)) == expected
                 for t in types
             ):
-                return bad_request(f"invalid association type for note to contact: {types}")
+                return bad_request(f"invalid association type for {singular} to contact: {types}")
             links.append(to_id)
-        record = self._insert(self.notes, props)
-        self.associations.update((record.id, contact_id) for contact_id in links)
+        record = self._insert(self._table(object_type), props)
+        self._links(object_type).update((record.id, contact_id) for contact_id in links)
         return Reply(201, record.to_json())
+
+    def _batch_read(self, call: Call, object_type: str) -> Reply:
+        """``{properties, inputs: [{id}]}``: the live records; ids not found make it a 207."""
+        body = _body(call, "inputs")
+        inputs = body["inputs"]
+        if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
+            return bad_request("inputs must be a list of objects")
+        if len(inputs) > 100:
+            return bad_request(f"Too many inputs: {len(inputs)}. The limit is 100.")
+        if body.get("idProperty") not in (None, "hs_object_id"):
+            return bad_request(f"{body['idProperty']} is not a unique property of {object_type}")
+        archived = (call.param("archived") or "").lower() == "true"  # nothing is ever archived
+        names = body.get("properties") or []
+        if not isinstance(names, list):
+            return bad_request("properties must be a list of property names")
+        names = list(dict.fromkeys([*names, *ENGAGEMENT_SYSTEM_PROPERTIES]))
+        table = self._table(object_type)
+        started = iso_now()
+        results, missing = [], []
+        for item in inputs:
+            record = None if archived else table.get(str(item.get("id", "")))
+            if record is None:
+                missing.append(str(item.get("id", "")))
+            else:
+                results.append(record.to_json(names))
+        data: dict[str, Any] = {
+            "status": "COMPLETE",
+            "results": results,
+            "startedAt": started,
+            "completedAt": iso_now(),
+        }
+        if not missing:
+            return Reply(200, data)
+        error = {
+            "status": "error",
+            "category": "OBJECT_NOT_FOUND",
+            "message": f"Could not get some {object_type[:-1].upper()} objects, they may be "
+            "deleted or not exist. Check that ids are valid.",
+            "context": {"ids": missing},
+        }
+        return Reply(207, {**data, "numErrors": 1, "errors": [error]})
+
+    def _associations(self, call: Call, from_type: str, from_id: str, to_type: str) -> Reply:
+        """v4 list: ``{results: [{toObjectId, associationTypes}], paging?}``, by id, 500 a page."""
+        from_type, to_type = _plural(from_type), _plural(to_type)
+        pair = (from_type, to_type)
+        if pair not in ASSOCIATION_TYPES:
+            return bad_request(f"No associations from {from_type} to {to_type} here")
+        try:
+            limit = int(call.param("limit") or 500)
+            offset = int(base64.urlsafe_b64decode(call.param("after") or "MA==").decode())
+        except ValueError:
+            return bad_request("limit must be an integer and after a paging cursor")
+        if not 1 <= limit <= 500:
+            return bad_request("limit must be between 1 and 500")
+        # An unknown record has no associations (the real answer for it is unverified).
+        if from_type == "contacts":
+            ids = [e for e, c in self._links(to_type) if c == from_id]
+        else:
+            ids = [c for e, c in self._links(from_type) if e == from_id]
+        ids.sort(key=int)
+        spec = {"category": "HUBSPOT_DEFINED", "typeId": ASSOCIATION_TYPES[pair], "label": None}
+        page = ids[offset : offset + limit]
+        data: dict[str, Any] = {
+            "results": [{"toObjectId": int(i), "associationTypes": [dict(spec)]} for i in page]
+        }
+        if offset + limit < len(ids):
+            after = base64.urlsafe_b64encode(str(offset + limit).encode()).decode()
+            data["paging"] = {"next": {"after": after, "link": f"?after={after}"}}
+        return Reply(200, data)
 
     def _associate_default(
         self, call: Call, from_type: str, from_id: str, to_type: str, to_id: str
     ) -> Reply:
-        if from_type == to_type:
+        from_type, to_type = _plural(from_type), _plural(to_type)
+        if (from_type, to_type) not in ASSOCIATION_TYPES:
             return bad_request(f"No default association from {from_type} to {to_type}")
-        note_id, contact_id = (from_id, to_id) if from_type == "notes" else (to_id, from_id)
-        for object_id, table in ((note_id, self.notes), (contact_id, self.contacts)):
+        kind = to_type if from_type == "contacts" else from_type  # notes or tasks
+        note_id, contact_id = (to_id, from_id) if from_type == "contacts" else (from_id, to_id)
+        for object_id, table in ((note_id, self._table(kind)), (contact_id, self.contacts)):
             if object_id not in table:
                 return not_found(object_id)
         started = iso_now()
-        self.associations.add((note_id, contact_id))
+        self._links(kind).add((note_id, contact_id))
 
         def link(a: str, b: str, type_id: int) -> dict[str, Any]:
             spec = {"associationCategory": "HUBSPOT_DEFINED", "associationTypeId": type_id}
             return {"from": {"id": a}, "to": {"id": b}, "associationSpec": spec}
 
         results = [
-            link(note_id, contact_id, NOTE_TO_CONTACT),
-            link(contact_id, note_id, CONTACT_TO_NOTE),
+            link(note_id, contact_id, ASSOCIATION_TYPES[(kind, "contacts")]),
+            link(contact_id, note_id, ASSOCIATION_TYPES[("contacts", kind)]),
         ]
         if from_type == "contacts":
             results.reverse()
@@ -731,6 +875,11 @@ class HubSpotEmulator(EmulatorBase):
 
 
 # -- helpers -------------------------------------------------------------------------------------
+def _plural(object_type: str) -> str:
+    """v4 paths accept ``contact`` for ``contacts``, ``note`` for ``notes``."""
+    return object_type if object_type.endswith("s") else object_type + "s"
+
+
 def _body(call: Call, *required: str) -> dict[str, Any]:
     """The JSON object body; HubSpot rejects a missing body or missing required attributes."""
     body = call.json
@@ -775,6 +924,9 @@ def _check_property(prop: PropertyDef | None, name: str, value: str) -> dict[str
         )
     if value == "":
         return None
+    if prop.type == "datetime" and not _is_datetime(value):
+        # The error code is not verified against the real API (crm-apis.md §5).
+        return invalid(name, "INVALID_DATE", f"{value} is not a valid datetime.")
     options = prop.options or []
     # A multi-select checkbox takes ";"-separated values.
     chosen = value.split(";") if prop.field_type == "checkbox" else [value]
@@ -839,6 +991,17 @@ def _hit_key(name: str, hit: tuple[HubSpotRecord, dict[str, str]]) -> tuple[int,
 def _sort_key(value: Any) -> tuple[int, float, str]:
     text = "" if value is None else str(value)
     return (0, float(text), "") if _is_number(text) else (1, 0.0, text.lower())
+
+
+def _is_datetime(text: str) -> bool:
+    """Epoch milliseconds or ISO 8601 (``2024-05-01``, ``2024-05-01T12:00:00.000Z``)."""
+    if EPOCH_MS_RE.match(text):
+        return True
+    try:
+        datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
 
 
 def _is_number(text: str) -> bool:

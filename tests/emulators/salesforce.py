@@ -109,6 +109,11 @@ class FieldDef:
     unique: bool = False
     reference_to: list[str] = field(default_factory=list)
 
+    @property
+    def filterable(self) -> bool:
+        """Long text areas (Description, Comments) cannot appear in a SOQL WHERE."""
+        return not (self.type == "textarea" and self.length > 255)
+
     def describe(self) -> dict[str, Any]:
         numeric = self.type in ("boolean", "date", "datetime", "double")
         is_reference = self.type == "reference" and self.name.endswith("Id")
@@ -131,7 +136,7 @@ class FieldDef:
             "custom": self.name.endswith("__c"),
             "calculated": False,
             "caseSensitive": False,
-            "filterable": True,
+            "filterable": self.filterable,
             "sortable": self.type != "textarea",
             "picklistValues": [
                 {"active": True, "defaultValue": v == self.default, "label": v, "value": v}
@@ -928,6 +933,14 @@ class SalesforceEmulator(EmulatorBase):
             raise fail(400, SfError("MALFORMED_QUERY", f"duplicate field selected: {dup}"))
         if query.where is not None:
             _resolve_fields(query.where, resolve)
+            for name in _where_fields(query.where):
+                if not sobj.fields[name].filterable:
+                    message = f"field '{name}' can not be filtered in a query call"
+                    raise fail(400, SfError("INVALID_FIELD", message))
+        for name, _, _ in query.order:
+            if sobj.fields[resolve(name)].type == "textarea":
+                message = f"field '{resolve(name)}' can not be sorted in a query call"
+                raise fail(400, SfError("INVALID_FIELD", message))
         rows = list(self._records[sobj.name].values())
         if include_deleted:
             rows += [rec for obj, rec in self._deleted.values() if obj == sobj.name]
@@ -1598,6 +1611,12 @@ def _resolve_fields(node: Any, resolve: Callable[[str], str]) -> None:
             _resolve_fields(child, resolve)
     else:
         node[1] = resolve(node[1])
+
+
+def _where_fields(node: Any) -> list[str]:
+    if isinstance(node, tuple):
+        return [name for child in node[1:] for name in _where_fields(child)]
+    return [node[1]]
 
 
 def _eval(node: Any, record: Record, sobj: SObjectDef) -> bool:

@@ -83,7 +83,7 @@ async def test_concurrent_ingests_commit_together_and_each_gets_its_answer(store
 
 async def test_routing_stores_deliveries_and_marks_the_event_in_one_go(store):
     await store.ingest(new_event("k1"))
-    (event,) = await store.unrouted(10)
+    assert [e.id for e in await store.unrouted(10)] == ["k1"]
     routed = Routed(event_id="k1", sort_at=1000.0, deliveries=[new_delivery()], notes=["n"])
     (delivery_id,) = await store.route([routed], now=1500.0, delay=30.0)
     assert await store.unrouted(10) == []
@@ -144,6 +144,7 @@ async def test_a_queued_burst_is_claimed_as_one_group_with_what_the_crm_has(stor
 async def test_a_contact_with_a_delivery_in_flight_gets_no_second_claim(store):
     await add(store, [new_delivery("a@x.io")], "new", sort_at=2000.0)
     (first,) = await store.claim("hubspot", 10, now=3000.0, lease_seconds=60)
+    assert first.head.status == "in_flight"
     await add(store, [new_delivery("a@x.io")], "old", sort_at=1000.0)
     assert await store.claim("hubspot", 10, now=3000.0, lease_seconds=60) == []
 
