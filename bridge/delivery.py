@@ -219,7 +219,7 @@ class DeliveryWorker:
                 return
 
     async def _call(
-        self, action: str, live: list[tuple[ClaimedGroup, list[Delivery]]]
+        self, action: str, live: list[tuple[ClaimedGroup, list[Delivery]]], retry: int
     ) -> list[Outcome]:
         if action in UPSERT_ACTIONS:
             return await self.connector.upsert_leads([merge(f, g.record_id) for g, f in live])
@@ -227,7 +227,8 @@ class DeliveryWorker:
             ((group, (delivery,)),) = live  # activities are never batched nor merged
             assert isinstance(delivery.operation, Activity)
             activity = delivery.operation.model_copy(
-                update={"record_id": group.record_id, "attempt": delivery.attempts}
+                # An in-call retry is a later attempt too: the failed call may have written it.
+                update={"record_id": group.record_id, "attempt": delivery.attempts + retry}
             )
             return [await self.connector.log_activity(activity)]
         return [PermanentDelivery(f"unknown action {action!r}")] * len(live)
@@ -239,7 +240,7 @@ class DeliveryWorker:
         try:
             async for attempt in self._policy.in_call():
                 with attempt:
-                    return await self._call(action, live)
+                    return await self._call(action, live, attempt.retry_state.attempt_number - 1)
         except DeliveryError as exc:
             return [exc] * len(live)
         except asyncio.CancelledError:

@@ -156,6 +156,16 @@ class Connector(abc.ABC):
         )
 
 
+def fit_text(text: str, render: Callable[[str], str], limit: int) -> str:
+    """`render(text)`, the text shortened (ending in "…") until the result fits in `limit`
+    characters: CRM text fields have hard limits, and the render may add markup or a marker."""
+    out = render(text)
+    while len(out) > limit and text:
+        text = text[: max(0, len(text) - (len(out) - limit) - 1)]
+        out = render(text + "…" if text else "")
+    return out
+
+
 class DryRunConnector(Connector):
     """Stands in for a connector that has no credentials: logs and keeps what it would write."""
 

@@ -6,6 +6,18 @@ Up to 100 records go out in one call. HubSpot fails a whole batch with 400 when 
 invalid, so such a batch is split (first the inputs that do not carry the property HubSpot
 named, then halves) until the bad records stand alone: the good ones still land.
 
+Activities are notes or tasks (status COMPLETED) created with their association to the
+contact in the same call, so there is never an activity without its contact. The contact is the
+`record_id` hint, else the one a GET by email finds (never search: it lags behind writes); a
+contact HubSpot does not have yet is created with just its email by the same batch upsert, so
+an activity never waits on, nor races, the contact's own upsert delivery.
+
+An activity is logged once: its body ends with `<!-- crm-bridge:KEY -->`. A first attempt
+creates it directly (1 call with a hint, 2 with the GET); a later attempt, or a call after a
+create whose answer never came, first lists the contact's notes or tasks (v4 associations, 500
+a page) and reads their bodies newest first (batch read, 100 a call) and creates nothing if one
+carries the key.
+
 Every HTTP call first waits on `limiter`, a sliding window sized from the portal's tier and
 corrected by the rate-limit headers of every answer. The SDK's own urllib3 retries are off
 (`retry=False`): retries are the delivery engine's.
@@ -13,8 +25,12 @@ corrected by the rate-limit headers of every answer. The SDK's own urllib3 retri
 
 from __future__ import annotations
 
+import html
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import urllib3
@@ -22,7 +38,14 @@ from pydantic import Field, SecretStr
 
 from bridge.errors import AuthenticationFailed, DeliveryError, PermanentDelivery, RetryableDelivery
 from bridge.ratelimit import RateLimiter
-from connectors.base import Connector, ConnectorConfig, DeliveryResult, LeadUpsert
+from connectors.base import (
+    Activity,
+    Connector,
+    ConnectorConfig,
+    DeliveryResult,
+    LeadUpsert,
+    fit_text,
+)
 
 # HubSpot's burst limit is per app and rolling over ten seconds.
 RATE_WINDOW_SECONDS = 10.0
@@ -35,8 +58,32 @@ AUTH_PAUSE_SECONDS = 300.0
 RETRYABLE_CATEGORIES = frozenset({"RATE_LIMITS", "INTERNAL_ERROR"})
 # Whole-batch refusals that one of its inputs may have caused: split the batch to find it.
 PER_RECORD_STATUSES = frozenset({400, 409})
+# The v4 association list's largest page, and the batch read's largest batch.
+ASSOCIATION_PAGE = 500
+BATCH_READ = 100
+# hs_note_body and hs_task_body hold at most 65,536 characters.
+BODY_MAX = 65536
+# Keys of activities whose create got no answer (timeout, reset): the write may have landed,
+# so the next call for the key looks before it creates, even with the same `attempt` (the
+# delivery engine's in-call retries repeat it). Bounded: the oldest are forgotten first.
+UNSURE_KEYS_MAX = 10000
 
 Outcome = DeliveryResult | DeliveryError
+
+
+@dataclass(frozen=True)
+class _Engagement:
+    """How one kind of activity is written: HubSpot object type, body property, association."""
+
+    object_type: str
+    body_property: str
+    to_contact: int  # HUBSPOT_DEFINED association type id, engagement -> contact
+
+
+ENGAGEMENTS = {
+    "note": _Engagement("notes", "hs_note_body", 202),
+    "task": _Engagement("tasks", "hs_task_body", 204),
+}
 
 
 class HubSpotConfig(ConnectorConfig):
@@ -50,6 +97,10 @@ class HubSpotConfig(ConnectorConfig):
     # The share of that limit this connector uses; the rest stays free in HubSpot's window for
     # other instances or scripts using the same app, and absorbs clock differences.
     rate_limit_share: float = Field(default=0.8, gt=0, le=1)
+    # After a note or task create that got no answer (timeout, reset, 5xx) the write may still
+    # be in progress at HubSpot: its delivery waits this long before it looks for it, so the
+    # look does not miss a write that lands just after it.
+    activity_settle_seconds: float = Field(default=60.0, gt=0)
 
     def has_credentials(self) -> bool:
         return bool(self.access_token and self.access_token.get_secret_value())
@@ -186,6 +237,64 @@ def _split(items: list[_Input], refusal: PermanentDelivery) -> list[list[_Input]
     return [items[:half], items[half:]]
 
 
+def _token(key: str) -> str:
+    """`crm-bridge:KEY`, safe inside an HTML comment (which "--" would end)."""
+    return "crm-bridge:" + html.escape(key).replace("--", "-&#45;")
+
+
+def _carries(body: str, key: str) -> bool:
+    """Whether an activity body carries the key's marker (not a longer key's)."""
+    return re.search(re.escape(_token(key)) + r"(?=\s|-->|$)", body) is not None
+
+
+def _html(text: str) -> str:
+    return html.escape(text).replace("\r\n", "\n").replace("\n", "<br>")
+
+
+def _timestamp(epoch_seconds: float) -> str:
+    """hs_timestamp as ISO 8601 UTC with milliseconds (HubSpot also takes epoch ms)."""
+    moment = datetime.fromtimestamp(epoch_seconds, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _activity_properties(activity: Activity) -> dict[str, str]:
+    """The note's or task's properties; the body ends with the key's marker."""
+    marker = f"<!-- {_token(activity.key)} -->"
+    properties = {"hs_timestamp": _timestamp(activity.occurred_at)}
+    if activity.kind == "note":
+
+        def note(body: str) -> str:
+            text = f"<p><strong>{_html(activity.subject)}</strong></p>"
+            return text + (f"<p>{_html(body)}</p>" if body else "") + marker
+
+        properties["hs_note_body"] = fit_text(activity.body, note, BODY_MAX)
+    else:
+
+        def task(body: str) -> str:
+            return (f"<p>{_html(body)}</p>" if body else "") + marker
+
+        properties["hs_task_subject"] = activity.subject
+        properties["hs_task_body"] = fit_text(activity.body, task, BODY_MAX)
+        properties["hs_task_status"] = "COMPLETED"
+    return properties
+
+
+def _maybe_written(exc: DeliveryError) -> bool:
+    """Whether a failed write may have landed: no answer, or a 5xx. A 401, 403 or 429 is
+    HubSpot refusing the request before any write; a permanent error, a refused record."""
+    if not isinstance(exc, RetryableDelivery):
+        return False
+    status = getattr(exc.__cause__, "status", None)
+    return exc.__cause__ is not None and not (isinstance(status, int) and status < 500)
+
+
+def _contact_gone(exc: PermanentDelivery) -> bool:
+    """A refusal that says the contact named by a hint is not there (deleted, merged away)."""
+    detail = exc.detail if isinstance(exc.detail, dict) else {}
+    status = detail.get("status")
+    return status == 404 or (status == 400 and "association" in str(exc).lower())
+
+
 class HubSpotConnector(Connector):
     """Contacts in one HubSpot portal. A "lead" is a contact here, as in HubSpot's own CRM."""
 
@@ -198,8 +307,11 @@ class HubSpotConnector(Connector):
     def __init__(self, instance: str, config: HubSpotConfig) -> None:
         super().__init__(instance, config)
         self.limiter = RateLimiter(config.requests_per_window(), RATE_WINDOW_SECONDS)
+        self._unsure: dict[str, None] = {}  # insertion-ordered set (UNSURE_KEYS_MAX)
 
     async def open(self) -> None:
+        import hubspot.crm.objects.notes as notes
+        import hubspot.crm.objects.tasks as tasks
         from hubspot import HubSpot
 
         assert self.config.access_token is not None
@@ -212,6 +324,21 @@ class HubSpotConnector(Connector):
         )
         # Each attribute access builds a new API object with a new pool: build it once.
         self._batch = client.crm.contacts.batch_api
+        self._contacts = client.crm.contacts.basic_api
+        self._associations = client.crm.associations.v4.basic_api
+        # Per object type: (basic API, batch API, the package of its models).
+        self._engagements: dict[str, tuple[Any, Any, Any]] = {
+            "notes": (
+                client.crm.objects.notes.basic_api,
+                client.crm.objects.notes.batch_api,
+                notes,
+            ),
+            "tasks": (
+                client.crm.objects.tasks.basic_api,
+                client.crm.objects.tasks.batch_api,
+                tasks,
+            ),
+        }
 
     async def upsert_lead(self, lead: LeadUpsert) -> DeliveryResult:
         (outcome,) = await self.upsert_leads([lead])
@@ -289,6 +416,154 @@ class HubSpotConnector(Connector):
             for key in named & by_key.keys():
                 self._settle(by_key[key], failure, outcomes)
 
+    # -- activities --------------------------------------------------------------------------------
+    async def log_activity(self, activity: Activity) -> DeliveryResult:
+        """A note or a completed task on the contact, once whatever the attempt.
+
+        The result's `record_id` is the contact's id (the store remembers it for the contact's
+        next deliveries); the note's or task's id is in `detail["activity_id"]`.
+        """
+        kind = ENGAGEMENTS[activity.kind]
+        properties = _activity_properties(activity)
+        # Look before creating on a redelivery, or after a create whose answer never came.
+        look = activity.attempt > 1 or activity.key in self._unsure
+        if activity.record_id is not None:
+            try:
+                return await self._log_on(
+                    activity.record_id, False, kind, properties, activity, look
+                )
+            except PermanentDelivery as exc:
+                if not _contact_gone(exc):
+                    raise
+            # The hint names a contact that is gone (deleted, merged): find it by its id.
+        contact_id, created = await self._contact_of(activity)
+        return await self._log_on(contact_id, created, kind, properties, activity, look)
+
+    async def _log_on(
+        self,
+        contact_id: str,
+        contact_created: bool,
+        kind: _Engagement,
+        properties: dict[str, str],
+        activity: Activity,
+        look: bool,
+    ) -> DeliveryResult:
+        detail: dict[str, Any] = {"object_type": kind.object_type}
+        if contact_created:
+            detail["contact_created"] = True
+        elif look:  # a contact created just now has no activities to find
+            found = await self._find_engagement(kind, contact_id, activity.key)
+            if found is not None:
+                self._unsure.pop(activity.key, None)
+                detail.update(activity_id=found, found_existing=True)
+                return DeliveryResult(record_id=contact_id, created=False, detail=detail)
+        detail["activity_id"] = await self._create_engagement(
+            kind, contact_id, properties, activity.key
+        )
+        return DeliveryResult(record_id=contact_id, created=True, detail=detail)
+
+    async def _contact_of(self, activity: Activity) -> tuple[str, bool]:
+        """The contact's id by a GET on its id property, and whether it was created just now.
+
+        A contact HubSpot does not have is created with only its id property (email), by the
+        batch upsert: idempotent, so a race with the contact's own upsert or a repeat of this
+        call cannot make two. Its other fields arrive with its upsert deliveries.
+        """
+        id_property = activity.id_property or "email"
+        try:
+            record = await self._send(
+                self._contacts.get_by_id_with_http_info,
+                contact_id=activity.id_value,
+                id_property=None if id_property == "hs_object_id" else id_property,
+                properties=[id_property],
+            )
+            return str(record.id), False
+        except PermanentDelivery as exc:
+            if (exc.detail or {}).get("status") != 404:
+                raise
+        upsert = LeadUpsert(
+            object="contact", id_property=activity.id_property, id_value=activity.id_value
+        )
+        result = await self.upsert_lead(upsert)
+        if result.record_id is None:
+            raise RetryableDelivery(f"HubSpot upserted contact {activity.id_value} without an id")
+        return result.record_id, bool(result.created)
+
+    async def _find_engagement(self, kind: _Engagement, contact_id: str, key: str) -> str | None:
+        """The id of the contact's note or task whose body carries `key`, or None."""
+        ids: list[str] = []
+        after: str | None = None
+        while True:
+            page = await self._send(
+                self._associations.get_page_with_http_info,
+                object_type="contacts",
+                object_id=contact_id,
+                to_object_type=kind.object_type,
+                after=after,
+                limit=ASSOCIATION_PAGE,
+            )
+            ids.extend(str(r.to_object_id) for r in page.results or [])
+            after = page.paging.next.after if page.paging and page.paging.next else None
+            if not after:
+                break
+        # Newest first: HubSpot's ids grow over time, and the one sought was written lately.
+        ids = sorted(set(ids), key=lambda i: (len(i), i), reverse=True)
+        _basic, batch, models = self._engagements[kind.object_type]
+        for start in range(0, len(ids), BATCH_READ):
+            body = models.BatchReadInputSimplePublicObjectId(
+                properties=[kind.body_property],
+                properties_with_history=[],
+                inputs=[models.SimplePublicObjectId(id=i) for i in ids[start : start + BATCH_READ]],
+            )
+            # Ids deleted since the listing make it a 207 with errors: the others still count.
+            response = await self._send(
+                batch.read_with_http_info,
+                batch_read_input_simple_public_object_id=body,
+                archived=False,
+            )
+            for record in response.results or []:
+                if _carries((record.properties or {}).get(kind.body_property) or "", key):
+                    return str(record.id)
+        return None
+
+    async def _create_engagement(
+        self, kind: _Engagement, contact_id: str, properties: dict[str, str], key: str
+    ) -> str:
+        """Create the note or task with its association to the contact, in one call."""
+        basic, _batch, models = self._engagements[kind.object_type]
+        spec = models.AssociationSpec(
+            association_category="HUBSPOT_DEFINED", association_type_id=kind.to_contact
+        )
+        body = models.SimplePublicObjectInputForCreate(
+            properties=properties,
+            associations=[
+                models.PublicAssociationsForObject(
+                    to=models.PublicObjectId(id=contact_id), types=[spec]
+                )
+            ],
+        )
+        # Until HubSpot answers, the write may land without us hearing of it.
+        self._unsure[key] = None
+        while len(self._unsure) > UNSURE_KEYS_MAX:
+            del self._unsure[next(iter(self._unsure))]
+        try:
+            record = await self._send(
+                basic.create_with_http_info, simple_public_object_input_for_create=body
+            )
+        except DeliveryError as exc:
+            if not _maybe_written(exc):
+                self._unsure.pop(key, None)
+                raise
+            # Not again at once: give a write still in progress time to land, then look.
+            settle = self.config.activity_settle_seconds
+            raise RetryableDelivery(
+                f"{exc} (the {kind.object_type[:-1]} may have been written: the next attempt "
+                "looks for it first)",
+                retry_after=max(settle, getattr(exc, "retry_after", None) or 0.0),
+            ) from exc
+        self._unsure.pop(key, None)
+        return str(record.id)
+
     async def _upsert(self, items: list[_Input]) -> Any:
         """One batch upsert call, under the limiter; its headers correct the limiter."""
         from hubspot.crm.contacts import (
@@ -304,12 +579,17 @@ class HubSpotConnector(Connector):
                 for i in items
             ]
         )
+        return await self._send(
+            self._batch.upsert_with_http_info,
+            batch_input_simple_public_object_batch_input_upsert=body,
+        )
+
+    async def _send(self, call: Callable[..., Any], **kwargs: Any) -> Any:
+        """One `*_with_http_info` call under the limiter; its headers correct the limiter."""
         await self._acquire()
         try:
             response, _status, headers = await self.run_blocking(
-                self._batch.upsert_with_http_info,
-                batch_input_simple_public_object_batch_input_upsert=body,
-                _request_timeout=self.config.timeout,
+                call, _request_timeout=self.config.timeout, **kwargs
             )
         except Exception as exc:
             if getattr(exc, "status", None) == 429 and hasattr(exc, "body"):

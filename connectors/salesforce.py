@@ -13,6 +13,14 @@ each with `allOrNone: false` so that one bad record fails alone. A hint whose re
 Collections upsert, where Salesforce decides create versus update. A batch of one record uses
 the single-record routes instead (no cheaper as a collection, and its errors are plain).
 
+An activity is a completed Task on the Lead or Contact (WhoId): the `record_id` hint if it is
+an id of that object, else the oldest record with the email (one SOQL query); none is a
+PermanentDelivery, as the rules upsert the record first. The Task's Description ends with a
+marker line `[crm-bridge:KEY]`: a first attempt creates it directly (1 call with a hint, 2
+without); a later attempt, or a call after a create whose answer never came, first queries
+the record's Tasks with that Subject (Description cannot be filtered in SOQL) and creates
+nothing if one carries the marker.
+
 Every call first waits on `limiter`; after each, the org's API usage (`Sforce-Limit-Info`)
 decides whether the next may go: above `daily_reserve` of the daily allocation the connector
 stops calling for an hour and answers RetryableDelivery instead.
@@ -26,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote, urlsplit
 
@@ -39,7 +48,14 @@ from bridge.errors import (
     RetryableDelivery,
 )
 from bridge.ratelimit import RateLimiter
-from connectors.base import Connector, ConnectorConfig, DeliveryResult, LeadUpsert
+from connectors.base import (
+    Activity,
+    Connector,
+    ConnectorConfig,
+    DeliveryResult,
+    LeadUpsert,
+    fit_text,
+)
 
 T = TypeVar("T")
 Outcome = DeliveryResult | DeliveryError
@@ -55,6 +71,28 @@ MISSING_RECORD_CODES = frozenset(
 # SOQL goes out in the URL of a GET: keep each lookup well below the ~16 KB URI limit.
 MAX_SOQL_CHARS = 6000
 LOOKUP_SOQL = "SELECT Id, Email FROM {:literal} WHERE Email IN {} ORDER BY CreatedDate ASC, Id ASC"
+# The record an activity is logged on: the oldest with the key, as upserts update the oldest.
+WHO_SOQL = (
+    "SELECT Id FROM {:literal} WHERE {:literal} = {} ORDER BY CreatedDate ASC, Id ASC LIMIT 1"
+)
+TASKS_SOQL = "SELECT Id, Description FROM Task WHERE WhoId = {} AND Subject = {}"
+# Id prefixes of the objects a Task's WhoId may name: a hint of another object is ignored.
+WHO_PREFIXES = {"Lead": "00Q", "Contact": "003"}
+# Task create errors that mean the WhoId record is not there (any more): a stale hint.
+WHO_GONE_CODES = frozenset(
+    {
+        "INVALID_CROSS_REFERENCE_KEY",
+        "ENTITY_IS_DELETED",
+        "MALFORMED_ID",
+        "FIELD_INTEGRITY_EXCEPTION",
+    }
+)
+SUBJECT_MAX = 255  # Task.Subject
+DESCRIPTION_MAX = 32000  # Task.Description (a long text area)
+# Keys of activities whose create got no answer (timeout, reset): the write may have landed,
+# so the next call for the key looks before it creates, even with the same `attempt` (the
+# delivery engine's in-call retries repeat it). Bounded: the oldest are forgotten first.
+UNSURE_KEYS_MAX = 10000
 
 
 class SalesforceConfig(ConnectorConfig):
@@ -77,6 +115,10 @@ class SalesforceConfig(ConnectorConfig):
     # keeps a backlog from spending the org's daily pool in a few minutes.
     rate_limit_requests: int = Field(default=25, ge=1)
     rate_limit_seconds: float = Field(default=1.0, gt=0)
+    # After a Task create that got no answer (timeout, reset, 5xx) the write may still be in
+    # progress at Salesforce: its delivery waits this long before it looks for it, so the look
+    # does not miss a write that lands just after it.
+    activity_settle_seconds: float = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
     def _session_needs_instance(self) -> SalesforceConfig:
@@ -269,6 +311,47 @@ def _outcome(result: dict[str, Any], record_id: str | None, created: bool | None
     return PermanentDelivery(text, detail={"errors": errors})
 
 
+def _marker(key: str) -> str:
+    return f"[crm-bridge:{key}]"
+
+
+def _task_fields(activity: Activity, who: str) -> dict[str, Any]:
+    """A completed Task on `who`, dated the day the activity happened (UTC); the Description
+    ends with the key's marker line."""
+    marker = _marker(activity.key)
+    description = fit_text(
+        activity.body, lambda body: f"{body}\n\n{marker}" if body else marker, DESCRIPTION_MAX
+    )
+    return {
+        "Subject": activity.subject[:SUBJECT_MAX],
+        "Description": description,
+        "WhoId": who,
+        "Status": "Completed",
+        "Priority": "Normal",
+        "ActivityDate": datetime.fromtimestamp(activity.occurred_at, UTC).date().isoformat(),
+    }
+
+
+def _maybe_written(exc: DeliveryError) -> bool:
+    """Whether a failed write may have landed: no answer, or a 5xx. An expired session, the
+    daily guard or a 4xx is Salesforce (or this connector) refusing before any write."""
+    if not isinstance(exc, RetryableDelivery) or isinstance(exc, AuthenticationFailed):
+        return False
+    status = getattr(exc.__cause__, "status", None)
+    return exc.__cause__ is not None and not (isinstance(status, int) and status < 500)
+
+
+def _who_gone(result: dict[str, Any]) -> bool:
+    """Whether a failed Task create says its WhoId record is not there (any more)."""
+    errors = result.get("errors") or []
+    return bool(errors) and all(
+        isinstance(e, dict)
+        and e.get("statusCode") in WHO_GONE_CODES
+        and set(e.get("fields") or []) <= {"WhoId"}
+        for e in errors
+    )
+
+
 # -- the calls, run on the connector's threads with the client as first argument -------------
 def _query(sf: Any, soql: str) -> Any:
     return sf.query(soql)
@@ -328,6 +411,7 @@ class SalesforceConnector(Connector):
         self.api_usage: tuple[int, int] | None = None
         self._paused_until = 0.0  # time.monotonic() before which no call goes out
         self._pause_reason = ""
+        self._unsure: dict[str, None] = {}  # insertion-ordered set (UNSURE_KEYS_MAX)
 
     async def open(self) -> None:
         verify: str | bool = str(self.config.ca_bundle) if self.config.ca_bundle else True
@@ -581,6 +665,97 @@ class SalesforceConnector(Connector):
         return self._checked(
             await self._call(_collection, "composite/sobjects", method, typed), items
         )
+
+    # -- activities --------------------------------------------------------------------------------
+    async def log_activity(self, activity: Activity) -> DeliveryResult:
+        """A completed Task on the Lead or Contact, once whatever the attempt.
+
+        The result's `record_id` is the Lead's or Contact's id (the store remembers it for the
+        record's next deliveries); the Task's id is in `detail["activity_id"]`.
+        """
+        obj = "Lead" if activity.object == "lead" else "Contact"
+        # Look before creating on a redelivery, or after a create whose answer never came.
+        look = activity.attempt > 1 or activity.key in self._unsure
+        hint = activity.record_id
+        if hint and hint.startswith(WHO_PREFIXES[obj]):
+            logged = await self._log_on(hint, activity, look)
+            if logged is not None:
+                return logged
+            # The hint names a record that is gone (deleted, merged): find it by its key.
+        logged = await self._log_on(await self._who(obj, activity), activity, look)
+        if logged is None:  # deleted or merged between the query and the create: look again
+            raise RetryableDelivery(
+                f"Salesforce {obj} {activity.id_value} vanished while logging the activity"
+            )
+        return logged
+
+    async def _who(self, obj: str, activity: Activity) -> str:
+        """The oldest Lead or Contact with the activity's key (its email by default)."""
+        from simple_salesforce.format import format_soql
+
+        id_field = activity.id_property or "Email"
+        value = activity.id_value.strip()
+        page = await self._call(_query, format_soql(WHO_SOQL, obj, id_field, value))
+        records = page.get("records") or []
+        if not records:
+            raise PermanentDelivery(
+                f"no Salesforce {obj} with {id_field} {value} to log the activity on: "
+                f"the rules must upsert the {obj.lower()} first",
+                detail={"object": obj, "id_field": id_field, "id_value": value},
+            )
+        return str(records[0]["Id"])
+
+    async def _log_on(self, who: str, activity: Activity, look: bool) -> DeliveryResult | None:
+        """Find or create the Task on `who`; None when `who` is not there."""
+        detail: dict[str, Any] = {"object": "Task"}
+        if look:
+            found = await self._find_task(who, activity)
+            if found is not None:
+                self._unsure.pop(activity.key, None)
+                detail.update(activity_id=found, found_existing=True)
+                return DeliveryResult(record_id=who, created=False, detail=detail)
+        # Until Salesforce answers, the write may land without us hearing of it.
+        self._unsure[activity.key] = None
+        while len(self._unsure) > UNSURE_KEYS_MAX:
+            del self._unsure[next(iter(self._unsure))]
+        try:
+            result = await self._call(
+                _write_one, "POST", "sobjects/Task/", _task_fields(activity, who)
+            )
+        except DeliveryError as exc:
+            if not _maybe_written(exc):
+                self._unsure.pop(activity.key, None)
+                raise
+            # Not again at once: give a write still in progress time to land, then look.
+            settle = self.config.activity_settle_seconds
+            raise RetryableDelivery(
+                f"{exc} (the Task may have been written: the next attempt looks for it first)",
+                retry_after=max(settle, getattr(exc, "retry_after", None) or 0.0),
+            ) from exc
+        self._unsure.pop(activity.key, None)  # an answer: written or refused
+        if result.get("success"):
+            detail["activity_id"] = result.get("id")
+            return DeliveryResult(record_id=who, created=True, detail=detail)
+        if _who_gone(result):
+            return None
+        failure = _outcome(result, None, None)
+        assert isinstance(failure, DeliveryError)
+        raise failure
+
+    async def _find_task(self, who: str, activity: Activity) -> str | None:
+        """The id of the Task on `who` whose Description carries the key's marker, or None."""
+        from simple_salesforce.format import format_soql
+
+        subject = activity.subject[:SUBJECT_MAX] or None  # Salesforce keeps "" as null
+        marker = _marker(activity.key)
+        page = await self._call(_query, format_soql(TASKS_SOQL, who, subject))
+        while True:
+            for record in page.get("records", []):
+                if marker in (record.get("Description") or ""):
+                    return str(record["Id"])
+            if page.get("done", True) or not page.get("nextRecordsUrl"):
+                return None
+            page = await self._call(_query_more, page["nextRecordsUrl"])
 
     @staticmethod
     def _checked(results: Any, items: list[_Item]) -> list[dict[str, Any]]:
