@@ -158,3 +158,56 @@ def test_sigkill_during_a_batch_writes_each_record_once(
         }
     assert names == {email: f"n{i}" for i, email in enumerate(emails)}
     assert restarted.stop() == 0
+
+
+def test_sigkill_while_logging_activities_logs_each_once(
+    daemon_factory, tmp_path, hubspot_emulator
+):
+    # Given rules that upsert the contact and log each reply as a note
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        config_yaml(
+            tmp_path / "bridge.db",
+            hubspot={"access_token": "pat-na1-test", "base_url": hubspot_emulator.url},
+            rules="""
+  - name: contact
+    when: type == 'reply'
+    connector: hubspot
+    action: upsert_contact
+    fields:
+      firstname: "{{ contact.first_name }}"
+  - name: note
+    when: type == 'reply'
+    connector: hubspot
+    action: log_activity
+    activity:
+      subject: "Replied to {{ CampaignId }}"
+      body: "{{ contact.first_name }} replied"
+""",
+        ).replace("  salesforce:\n    type: salesforce\n", "")
+    )
+    hubspot_emulator.latency = 0.3
+    daemon = daemon_factory(path)
+    emails = [f"reply{i}@example.com" for i in range(20)]
+    for i, email in enumerate(emails):
+        assert daemon.post(sample(type="reply", email=email, first_name=f"r{i}")).status_code == 202
+    # When the daemon dies while notes are being written
+    wait_for(lambda: hubspot_emulator.calls_to("POST", "/crm/v3/objects/notes") or None)
+    daemon.kill()
+    # Then after a restart every reply is on its contact's timeline exactly once
+    hubspot_emulator.latency = 0
+    restarted = daemon_factory(path)
+    db = tmp_path / "bridge.db"
+    wait_for(lambda: delivery_states(db) == {"done": 2 * len(emails)}, timeout=60)
+    with hubspot_emulator.lock:
+        by_email = {r.id: r.properties["email"] for r in hubspot_emulator.contacts.values()}
+        notes_per_contact: dict[str, int] = {}
+        for _, contact_id in hubspot_emulator.associations:
+            email = by_email[contact_id]
+            notes_per_contact[email] = notes_per_contact.get(email, 0) + 1
+        bodies = [n.properties["hs_note_body"] for n in hubspot_emulator.notes.values()]
+    assert notes_per_contact == dict.fromkeys(emails, 1)
+    assert len(bodies) == len(emails)
+    # and it did meet a note it had sent before the kill: it looked for it before writing again
+    assert hubspot_emulator.calls_to("GET", "/associations/notes")
+    assert restarted.stop() == 0
