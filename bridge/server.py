@@ -1,7 +1,8 @@
-"""The HTTP side: receive a webhook, validate it, store it with its deliveries, answer 202.
+"""The HTTP side: receive a webhook, validate it, store it, answer 202; and the app's lifecycle.
 
-A handler never calls a CRM. It answers 202 only after the store has committed the event and
-the deliveries its rules produced; everything after that is the delivery workers' job.
+A handler never calls a CRM, nor evaluates rules. It answers 202 only after the store has
+committed the event; the router and the delivery workers (started and stopped with the app)
+do the rest.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 
 
 class Backlog:
-    """Unfinished deliveries, as last counted by the store plus what was ingested since.
+    """Waiting work (unrouted events, unfinished deliveries) as last counted by the store,
+    plus the events ingested since.
 
     Counting on every request would cost a query; a refresh each poll interval is enough to
     answer 503 before the queue grows without bound.
@@ -153,7 +155,7 @@ async def _read_payload(
 def _check_backlog(backlog: int, limit: int) -> None:
     if backlog >= limit:
         raise PayloadError(
-            503, "backlog_full", f"{backlog} deliveries are waiting for the CRMs; try again later"
+            503, "backlog_full", f"{backlog} events and deliveries are waiting; try again later"
         )
 
 
@@ -203,7 +205,7 @@ async def _receive(request: web.Request) -> web.Response:
     if not stored.duplicate:
         app[BACKLOG].value += 1
         app[ROUTER].wake()
-    if stored.duplicate:
+    else:
         log.debug(
             "event %s was already stored",
             stored.event_id,

@@ -121,6 +121,17 @@ class _Writer:
         conn.close()
 
     def _commit(self, conn: sqlite3.Connection, group: list[_Call]) -> None:
+        # Webhooks first, in a transaction of their own: an acknowledgement never waits for
+        # the background work (claims, routing) queued beside it.
+        events = [call for call in group if isinstance(call[0], tuple)]
+        calls = [call for call in group if not isinstance(call[0], tuple)]
+        for part in (events, calls):
+            if part:
+                self._answer(part, self._transaction(conn, part))
+
+    def _transaction(
+        self, conn: sqlite3.Connection, group: list[_Call]
+    ) -> list[tuple[asyncio.Future[Any], bool, Any]]:
         outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -149,8 +160,11 @@ class _Writer:
                 conn.execute("ROLLBACK")
             failure = StoreUnavailable(f"the store could not commit: {exc}")
             outcomes = [(fut, False, failure) for _, fut, _ in group]
+        return outcomes
+
+    @staticmethod
+    def _answer(group: list[_Call], outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
-        # (the outcomes follow the group's order, so zip pairs each with its caller's loop)
         for (_, _, loop), outcome in zip(group, outcomes, strict=True):
             by_loop.setdefault(loop, []).append(outcome)
         for loop, items in by_loop.items():
