@@ -23,13 +23,17 @@ class RateLimiter:
         requests: int,
         per_seconds: float,
         *,
+        margin: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if requests < 1 or per_seconds <= 0:
             raise ValueError("a rate limit needs requests >= 1 and per_seconds > 0")
         self.requests = requests
-        self.per_seconds = per_seconds
+        # The CRM counts a call when it reaches it, a little after we start it: a start is
+        # kept in the log `margin` seconds longer than the CRM's window, or the first call of
+        # each new window can still be counted in the old one and earn a 429.
+        self.per_seconds = per_seconds + margin
         self._clock = clock
         self._sleep = sleep
         self._starts: collections.deque[float] = collections.deque()
@@ -69,18 +73,19 @@ class RateLimiter:
         """Fold in the CRM's count of what is left in the current window.
 
         When others use the same allowance the CRM has fewer left than we think: fill our log
-        with phantom starts so that we slow down before the CRM answers 429. When the CRM has
-        nothing left for reasons our log does not show, also pause for its window: its oldest
-        counted request may be younger than ours. When it agrees with our log, the log decides.
+        with phantom starts so that we slow down before the CRM answers 429. The phantoms are
+        dated like our oldest start (or now, when we have none): the others' calls are
+        somewhere in the window, and that is the earliest a slot can free. No pause: the
+        rolling window frees slots one by one, and the log follows it. When the CRM agrees
+        with our log (or has more left: it has not counted our latest calls yet), the log
+        decides.
         """
         if remaining is None:
             return
         now = self._clock()
         self._delay(now)  # drop expired starts
-        ours_left = self.requests - len(self._starts)
-        if remaining >= ours_left:
+        missing = (self.requests - len(self._starts)) - max(remaining, 0)
+        if missing <= 0:
             return
-        for _ in range(ours_left - max(remaining, 0)):
-            self._starts.append(now)
-        if remaining <= 0:
-            self.pause(window_seconds or self.per_seconds)
+        stamp = self._starts[0] if self._starts else now
+        self._starts.extendleft([stamp] * missing)

@@ -306,7 +306,8 @@ class HubSpotConnector(Connector):
 
     def __init__(self, instance: str, config: HubSpotConfig) -> None:
         super().__init__(instance, config)
-        self.limiter = RateLimiter(config.requests_per_window(), RATE_WINDOW_SECONDS)
+        # Half a second covers the trip of a batch call before HubSpot counts it.
+        self.limiter = RateLimiter(config.requests_per_window(), RATE_WINDOW_SECONDS, margin=0.5)
         self._unsure: dict[str, None] = {}  # insertion-ordered set (UNSURE_KEYS_MAX)
 
     async def open(self) -> None:

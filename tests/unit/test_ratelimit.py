@@ -25,9 +25,11 @@ class FakeTime:
         await asyncio.sleep(0)
 
 
-def limiter(requests: int = 3, per_seconds: float = 10.0) -> tuple[RateLimiter, FakeTime]:
+def limiter(
+    requests: int = 3, per_seconds: float = 10.0, margin: float = 0.0
+) -> tuple[RateLimiter, FakeTime]:
     clock = FakeTime()
-    return RateLimiter(requests, per_seconds, clock=clock, sleep=clock.sleep), clock
+    return RateLimiter(requests, per_seconds, margin=margin, clock=clock, sleep=clock.sleep), clock
 
 
 async def test_never_more_than_n_starts_in_any_window():
@@ -104,12 +106,27 @@ async def test_observe_never_speeds_up_and_ignores_missing_headers():
     assert await rl.acquire() == pytest.approx(10.0)
 
 
-async def test_observe_of_nothing_left_pauses_for_the_crms_window():
+async def test_nothing_left_waits_for_the_oldest_slot_to_free_not_a_whole_window():
+    rl, clock = limiter(requests=10, per_seconds=10.0)
+    for _ in range(3):
+        await rl.acquire()  # ours, at t=0
+    clock.now += 6
+    rl.observe(remaining=0)  # others took the other 7 meanwhile
+    assert rl.paused_for() == 0
+    # the others' calls are taken to be as old as our oldest: a slot frees at t=10
+    assert await rl.acquire() == pytest.approx(4.0)
+
+
+async def test_nothing_left_and_no_calls_of_ours_waits_a_window():
     rl, _ = limiter(requests=10, per_seconds=10.0)
-    rl.observe(remaining=0, window_seconds=4.0)
-    assert rl.paused_for() == pytest.approx(4.0)
-    # and the window is full of phantom starts until they expire
+    rl.observe(remaining=0)
     assert await rl.acquire() == pytest.approx(10.0)
+
+
+async def test_a_margin_keeps_starts_longer_than_the_crms_window():
+    rl, _ = limiter(requests=1, per_seconds=10.0, margin=0.5)
+    await rl.acquire()
+    assert await rl.acquire() == pytest.approx(10.5)
 
 
 async def test_observe_agreeing_with_our_own_count_adds_no_pause():
