@@ -29,12 +29,11 @@ from bridge.errors import (
 from bridge.models import ClaimedGroup, Delivery, DeliveryStatus, Finish
 from bridge.retry import RetryPolicy
 from bridge.store import Store
-from connectors.base import Activity, Connector, DeliveryResult, LeadUpsert
+from connectors.base import Activity, Connector, DeliveryResult, LeadUpsert, Outcome
 
 log = logging.getLogger("crm_bridge.delivery")
 
 UPSERT_ACTIONS = ("upsert_lead", "upsert_contact")
-Outcome = DeliveryResult | DeliveryError
 
 
 def merge(deliveries: list[Delivery], record_id: str | None) -> LeadUpsert:

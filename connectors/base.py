@@ -11,14 +11,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bridge.errors import DeliveryError, PermanentDelivery
+from bridge.errors import DeliveryError, PermanentDelivery, RetryableDelivery
 from bridge.ratelimit import RateLimiter
 
 T = TypeVar("T")
@@ -154,6 +154,29 @@ class Connector(abc.ABC):
         return await asyncio.wait_for(
             loop.run_in_executor(self._executor, call), self.config.timeout * 2 + 5
         )
+
+
+Outcome = DeliveryResult | DeliveryError
+Outcomes = list[Outcome | None]
+
+
+async def per_record(
+    count: int, crm: str, send: Callable[[Outcomes], Awaitable[None]]
+) -> list[Outcome]:
+    """Run `send`, which fills in one outcome per record as the CRM answers, and complete them.
+
+    A failure of a whole call raises when no record has an outcome yet (the delivery engine
+    then retries the batch); once some have landed it becomes the outcome of the records left.
+    """
+    outcomes: Outcomes = [None] * count
+    try:
+        await send(outcomes)
+    except DeliveryError as exc:
+        if all(o is None for o in outcomes):
+            raise
+        outcomes = [exc if o is None else o for o in outcomes]
+    missing = RetryableDelivery(f"{crm} returned no result for this record")
+    return [missing if o is None else o for o in outcomes]
 
 
 def fit_text(text: str, render: Callable[[str], str], limit: int) -> str:

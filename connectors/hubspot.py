@@ -44,7 +44,10 @@ from connectors.base import (
     ConnectorConfig,
     DeliveryResult,
     LeadUpsert,
+    Outcome,
+    Outcomes,
     fit_text,
+    per_record,
 )
 
 # HubSpot's burst limit is per app and rolling over ten seconds.
@@ -67,8 +70,6 @@ BODY_MAX = 65536
 # so the next call for the key looks before it creates, even with the same `attempt` (the
 # delivery engine's in-call retries repeat it). Bounded: the oldest are forgotten first.
 UNSURE_KEYS_MAX = 10000
-
-Outcome = DeliveryResult | DeliveryError
 
 
 @dataclass(frozen=True)
@@ -355,22 +356,18 @@ class HubSpotConnector(Connector):
         A failure of a whole call (429, 5xx, network, 401/403) raises when no record has an
         outcome yet; after some have landed it becomes the outcome of the records left.
         """
-        outcomes: list[Outcome | None] = [None] * len(leads)
-        try:
+
+        async def send(outcomes: Outcomes) -> None:
             by_property: dict[str, list[_Input]] = {}
             for item in _inputs(leads):
                 by_property.setdefault(item.id_property, []).append(item)
             for items in by_property.values():
                 for start in range(0, len(items), self.max_batch):
                     await self._write(items[start : start + self.max_batch], outcomes)
-        except DeliveryError as exc:
-            if all(o is None for o in outcomes):
-                raise
-            outcomes = [exc if o is None else o for o in outcomes]
-        missing = RetryableDelivery("HubSpot returned no result for this record")
-        return [missing if o is None else o for o in outcomes]
 
-    async def _write(self, items: list[_Input], outcomes: list[Outcome | None]) -> None:
+        return await per_record(len(leads), "HubSpot", send)
+
+    async def _write(self, items: list[_Input], outcomes: Outcomes) -> None:
         try:
             response = await self._upsert(items)
         except PermanentDelivery as refusal:
@@ -386,13 +383,11 @@ class HubSpotConnector(Connector):
         self._map_results(items, response, outcomes)
 
     @staticmethod
-    def _settle(item: _Input, outcome: Outcome, outcomes: list[Outcome | None]) -> None:
+    def _settle(item: _Input, outcome: Outcome, outcomes: Outcomes) -> None:
         for position in item.positions:
             outcomes[position] = outcome
 
-    def _map_results(
-        self, items: list[_Input], response: Any, outcomes: list[Outcome | None]
-    ) -> None:
+    def _map_results(self, items: list[_Input], response: Any, outcomes: Outcomes) -> None:
         """Results by id (HubSpot's order is not the input's), errors by the ids they name."""
         id_property = items[0].id_property  # one batch, one id property
         by_key = {i.key: i for i in items}

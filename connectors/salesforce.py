@@ -54,11 +54,13 @@ from connectors.base import (
     ConnectorConfig,
     DeliveryResult,
     LeadUpsert,
+    Outcome,
+    Outcomes,
     fit_text,
+    per_record,
 )
 
 T = TypeVar("T")
-Outcome = DeliveryResult | DeliveryError
 log = logging.getLogger("crm_bridge.connectors.salesforce")
 AUTH_PAUSE_SECONDS = 300.0
 DAILY_LIMIT_PAUSE_SECONDS = 3600.0
@@ -556,19 +558,15 @@ class SalesforceConnector(Connector):
         of a whole call (network, 5xx, expired session, daily limit) raises when no record has
         an outcome yet; after some have landed it becomes the outcome of the records left.
         """
-        outcomes: list[Outcome | None] = [None] * len(leads)
-        try:
+
+        async def send(outcomes: Outcomes) -> None:
             items = _items(leads)
             for start in range(0, len(items), self.max_batch):
                 await self._upsert_batch(items[start : start + self.max_batch], outcomes)
-        except DeliveryError as exc:
-            if all(o is None for o in outcomes):
-                raise
-            outcomes = [exc if o is None else o for o in outcomes]
-        missing = RetryableDelivery("Salesforce returned no result for this record")
-        return [missing if o is None else o for o in outcomes]
 
-    async def _upsert_batch(self, items: list[_Item], outcomes: list[Outcome | None]) -> None:
+        return await per_record(len(leads), "Salesforce", send)
+
+    async def _upsert_batch(self, items: list[_Item], outcomes: Outcomes) -> None:
         by_external_id: dict[tuple[str, str], list[_Item]] = {}
         for item in items:
             if not item.by_email:
@@ -603,7 +601,7 @@ class SalesforceConnector(Connector):
             for item in wanted:
                 item.target = found.get(item.email_key)
 
-    async def _save(self, items: list[_Item], outcomes: list[Outcome | None]) -> list[_Item]:
+    async def _save(self, items: list[_Item], outcomes: Outcomes) -> list[_Item]:
         """Update the items that have a target, create the others.
 
         Returns the items updated by a hint whose record is gone, without an outcome.
@@ -629,7 +627,7 @@ class SalesforceConnector(Connector):
         return stale
 
     async def _upsert_by_external_id(
-        self, obj: str, id_field: str, items: list[_Item], outcomes: list[Outcome | None]
+        self, obj: str, id_field: str, items: list[_Item], outcomes: Outcomes
     ) -> None:
         """Salesforce decides create versus update by the external id: no lookup."""
         from simple_salesforce.format import format_external_id
@@ -764,6 +762,6 @@ class SalesforceConnector(Connector):
         return [r if isinstance(r, dict) else {"success": False, "errors": []} for r in results]
 
     @staticmethod
-    def _settle(item: _Item, outcome: Outcome, outcomes: list[Outcome | None]) -> None:
+    def _settle(item: _Item, outcome: Outcome, outcomes: Outcomes) -> None:
         for position in item.positions:
             outcomes[position] = outcome
