@@ -60,11 +60,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Run as `python bench/<name>.py`: the bench folder is on sys.path.
+from procstat import cpu_seconds, machine_busy_seconds, percentile
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "supersend-click.json"
 TOKEN = "bench-token-" + uuid.uuid4().hex[:12]
 HUBSPOT_TOKEN = "pat-na1-bench"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 30.0  # seconds the daemon gets to start listening
 STOP_TIMEOUT = 40.0  # seconds it gets to stop on SIGTERM before SIGKILL
 BACKFILL_TIMEOUT = 300.0
@@ -133,26 +135,6 @@ def write_contacts(path: Path, count: int, tag: str) -> None:
 
 
 # --------------------------------------------------------------------------- /proc readings
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all CPUs spent busy since boot."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
 def proc_status_mb(pid: int, key: str) -> float | None:
@@ -1054,13 +1036,6 @@ def _overload_figures(
 # --------------------------------------------------------------------------- load clients
 
 
-def _percentile(values: list[float], pct: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))]
-
-
 @dataclass
 class Tally:
     statuses: Counter[int] = field(default_factory=Counter)
@@ -1104,8 +1079,8 @@ class Tally:
             "acked_new": len(self.ids),
             "duplicates": self.duplicates,
             "rate": len(self.ids) / elapsed if elapsed > 0 else 0.0,
-            "p50_ms": _percentile(self.latencies, 50) * 1000,
-            "p99_ms": _percentile(self.latencies, 99) * 1000,
+            "p50_ms": percentile(sorted(self.latencies), 50) * 1000,
+            "p99_ms": percentile(sorted(self.latencies), 99) * 1000,
             "max_ms": max(self.latencies, default=0.0) * 1000,
             "first_503_s": None if self.first_503 is None else self.first_503 - started,
             "client_cpu_seconds": sum(os.times()[:2]),

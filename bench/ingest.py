@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import copy
 import json
-import math
 import os
 import signal
 import sqlite3
@@ -48,11 +47,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+# Run as `python bench/<name>.py`: the bench folder is on sys.path.
+from procstat import cpu_seconds, machine_busy_seconds, percentile
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PAYLOAD = ROOT / "tests" / "data" / "supersend-click.json"
 EXAMPLE_CONFIG = ROOT / "config.example.yaml"
 TOKEN = "bench-token-" + uuid.uuid4().hex[:12]
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 30.0  # seconds a server gets to start listening
 STOP_TIMEOUT = 40.0  # seconds a server gets to stop on SIGTERM before SIGKILL
 IDLE_TIMEOUT = 5.0  # seconds the bench waits at most for the bare server to go idle
@@ -140,27 +141,7 @@ async def _bare_serve(port: int) -> None:
 # --------------------------------------------------------------------------- load generator mode
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def _machine_busy_seconds() -> float:
-    """CPU seconds all CPUs of the machine spent busy since boot, from /proc/stat."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
-
-
-def _own_cpu_seconds() -> float:
+def own_cpu_seconds() -> float:
     times = os.times()
     return times.user + times.system
 
@@ -177,14 +158,6 @@ def make_bodies(template: dict[str, Any], tag: str, count: int) -> list[bytes]:
         contact["updatedAt"] = stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
         out.append(json.dumps(data).encode())
     return out
-
-
-def percentile(sorted_values: list[float], pct: float) -> float:
-    """Nearest-rank percentile of an already sorted list (0 when empty)."""
-    if not sorted_values:
-        return 0.0
-    rank = max(1, min(len(sorted_values), math.ceil(pct / 100 * len(sorted_values))))
-    return sorted_values[rank - 1]
 
 
 @dataclass
@@ -277,14 +250,14 @@ async def _load(args: argparse.Namespace) -> dict[str, Any]:
         warm_stats, _ = await _phase(
             session, args.url, headers, warm, args.concurrency, args.warmup_seconds
         )
-        server_cpu0, client_cpu0 = _cpu_seconds(args.pid), _own_cpu_seconds()
-        machine0 = _machine_busy_seconds()
+        server_cpu0, client_cpu0 = cpu_seconds(args.pid), own_cpu_seconds()
+        machine0 = machine_busy_seconds()
         stats, elapsed = await _phase(
             session, args.url, headers, bodies, args.concurrency, args.duration
         )
-        server_cpu = _cpu_seconds(args.pid) - server_cpu0
-        client_cpu = _own_cpu_seconds() - client_cpu0
-        machine = _machine_busy_seconds() - machine0
+        server_cpu = cpu_seconds(args.pid) - server_cpu0
+        client_cpu = own_cpu_seconds() - client_cpu0
+        machine = machine_busy_seconds() - machine0
     lat = sorted(stats.latencies)
     return {
         "requests": stats.sent,
@@ -372,9 +345,9 @@ def wait_quiet(timeout: float, threshold: float = 0.3) -> float:
     """Wait until the whole machine is busy under `threshold` cores over 0.3 s; time waited."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
-        before = _machine_busy_seconds()
+        before = machine_busy_seconds()
         time.sleep(0.3)
-        if (_machine_busy_seconds() - before) / 0.3 < threshold:
+        if (machine_busy_seconds() - before) / 0.3 < threshold:
             break
     return time.monotonic() - start
 
@@ -383,9 +356,9 @@ def wait_idle(pids: list[int], timeout: float = IDLE_TIMEOUT, threshold: float =
     """Wait until every process uses under `threshold` of a core over 0.3 s; the time it took."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
-        before = [_cpu_seconds(p) for p in pids]
+        before = [cpu_seconds(p) for p in pids]
         time.sleep(0.3)
-        used = [_cpu_seconds(p) - b for p, b in zip(pids, before, strict=True)]
+        used = [cpu_seconds(p) - b for p, b in zip(pids, before, strict=True)]
         if max(used) / 0.3 < threshold:
             return time.monotonic() - start
     return -1.0
