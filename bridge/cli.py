@@ -1,4 +1,4 @@
-"""`crm-bridge`: thin commands over the core (serve, check, dlq, backfill).
+"""`crm-bridge`: thin commands over the core (serve, check, status, dlq, backfill).
 
 Exit codes: 0 done, 1 failed or not found (`dlq`) or some lines invalid (`backfill`), 2 bad usage
 or configuration.
@@ -19,12 +19,14 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from bridge import backfill, dlq
+from bridge import backfill, dlq, status
 from bridge.config import Config, load_config
 from bridge.errors import ConfigError, StoreUnavailable
 from bridge.logs import setup_logging
-from bridge.server import create_app
+from bridge.reload import Reloader
+from bridge.server import STORE, create_app
 from bridge.store import Store, open_store
+from bridge.systemd import Notifier, watchdog, watchdog_interval
 
 T = TypeVar("T")
 
@@ -43,8 +45,13 @@ def _load(path: Path) -> Config:
         raise SystemExit(2) from None
 
 
-async def _serve(config: Config, host: str, port: int) -> None:
+async def _serve(config: Config, host: str, port: int, config_path: Path) -> None:
     app = create_app(config)
+    notifier = Notifier()  # systemd (Type=notify); a no-op without $NOTIFY_SOCKET
+    reloader = Reloader(app, config_path, notifier)
+    loop = asyncio.get_running_loop()
+    # SIGHUP reloads the config (systemctl reload); one that comes while starting waits.
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -56,16 +63,28 @@ async def _serve(config: Config, host: str, port: int) -> None:
             extra={"action": "server.listening", "url": f"http://{address[0]}:{address[1]}"},
         )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloader.prefix = "".join(f"http://{a[0]}:{a[1]}; " for a in runner.addresses)
+    # Listening, workers and router running (the app's startup did that): ready.
+    notifier.ready(reloader.status())
+    reloader.start()
+    pinging: asyncio.Task[None] | None = None
+    if notifier.enabled and (interval := watchdog_interval()):
+        pinging = asyncio.create_task(watchdog(notifier, interval, app[STORE].backlog))
     try:
         await stop.wait()
+        notifier.stopping()
         log.info("stopping", extra={"action": "server.stopping"})
     finally:
+        await reloader.close()  # a reload under way finishes first
+        if pinging is not None:
+            pinging.cancel()
+            await asyncio.gather(pinging, return_exceptions=True)
         # Stops accepting, lets running handlers finish, then stops workers and the store.
         await runner.cleanup()
         log.info("stopped", extra={"action": "server.stopped"})
+        notifier.close()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -74,7 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     try:
-        asyncio.run(_serve(config, host, port))
+        asyncio.run(_serve(config, host, port, args.config))
     except StoreUnavailable as exc:
         log.error("%s", exc, extra={"action": "server.store_unavailable"})
         return 1
@@ -181,6 +200,13 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     return 1 if summary.invalid else 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _existing_store(_load(args.config))
+    report = _on_store(config, lambda store: status.gather(store, config, time.time()))
+    print(dlq.to_json(report) if args.json else status.render(report))
+    return 0
+
+
 def _duration(text: str) -> float:
     try:
         return dlq.parse_duration(text)
@@ -276,6 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
     _add_dlq(sub)
     _add_backfill(sub)
+    status_parser = sub.add_parser(
+        "status",
+        help="queue, dead letters and connector states (daemon running or not)",
+        description=(
+            "Queue depth, age of the oldest pending delivery, dead letters and the last error "
+            "per connector, from the store; with the daemon answering on server.host:port, its "
+            "connectors' circuit breakers too."
+        ),
+    )
+    status_parser.add_argument("--config", "-c", type=Path, default=Path("config.yaml"))
+    status_parser.add_argument("--json", action="store_true", help="as JSON, errors in full")
+    status_parser.set_defaults(func=cmd_status)
     return parser
 
 

@@ -26,6 +26,7 @@ from bridge.errors import (
     RetryableDelivery,
     StoreUnavailable,
 )
+from bridge.metrics import Metrics
 from bridge.models import ClaimedGroup, Delivery, DeliveryStatus, Finish
 from bridge.retry import RetryPolicy
 from bridge.store import Store
@@ -62,6 +63,7 @@ class DeliveryWorker:
         breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] = time.time,
         pace: Callable[[float], Awaitable[None]] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.name = name
         self.connector = connector
@@ -74,6 +76,7 @@ class DeliveryWorker:
         self._coalesce = coalesce
         self._clock = clock
         self._pace = pace
+        self._metrics = metrics or Metrics()
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
@@ -181,6 +184,7 @@ class DeliveryWorker:
                 else:
                     finishes.append(self._finish(group, fresh, outcome, now))
         await self._record(finishes)
+        self._metrics.finished(self.name, action, finishes)  # once recorded: counted once
 
     async def _unmerged(
         self, action: str, group: ClaimedGroup, fresh: list[Delivery]
@@ -239,7 +243,11 @@ class DeliveryWorker:
         try:
             async for attempt in self._policy.in_call():
                 with attempt:
-                    return await self._call(action, live, attempt.retry_state.attempt_number - 1)
+                    retry = attempt.retry_state.attempt_number - 1
+                    if retry:
+                        self._metrics.retried_in_call(self.name)
+                    with self._metrics.crm_calls.labels(self.name, action).time():
+                        return await self._call(action, live, retry)
         except DeliveryError as exc:
             return [exc] * len(live)
         except asyncio.CancelledError:

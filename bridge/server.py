@@ -23,6 +23,7 @@ from bridge.breaker import CircuitBreaker
 from bridge.config import Config
 from bridge.delivery import DeliveryWorker
 from bridge.errors import FieldIssue, PayloadError, StoreUnavailable
+from bridge.metrics import CONTENT_TYPE, UNKNOWN, Metrics
 from bridge.models import NewEvent, WebhookPayload, idempotency_key
 from bridge.retry import RetryPolicy
 from bridge.router import Router
@@ -38,6 +39,7 @@ STORE = web.AppKey("store", Store)
 WORKERS = web.AppKey("workers", dict[str, DeliveryWorker])
 ROUTER = web.AppKey("router", Router)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
+METRICS = web.AppKey("metrics", Metrics)
 
 
 class Backlog:
@@ -173,6 +175,7 @@ async def _receive(request: web.Request) -> web.Response:
     config, store = app[CONFIG], app[STORE]
     source = request.match_info["source"]
     if source not in config.sources:
+        app[METRICS].received(UNKNOWN, None, "refused:404")  # any name: not a label value
         return _error(PayloadError(404, "unknown_source", f"no source named {source!r}"))
     try:
         _authenticate(request, config, source)
@@ -185,6 +188,7 @@ async def _receive(request: web.Request) -> web.Response:
             exc,
             extra={"action": "webhook.refused", "source": source, "status": exc.status},
         )
+        app[METRICS].received(source, None, f"refused:{exc.status}")
         return _error(exc, {"Retry-After": "30"} if exc.status == 503 else None)
 
     received_at = app[CLOCK]()
@@ -201,7 +205,9 @@ async def _receive(request: web.Request) -> web.Response:
     try:
         stored = await store.ingest(event)
     except StoreUnavailable as exc:
+        app[METRICS].received(source, payload.type, "refused:503")
         return _error(PayloadError(503, "store_unavailable", str(exc)), {"Retry-After": "5"})
+    app[METRICS].received(source, payload.type, "duplicate" if stored.duplicate else "stored")
     if not stored.duplicate:
         app[BACKLOG].value += 1
         app[ROUTER].wake()
@@ -262,6 +268,12 @@ async def show_status(request: web.Request) -> web.Response:
     )
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics (no personal data: counts, durations and states by connector)."""
+    body = await request.app[METRICS].scrape(request.app[STORE])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
 async def show_event(request: web.Request) -> web.Response:
     if refused := _loopback_only(request):
         return refused
@@ -286,6 +298,32 @@ def build_connector(name: str, config: Config) -> Connector:
     return cls(name, settings)
 
 
+def build_worker(
+    app: web.Application, name: str, connector: Connector, config: Config
+) -> DeliveryWorker:
+    """The delivery worker of one opened connector (at start, and when a reload rebuilds it)."""
+    delivery = config.delivery
+    return DeliveryWorker(
+        name,
+        connector,
+        app[STORE],
+        RetryPolicy.from_config(delivery),
+        concurrency=config.connector_settings[name].max_concurrency,
+        lease_seconds=delivery.lease_seconds,
+        poll_interval=delivery.poll_interval,
+        coalesce=delivery.coalesce_max,
+        breaker=CircuitBreaker(
+            threshold=delivery.breaker_failures,
+            cooldown=delivery.breaker_cooldown,
+            cooldown_max=delivery.breaker_cooldown_max,
+            auth_cooldown=delivery.auth_pause,
+        ),
+        clock=app[CLOCK],
+        pace=app[LOAD].pace,
+        metrics=app[METRICS],
+    )
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = app[STORE]
@@ -294,28 +332,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     workers: dict[str, DeliveryWorker] = {}
     delivery = config.delivery
     refresher = asyncio.create_task(app[BACKLOG].refresh_forever(store, delivery.poll_interval))
+    started = False
     try:
         for name, connector in connectors.items():
             await connector.open()
-            workers[name] = DeliveryWorker(
-                name,
-                connector,
-                store,
-                RetryPolicy.from_config(delivery),
-                concurrency=config.connector_settings[name].max_concurrency,
-                lease_seconds=delivery.lease_seconds,
-                poll_interval=delivery.poll_interval,
-                coalesce=delivery.coalesce_max,
-                breaker=CircuitBreaker(
-                    threshold=delivery.breaker_failures,
-                    cooldown=delivery.breaker_cooldown,
-                    cooldown_max=delivery.breaker_cooldown_max,
-                    auth_cooldown=delivery.auth_pause,
-                ),
-                clock=app[CLOCK],
-                pace=app[LOAD].pace,
-            )
+            workers[name] = build_worker(app, name, connector, config)
         app[WORKERS].update(workers)
+        started = True
         for worker in workers.values():
             worker.start()
         app[ROUTER].start()
@@ -323,6 +346,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     finally:
         refresher.cancel()
         await app[ROUTER].stop()
+        if started:  # a reload (bridge.reload) may have replaced some: stop the current ones
+            workers = app[WORKERS].copy()
+            connectors = {name: w.connector for name, w in workers.items()}
         # All workers wait for their calls in flight at once, within one shutdown timeout.
         await asyncio.gather(*(w.stop(config.server.shutdown_timeout) for w in workers.values()))
         await asyncio.gather(refresher, return_exceptions=True)
@@ -346,6 +372,11 @@ def create_app(
     app[STORE] = store or open_store(config.store)
     app[WORKERS] = {}
 
+    def running_workers() -> dict[str, DeliveryWorker]:
+        return app[WORKERS]  # read at each scrape: a reload may replace workers
+
+    app[METRICS] = Metrics(running_workers, clock)
+
     def wake_workers(connectors: set[str]) -> None:
         for name in connectors:
             if name in app[WORKERS]:
@@ -365,5 +396,6 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/events/{event_id}", show_event)
     app.router.add_get("/status", show_status)
+    app.router.add_get("/metrics", metrics)
     app.cleanup_ctx.append(_lifecycle)
     return app

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import re
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,25 @@ from bridge.models import ClaimedGroup, Finish, IngestResult, NewEvent, Routed, 
 
 if TYPE_CHECKING:
     from bridge.config import SqliteStoreConfig
+
+
+@dataclass(frozen=True)
+class QueueStat:
+    """One connector's waiting deliveries: how many, and when the oldest pending one was made."""
+
+    pending: int = 0
+    in_flight: int = 0
+    oldest_pending_at: float | None = None  # created_at, wall-clock seconds
+
+
+@dataclass(frozen=True)
+class LastError:
+    """The most recent error of a connector's pending or dead deliveries."""
+
+    delivery_id: int
+    status: str
+    error: str
+    at: float  # when it was recorded (updated_at)
 
 
 class Store(abc.ABC):
@@ -74,6 +94,15 @@ class Store(abc.ABC):
         """Deliveries by connector and status."""
 
     @abc.abstractmethod
+    async def queue_stats(self) -> dict[str, QueueStat]:
+        """Waiting deliveries per connector (only those that have some); cheap enough to run
+        at every metrics scrape."""
+
+    @abc.abstractmethod
+    async def last_errors(self) -> dict[str, LastError]:
+        """Per connector, the most recent error of a delivery waiting for a retry or dead."""
+
+    @abc.abstractmethod
     async def dead_letters(
         self, connector: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
@@ -86,6 +115,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def purge_dead(self, before: float) -> int:
         """Delete dead deliveries last touched before `before`."""
+
+    @abc.abstractmethod
+    async def retry_now(self, connector: str, now: float) -> int:
+        """Make a connector's pending deliveries that failed before (waiting out a backoff or
+        an authentication pause) due now: a reload changed its settings or reset its breaker."""
 
 
 @cache

@@ -30,7 +30,7 @@ from bridge.models import (
     Routed,
     StoredEvent,
 )
-from bridge.store.base import Store, queries
+from bridge.store.base import LastError, QueueStat, Store, queries
 
 T = TypeVar("T")
 log = logging.getLogger("crm_bridge.store")
@@ -407,6 +407,32 @@ class SqliteStore(Store):
 
         return await self._run(read)
 
+    async def queue_stats(self) -> dict[str, QueueStat]:
+        def read(conn: sqlite3.Connection) -> dict[str, QueueStat]:
+            found: dict[str, dict[str, Any]] = {}
+            for row in conn.execute(SQL["queue_stats"]):
+                stat = found.setdefault(row["connector"], {})
+                stat[row["status"]] = row["n"]
+                if row["status"] == "pending":
+                    stat["oldest_pending_at"] = row["oldest"]
+            return {name: QueueStat(**stat) for name, stat in found.items()}
+
+        return await self._run(read)
+
+    async def last_errors(self) -> dict[str, LastError]:
+        def read(conn: sqlite3.Connection) -> dict[str, LastError]:
+            return {
+                row["connector"]: LastError(
+                    delivery_id=row["id"],
+                    status=row["status"],
+                    error=row["last_error"],
+                    at=row["updated_at"],
+                )
+                for row in conn.execute(SQL["last_errors"])
+            }
+
+        return await self._run(read)
+
     async def dead_letters(
         self, connector: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
@@ -421,3 +447,7 @@ class SqliteStore(Store):
 
     async def purge_dead(self, before: float) -> int:
         return await self._run(lambda c: c.execute(SQL["dlq_purge"], {"before": before}).rowcount)
+
+    async def retry_now(self, connector: str, now: float) -> int:
+        params = {"connector": connector, "now": now}
+        return await self._run(lambda c: c.execute(SQL["retry_now"], params).rowcount)

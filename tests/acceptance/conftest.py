@@ -18,14 +18,25 @@ import requests
 class Daemon:
     """One `crm-bridge serve` subprocess; its JSON log lines are collected as they come."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        extra_env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ) -> None:
         self.config_path = config_path
         self.logs: list[dict] = []
         self.url = ""
         self._listening = threading.Event()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("HUBSPOT_", "SALESFORCE_"))}
+        # Nor the test runner's own systemd socket: a daemon notifies only where a test says.
+        inherited = ("HUBSPOT_", "SALESFORCE_", "NOTIFY_SOCKET", "WATCHDOG_")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
+        env.update(extra_env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "serve", "--config", str(config_path), "--port", "0"],
+            [
+                *(command or [sys.executable, "-m", "bridge"]),
+                *("serve", "--config", str(config_path), "--port", "0"),
+            ],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
@@ -97,8 +108,12 @@ class Daemon:
 def daemon_factory() -> Iterator:
     started: list[Daemon] = []
 
-    def start(config_path: Path) -> Daemon:
-        daemon = Daemon(config_path)
+    def start(
+        config_path: Path,
+        extra_env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ) -> Daemon:
+        daemon = Daemon(config_path, extra_env, command)
         started.append(daemon)
         return daemon
 

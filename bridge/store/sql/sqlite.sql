@@ -44,6 +44,10 @@ CREATE TABLE IF NOT EXISTS contact_state (
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (connector, status, next_attempt_at);
 CREATE INDEX IF NOT EXISTS deliveries_by_contact ON deliveries (connector, contact_key, status);
 CREATE INDEX IF NOT EXISTS deliveries_by_event ON deliveries (event_id);
+-- Only the waiting deliveries: counting them (backlog, queue_stats) and finding the oldest
+-- stay cheap however many finished ones the table keeps.
+CREATE INDEX IF NOT EXISTS deliveries_waiting ON deliveries (connector, status, created_at)
+ WHERE status IN ('pending', 'in_flight');
 
 -- name: insert_events
 -- One multi-row statement per commit group (the VALUES rows are added in code); RETURNING
@@ -146,6 +150,20 @@ SELECT * FROM deliveries WHERE event_id = :id ORDER BY id
 -- name: counts
 SELECT connector, status, count(*) AS n FROM deliveries GROUP BY connector, status
 
+-- name: queue_stats
+-- Run at every metrics scrape, on the writer thread: it reads the partial index
+-- deliveries_waiting only (the WHERE must stay the index's for the planner to use it).
+SELECT connector, status, count(*) AS n, min(created_at) AS oldest FROM deliveries
+ WHERE status IN ('pending', 'in_flight')
+ GROUP BY connector, status
+
+-- name: last_errors
+-- The most recent error of a delivery still waiting for a retry or dead, per connector (for
+-- `crm-bridge status`; SQLite takes the bare columns from the row holding the max).
+SELECT connector, id, status, last_error, max(updated_at) AS updated_at FROM deliveries
+ WHERE status IN ('pending', 'dead') AND last_error IS NOT NULL
+ GROUP BY connector
+
 -- name: dlq_list
 SELECT d.id, d.event_id, d.rule, d.connector, d.action, d.contact_key, d.attempts,
        d.last_error, d.updated_at
@@ -161,6 +179,13 @@ SELECT * FROM deliveries WHERE id = :id
 UPDATE deliveries
    SET status = 'pending', next_attempt_at = :now, horizon_start = :now, updated_at = :now
  WHERE status = 'dead' AND (:id IS NULL OR id = :id)
+
+-- name: retry_now
+-- After a reload: what waits for a retry (attempts > 0) is due at once; new deliveries keep
+-- their coalescing delay.
+UPDATE deliveries
+   SET next_attempt_at = :now, updated_at = :now
+ WHERE connector = :connector AND status = 'pending' AND attempts > 0 AND next_attempt_at > :now
 
 -- name: dlq_purge
 DELETE FROM deliveries WHERE status = 'dead' AND updated_at < :before
