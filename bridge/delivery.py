@@ -86,7 +86,29 @@ class DeliveryWorker:
         """New work was stored: look now rather than at the next poll."""
         self._wake.set()
 
+    async def _check_credentials(self) -> None:
+        """Ask the connector to verify its credentials once, so that a refused token pauses
+        the connector (and shows in readiness) before the first delivery meets it."""
+        try:
+            await self.connector.verify()
+        except AuthenticationFailed as exc:
+            self.breaker.record_failure(str(exc), auth=True)
+            log.warning(
+                "%s refused our credentials: %s",
+                self.name,
+                exc,
+                extra={"action": "connector.auth_failed", "connector": self.name},
+            )
+        except DeliveryError as exc:
+            log.info(
+                "%s: could not verify credentials yet: %s",
+                self.name,
+                exc,
+                extra={"action": "connector.verify_failed", "connector": self.name},
+            )
+
     async def run(self) -> None:
+        await self._check_credentials()
         while not self._stopping:
             self._wake.clear()
             if (wait := self.breaker.wait_seconds()) > 0:

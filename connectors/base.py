@@ -111,6 +111,10 @@ class Connector(abc.ABC):
     async def open(self) -> None:
         """Log in and build SDK clients. Optional."""
 
+    async def verify(self) -> None:
+        """Check the credentials with one cheap call; raise `AuthenticationFailed` if the CRM
+        refuses them, so readiness shows it before the first delivery does. Optional."""
+
     async def close(self) -> None:
         """Release what `open` built. Subclasses calling super() get the pool shut down."""
         if self._executor is not None:

@@ -326,6 +326,7 @@ class HubSpotConnector(Connector):
         )
         # Each attribute access builds a new API object with a new pool: build it once.
         self._batch = client.crm.contacts.batch_api
+        self._properties = client.crm.properties.core_api
         self._contacts = client.crm.contacts.basic_api
         self._associations = client.crm.associations.v4.basic_api
         # Per object type: (basic API, batch API, the package of its models).
@@ -578,6 +579,14 @@ class HubSpotConnector(Connector):
         return await self._send(
             self._batch.upsert_with_http_info,
             batch_input_simple_public_object_batch_input_upsert=body,
+        )
+
+    async def verify(self) -> None:
+        # One small read the token must be allowed: the definition of `email`.
+        await self._send(
+            self._properties.get_by_name_with_http_info,
+            object_type="contacts",
+            property_name="email",
         )
 
     async def _send(self, call: Callable[..., Any], **kwargs: Any) -> Any:

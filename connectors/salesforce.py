@@ -420,6 +420,7 @@ class SalesforceConnector(Connector):
         self._session = _Session(self.config.timeout, verify)
         self._login_lock = threading.Lock()
         self._sf: Any = None
+        self._login_error: DeliveryError | None = None
         try:
             await self.run_blocking(self._login, None)
         except Exception as exc:
@@ -427,12 +428,18 @@ class SalesforceConnector(Connector):
             mapped = classify(exc)
             if mapped is None:
                 raise
+            self._login_error = mapped
             log.warning(
                 "salesforce %s: login failed: %s",
                 self.instance,
                 mapped,
                 extra={"action": "connector.login_failed", "connector": self.instance},
             )
+
+    async def verify(self) -> None:
+        # `open` logged in (or tried to): its outcome is the answer, no call needed.
+        if self._login_error is not None:
+            raise self._login_error
 
     async def close(self) -> None:
         self._session.close()

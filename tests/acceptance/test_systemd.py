@@ -219,9 +219,10 @@ def test_readyz_fails_on_a_refused_token_and_recovers_after_a_reload(
         def readyz():
             return daemon.session.get(f"{daemon.url}/readyz", timeout=10)
 
-        assert daemon.post(sample()).status_code == 202
+        # Unready at once: the connector verifies its token when it starts, before any event
         refused = wait_for(lambda: (r := readyz()).status_code == 503 and r.json())
         assert "hubspot" in refused["reasons"], refused
+        assert daemon.post(sample()).status_code == 202
 
         write_config(config, hubspot_emulator, CLICK_RULE, token="pat-na1-other")
         reload(daemon, notify)
@@ -230,7 +231,6 @@ def test_readyz_fails_on_a_refused_token_and_recovers_after_a_reload(
         wait_for(lambda: hubspot_emails(hubspot_emulator) == ["andrew@xoxo.capital"], timeout=10)
         (reloaded,) = wait_for(lambda: daemon.actions("config.reloaded"))
         assert reloaded["connectors_rebuilt"] == ["hubspot"]
-        assert reloaded["retried_now"] == {"hubspot": 1}
         assert readyz().status_code == 200
         assert daemon.stop() == 0
     finally:

@@ -97,7 +97,7 @@ async def test_the_sample_reaches_both_crms(bridge, hubspot_emulator, salesforce
 
 async def test_a_blip_is_retried_in_the_call(bridge, hubspot_emulator):
     client = await bridge()
-    hubspot_emulator.fail_next_server_error(2, status=503)
+    hubspot_emulator.fail_next_server_error(2, status=503, match="/batch/upsert")
     body = await send(client, sample())
     hubspot, _ = await settled(client, body["event_id"])
     assert (hubspot["status"], hubspot["attempts"]) == ("done", 1)
@@ -107,7 +107,7 @@ async def test_a_blip_is_retried_in_the_call(bridge, hubspot_emulator):
 async def test_a_longer_outage_is_rescheduled_with_its_error_kept(bridge, hubspot_emulator):
     client = await bridge()
     # in_call_attempts is 3: the fourth call is the second attempt.
-    hubspot_emulator.fail_next_server_error(3, status=503)
+    hubspot_emulator.fail_next_server_error(3, status=503, match="/batch/upsert")
     body = await send(client, sample())
 
     async def first_failure() -> dict:

@@ -63,7 +63,7 @@ async def test_an_outage_over_many_retry_steps_ends_in_one_record(tmp_path, hubs
     clock = ManualClock(start=1_700_000_000.0)
     client = await start(tmp_path, hubspot_emulator, delivery=REAL_BACKOFF, clock=clock)
     try:
-        hubspot_emulator.fail_next_server_error(8 * 3, status=503)
+        hubspot_emulator.fail_next_server_error(8 * 3, status=503, match="/batch/upsert")
         _, body, _ = await post(client, sample(first_name="Ada"))
         delays = []
         for attempt in range(1, 9):
@@ -93,7 +93,7 @@ async def test_an_outage_longer_than_the_horizon_dead_letters(tmp_path, hubspot_
     delivery = REAL_BACKOFF.replace("horizon: 86400", "horizon: 7200")
     client = await start(tmp_path, hubspot_emulator, delivery=delivery, clock=clock)
     try:
-        hubspot_emulator.fail_next_server_error(1000, status=503)
+        hubspot_emulator.fail_next_server_error(1000, status=503, match="/batch/upsert")
         _, body, _ = await post(client, sample())
         while True:
             d = await delivery_of(
@@ -229,7 +229,9 @@ async def test_repeated_failures_open_the_breaker_then_one_probe_closes_it(
     delivery = "  breaker_failures: 2\n  breaker_cooldown: 0.3"
     client = await start(tmp_path, hubspot_emulator, delivery=delivery)
     try:
-        hubspot_emulator.fail_next_server_error(6, status=503)  # two attempts of three calls
+        hubspot_emulator.fail_next_server_error(
+            6, status=503, match="/batch/upsert"
+        )  # two attempts of three calls
         _, body, _ = await post(client, sample())
 
         async def opened():
@@ -338,5 +340,40 @@ async def test_storms_end_with_one_record_per_email_and_only_bad_records_dead(
         assert counts["salesforce"].get("dead", 0) == 0
         dead = (await status(client))["deliveries"]["hubspot"].get("dead", 0)
         assert dead == 2 * len([e for i, e in enumerate(emails) if i % 10 == 0])
+    finally:
+        await client.close()
+
+
+async def test_readiness_shows_refused_credentials_before_any_delivery(tmp_path, hubspot_emulator):
+    hubspot_emulator.token = "pat-na1-rotated"
+    client = await start(tmp_path, hubspot_emulator, delivery="  auth_pause: 30")
+    try:
+
+        async def unready():
+            while (response := await client.get("/readyz")).status != 503:
+                await asyncio.sleep(0.01)
+            return await response.json()
+
+        body = await asyncio.wait_for(unready(), 20)
+        assert body["reasons"]["hubspot"].startswith("paused: HubSpot 401")
+        # one cheap call, no write: nothing was sent yet
+        assert hubspot_emulator.calls_to("GET", "/crm/v3/properties/contacts/email")
+        assert not hubspot_emulator.calls_to("POST")
+    finally:
+        await client.close()
+
+
+async def test_good_credentials_are_ready(tmp_path, hubspot_emulator):
+    client = await start(tmp_path, hubspot_emulator)
+    try:
+
+        async def verified():
+            while not hubspot_emulator.calls_to("GET", "/crm/v3/properties/contacts/email"):
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(verified(), 20)
+        response = await client.get("/readyz")
+        assert response.status == 200
+        assert await response.json() == {"ready": True, "reasons": {}}
     finally:
         await client.close()
