@@ -187,6 +187,18 @@ class DeliveryWorker:
             stale = [d for d in group.deliveries if applied is not None and d.sort_at < applied]
             fresh = [d for d in group.deliveries if d not in stale]
             if stale:
+                log.info(
+                    "%s: skipped %d deliveries older than what the CRM has",
+                    self.name,
+                    len(stale),
+                    extra={
+                        "action": "delivery.skipped",
+                        "connector": self.name,
+                        "delivery_ids": [d.id for d in stale],
+                        "event_ids": [d.event_id for d in stale],
+                        "contact_key": group.head.contact_key,
+                    },
+                )
                 finishes.append(
                     Finish(
                         delivery_ids=[d.id for d in stale],
