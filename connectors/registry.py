@@ -12,16 +12,6 @@ from connectors.base import Connector
 GROUP = "crm_bridge.connectors"
 
 
-def available() -> dict[str, type[Connector]]:
-    """Every installed connector class, by entry-point name. Loads them (imports the SDKs)."""
-    found: dict[str, type[Connector]] = {}
-    for ep in entry_points(group=GROUP):
-        cls = ep.load()
-        if not (isinstance(cls, type) and issubclass(cls, Connector)):
-            raise TypeError(f"entry point {ep.name} = {ep.value} is not a Connector class")
-        found[ep.name] = cls
-    return found
-
 
 def names() -> list[str]:
     """Installed connector names, without importing them."""
