@@ -12,7 +12,6 @@ from connectors.base import Connector
 GROUP = "crm_bridge.connectors"
 
 
-
 def names() -> list[str]:
     """Installed connector names, without importing them."""
     return sorted(ep.name for ep in entry_points(group=GROUP))
