@@ -1,10 +1,12 @@
 """Salesforce Leads and Contacts through simple-salesforce.
 
-The connector logs in itself (SOAP username + password + security token, at a configurable
-login URL: production, `test` for sandboxes, My Domain, or an emulator) and builds the client
-from the session it got, because the SDK's own re-login on expiry never stops on object-level
-calls (simple-salesforce #804). On `INVALID_SESSION_ID` it logs in again once, under a lock so
-concurrent calls share one login, and repeats the call once.
+The connector logs in itself, at a configurable login URL (production, `test` for sandboxes,
+My Domain, or an emulator): SOAP username + password + security token, OAuth client
+credentials, or OAuth JWT bearer (`auth`, or inferred from the fields given); or it uses an
+existing session. It builds the client from the session it got, because the SDK's own
+re-login on expiry never stops on object-level calls (simple-salesforce #804). On
+`INVALID_SESSION_ID` it logs in again once (every flow but an existing session), under a lock
+so concurrent calls share one login, and repeats the call once.
 
 A batch of up to 200 records costs three calls: one SOQL lookup of the emails (records that
 carry a `record_id` hint skip it), one sObject Collections update and one Collections create,
@@ -30,11 +32,13 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote, urlsplit
 
@@ -72,11 +76,40 @@ MISSING_RECORD_CODES = frozenset(
 )
 # SOQL goes out in the URL of a GET: keep each lookup well below the ~16 KB URI limit.
 MAX_SOQL_CHARS = 6000
-LOOKUP_SOQL = "SELECT Id, Email FROM {:literal} WHERE Email IN {} ORDER BY CreatedDate ASC, Id ASC"
-# The record an activity is logged on: the oldest with the key, as upserts update the oldest.
-WHO_SOQL = (
-    "SELECT Id FROM {:literal} WHERE {:literal} = {} ORDER BY CreatedDate ASC, Id ASC LIMIT 1"
+LOOKUP_SOQL = "SELECT {:literal} FROM {:literal} WHERE Email IN {} ORDER BY {:literal}"
+# The record an activity is logged on: the one upserts update (the `tie_break`).
+WHO_SOQL = "SELECT Id FROM {:literal} WHERE {:literal} = {} ORDER BY {:literal} LIMIT 1"
+WHO_LEAD_SOQL = (
+    "SELECT Id, IsConverted, ConvertedContactId FROM Lead WHERE {:literal} = {} "
+    "ORDER BY {:literal} LIMIT 200"
 )
+# Which record an email lookup picks when several have the email (`tie_break`).
+TIE_BREAK_ORDER = {
+    "oldest": "CreatedDate ASC, Id ASC",
+    "newest": "CreatedDate DESC, Id DESC",
+    "most_recently_modified": "LastModifiedDate DESC, Id DESC",
+}
+# Standard Lead fields a Contact does not have: left out when a lead rule's record is written
+# to a Contact instead (a converted Lead's Contact, or `target: contact_else_lead`).
+LEAD_ONLY_FIELDS = frozenset(
+    {
+        "Company",
+        "Status",
+        "Website",
+        "Industry",
+        "NumberOfEmployees",
+        "AnnualRevenue",
+        "Rating",
+        "IsUnreadByOwner",
+    }
+)
+# Update errors that say the hinted record cannot take this write: find it by email instead.
+CONVERTED_CODES = frozenset({"CANNOT_UPDATE_CONVERTED_LEAD"})
+OAUTH_TOKEN_PATH = "/services/oauth2/token"
+JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+JWT_LIFETIME_SECONDS = 180  # what simple-salesforce uses; Salesforce allows at most 3 minutes
+ASSIGNMENT_RULE_ID = re.compile(r"01Q[a-zA-Z0-9]{12}(?:[a-zA-Z0-9]{3})?")
+AuthFlow = Literal["soap", "client_credentials", "jwt", "session"]
 TASKS_SOQL = "SELECT Id, Description FROM Task WHERE WhoId = {} AND Subject = {}"
 # Id prefixes of the objects a Task's WhoId may name: a hint of another object is ignored.
 WHO_PREFIXES = {"Lead": "00Q", "Contact": "003"}
@@ -97,8 +130,18 @@ DESCRIPTION_MAX = 32000  # Task.Description (a long text area)
 UNSURE_KEYS_MAX = 10000
 
 
+def _secret(value: SecretStr | None) -> str:
+    return value.get_secret_value() if value is not None else ""
+
+
 class SalesforceConfig(ConnectorConfig):
     type: Literal["salesforce"] = "salesforce"
+    # How to log in; None: inferred from the fields given (see `flow`).
+    #   soap: username + password (+ security_token), SOAP login at `login_url`;
+    #   client_credentials: consumer_key + consumer_secret, OAuth at `login_url` (a My Domain);
+    #   jwt: username + consumer_key + private_key_file (PEM, RSA), OAuth JWT bearer;
+    #   session: session_id + instance_url, cannot be renewed when it expires.
+    auth: AuthFlow | None = None
     username: str | None = None
     password: SecretStr | None = None
     security_token: SecretStr | None = None  # empty for trusted-IP users
@@ -107,7 +150,26 @@ class SalesforceConfig(ConnectorConfig):
     # Or an existing session: it cannot be renewed when it expires.
     session_id: SecretStr | None = None
     instance_url: str | None = None
+    # The connected app (OAuth flows); tokens come from `login_url` + /services/oauth2/token.
+    consumer_key: str | None = None
+    consumer_secret: SecretStr | None = None
+    private_key_file: Path | None = None  # jwt: the connected app certificate's private key
+    # jwt: the assertion's `aud`; None: https://test.salesforce.com for sandboxes, else
+    # https://login.salesforce.com for Salesforce hosts, else `login_url` itself.
+    jwt_audience: str | None = None
     api_version: str = "59.0"
+    # Which object a record goes to: the rule's (`rule`), always `lead` or `contact`, or
+    # `contact_else_lead`: update the Contact with the email if there is one, else upsert a
+    # Lead. Records keyed by an external-id field always go to the rule's object.
+    target: Literal["rule", "lead", "contact", "contact_else_lead"] = "rule"
+    # Which record an email lookup updates when several have the email.
+    tie_break: Literal["oldest", "newest", "most_recently_modified"] = "oldest"
+    # Save even when a duplicate rule alerts (Sforce-Duplicate-Rule-Header: allowSave=true);
+    # false: the record fails with PermanentDelivery, detail["duplicates"] naming the matches.
+    allow_save_on_duplicates: bool = False
+    # Lead assignment on create (Sforce-Auto-Assign): `default` (the active rule), `none`, or
+    # an assignment rule id (01Q...). None: no header (Salesforce's own default).
+    assignment_rule: str | None = None
     # Stop calling once the org's rolling 24-hour API usage reaches this share of its daily
     # allocation (0.9: stop at 90%, leaving 10% to the org's other integrations); look again
     # an hour later.
@@ -122,16 +184,76 @@ class SalesforceConfig(ConnectorConfig):
     # does not miss a write that lands just after it.
     activity_settle_seconds: float = Field(default=60.0, gt=0)
 
+    @property
+    def flow(self) -> AuthFlow | None:
+        """`auth`, or the flow the given fields imply; None: nothing to log in with."""
+        if self.auth is not None:
+            return self.auth
+        if _secret(self.session_id):
+            return "session"
+        if self.private_key_file is not None:
+            return "jwt"
+        if self.consumer_key and _secret(self.consumer_secret) and not self.username:
+            return "client_credentials"
+        if self.username and _secret(self.password):
+            return "soap"
+        return None
+
     @model_validator(mode="after")
-    def _session_needs_instance(self) -> SalesforceConfig:
-        if self.session_id and self.session_id.get_secret_value() and not self.instance_url:
-            raise ValueError("session_id needs instance_url")
+    def _flow_has_its_fields(self) -> SalesforceConfig:
+        flow = self.flow
+        required: dict[str, tuple[str, ...]] = {
+            "session": ("session_id", "instance_url"),
+            "soap": ("username", "password"),
+            "client_credentials": ("consumer_key", "consumer_secret"),
+            "jwt": ("username", "consumer_key", "private_key_file"),
+        }
+        if flow is not None:
+            missing = [
+                name
+                for name in required[flow]
+                if not (
+                    _secret(value) if isinstance(value := getattr(self, name), SecretStr) else value
+                )
+            ]
+            if missing:
+                raise ValueError(f"auth {flow} needs {', '.join(missing)}")
+        if flow == "jwt" and self.private_key_file and not self.private_key_file.is_file():
+            raise ValueError(f"private_key_file {self.private_key_file} is not a file")
+        rule = self.assignment_rule
+        if rule is not None and rule not in ("default", "none"):
+            if not ASSIGNMENT_RULE_ID.fullmatch(rule):
+                raise ValueError(
+                    "assignment_rule is default, none or an assignment rule id (01Q...)"
+                )
         return self
 
     def has_credentials(self) -> bool:
-        session = bool(self.session_id and self.session_id.get_secret_value())
-        password = bool(self.username and self.password and self.password.get_secret_value())
-        return session or password
+        return self.flow is not None
+
+    def create_headers(self) -> dict[str, str]:
+        """Headers of requests that may create records."""
+        headers = self.write_headers()
+        if self.assignment_rule is not None:
+            value = {"default": "TRUE", "none": "FALSE"}.get(self.assignment_rule)
+            headers["Sforce-Auto-Assign"] = value or self.assignment_rule
+        return headers
+
+    def write_headers(self) -> dict[str, str]:
+        """Headers of every create or update (duplicate rules run on both)."""
+        if self.allow_save_on_duplicates:
+            return {"Sforce-Duplicate-Rule-Header": "allowSave=true"}
+        return {}
+
+    def audience(self) -> str:
+        if self.jwt_audience:
+            return self.jwt_audience
+        host = urlsplit(self.login_url).hostname or ""
+        if host == "test.salesforce.com" or host.endswith(".sandbox.my.salesforce.com"):
+            return "https://test.salesforce.com"
+        if host.endswith(".salesforce.com"):
+            return "https://login.salesforce.com"
+        return self.login_url.rstrip("/")
 
 
 class _Session(requests.Session):
@@ -212,7 +334,7 @@ def _required_for_create(obj: str, fields: dict[str, Any], email: str) -> dict[s
 class _Item:
     """One record of a batch: the merged fields of every input naming it."""
 
-    obj: str  # "Lead" or "Contact"
+    obj: str  # "Lead" or "Contact": the object written
     id_property: str  # "Email" or an external-id field
     id_value: str
     fields: dict[str, Any]
@@ -220,6 +342,19 @@ class _Item:
     hint: str | None = None
     target: str | None = None  # the Id to update; None: create
     by_hint: bool = False  # target came from the hint, not from a lookup
+    base_obj: str = ""  # the object to write (Lead for contact_else_lead); "": obj
+    contact_first: bool = False  # contact_else_lead: a Contact with the email wins
+    rule_obj: str = ""  # the object the rule named (its fields are for it); "": obj
+
+    def __post_init__(self) -> None:
+        self.base_obj = self.base_obj or self.obj
+        self.rule_obj = self.rule_obj or self.obj
+
+    def record_fields(self) -> dict[str, Any]:
+        """The fields to write: a lead rule's record going to a Contact loses Lead-only ones."""
+        if self.obj == "Contact" and self.rule_obj == "Lead":
+            return {k: v for k, v in self.fields.items() if k not in LEAD_ONLY_FIELDS}
+        return self.fields
 
     @property
     def by_email(self) -> bool:
@@ -230,7 +365,7 @@ class _Item:
         return self.id_value.strip().lower()
 
 
-def _items(leads: list[LeadUpsert]) -> list[_Item]:
+def _items(leads: list[LeadUpsert], target: str = "rule") -> list[_Item]:
     """One item per record, in first-seen order.
 
     The caller sends one input per record; if it does not, the duplicates are merged in order
@@ -239,36 +374,56 @@ def _items(leads: list[LeadUpsert]) -> list[_Item]:
     """
     merged: dict[tuple[str, str, str], _Item] = {}
     for position, lead in enumerate(leads):
-        obj = "Lead" if lead.object == "lead" else "Contact"
         id_property = lead.id_property or "Email"
         email_mode = id_property.lower() == "email"
+        wanted = lead.object if target == "rule" or not email_mode else target
+        obj = "Contact" if wanted == "contact" else "Lead"
         # Salesforce compares emails case-insensitively; external ids may be case-sensitive.
         value = lead.id_value.strip().lower() if email_mode else lead.id_value
         key = (obj, "email" if email_mode else id_property, value)
         if key not in merged:
-            merged[key] = _Item(obj, id_property, lead.id_value, {}, [])
+            contact_first = wanted == "contact_else_lead"
+            rule_obj = "Contact" if lead.object == "contact" else "Lead"
+            merged[key] = _Item(
+                obj,
+                id_property,
+                lead.id_value,
+                {},
+                [],
+                contact_first=contact_first,
+                rule_obj=rule_obj,
+            )
         item = merged[key]
         item.fields.update(lead.fields)
         if email_mode:
             item.fields.setdefault("Email", lead.id_value)
-        item.hint = item.hint or lead.record_id
+        hint = lead.record_id
+        # A hint of another object than the one written is no hint (contact_else_lead: either).
+        if hint and (item.contact_first or hint.startswith(WHO_PREFIXES[obj])):
+            item.hint = item.hint or hint
         item.positions.append(position)
     return list(merged.values())
 
 
-def _soql_chunks(obj: str, emails: list[str]) -> list[str]:
-    """Lookups of `emails`, as few as fit in MAX_SOQL_CHARS each."""
+def _soql_chunks(obj: str, emails: list[str], order: str = TIE_BREAK_ORDER["oldest"]) -> list[str]:
+    """Lookups of `emails`, as few as fit in MAX_SOQL_CHARS each, sorted by `order`."""
     from simple_salesforce.format import format_soql
+
+    # A converted Lead is never updated: its Contact is, so the lookup reads where it went.
+    fields = "Id, Email, IsConverted, ConvertedContactId" if obj == "Lead" else "Id, Email"
+
+    def soql(chunk: list[str]) -> str:
+        return format_soql(LOOKUP_SOQL, fields, obj, chunk, order)
 
     queries: list[str] = []
     chunk: list[str] = []
     for email in emails:
-        if chunk and len(format_soql(LOOKUP_SOQL, obj, [*chunk, email])) > MAX_SOQL_CHARS:
-            queries.append(format_soql(LOOKUP_SOQL, obj, chunk))
+        if chunk and len(soql([*chunk, email])) > MAX_SOQL_CHARS:
+            queries.append(soql(chunk))
             chunk = []
         chunk.append(email)
     if chunk:
-        queries.append(format_soql(LOOKUP_SOQL, obj, chunk))
+        queries.append(soql(chunk))
     return queries
 
 
@@ -278,6 +433,8 @@ def _record_errors(exc: Exception) -> list[dict[str, Any]]:
     if isinstance(content, list) and content and all(isinstance(e, dict) for e in content):
         return [
             {
+                # Extra keys (duplicateResult of DUPLICATES_DETECTED) are kept.
+                **{k: v for k, v in e.items() if k not in ("errorCode", "message", "fields")},
                 "statusCode": e.get("errorCode", ""),
                 "message": e.get("message", ""),
                 "fields": e.get("fields") or [],
@@ -285,7 +442,10 @@ def _record_errors(exc: Exception) -> list[dict[str, Any]]:
             for e in content
         ]
     if getattr(exc, "status", None) == 300:  # an external id matching several records
-        return [{"statusCode": "MULTIPLE_CHOICES", "message": f"several records: {content}"}]
+        urls = content if isinstance(content, list) else []
+        ids = [str(u).rstrip("/").rsplit("/", 1)[-1] for u in urls]
+        message = f"the external id matches {len(ids)} records: {', '.join(ids)}"
+        return [{"statusCode": "MULTIPLE_CHOICES", "message": message, "matches": ids}]
     return [{"statusCode": "", "message": _first_error(content)[1]}]
 
 
@@ -294,7 +454,7 @@ def _is_missing(result: dict[str, Any]) -> bool:
     errors = result.get("errors") or []
     return bool(errors) and all(
         isinstance(e, dict)
-        and e.get("statusCode") in MISSING_RECORD_CODES
+        and e.get("statusCode") in MISSING_RECORD_CODES | CONVERTED_CODES
         and set(e.get("fields") or []) <= {"Id"}
         for e in errors
     )
@@ -310,7 +470,31 @@ def _outcome(result: dict[str, Any], record_id: str | None, created: bool | None
     text = f"Salesforce {code}: {first.get('message', '')}".replace("  ", " ")
     if code in RETRYABLE_RECORD_CODES:
         return RetryableDelivery(text)
-    return PermanentDelivery(text, detail={"errors": errors})
+    detail: dict[str, Any] = {"errors": errors}
+    if code == "DUPLICATES_DETECTED":
+        detail["duplicates"] = _duplicate_ids(errors)
+    elif code in ("MULTIPLE_CHOICES", "DUPLICATE_EXTERNAL_ID"):
+        # Never a guess: the records the external id matches, for a person to merge.
+        matches = first.get("matches") or re.findall(
+            r"\b[a-zA-Z0-9]{18}\b|\b[a-zA-Z0-9]{15}\b",
+            str(first.get("message", "")).partition("[")[2],
+        )
+        if matches:
+            detail["matches"] = list(matches)
+    return PermanentDelivery(text, detail=detail)
+
+
+def _duplicate_ids(errors: list[Any]) -> list[str]:
+    """The ids of the records a duplicate rule matched, from DUPLICATES_DETECTED errors."""
+    ids: list[str] = []
+    for error in errors:
+        result = error.get("duplicateResult") if isinstance(error, dict) else None
+        for match in (result or {}).get("matchResults") or []:
+            for found in match.get("matchRecords") or []:
+                record_id = (found.get("record") or {}).get("Id")
+                if record_id and record_id not in ids:
+                    ids.append(str(record_id))
+    return ids
 
 
 def _marker(key: str) -> str:
@@ -363,11 +547,20 @@ def _query_more(sf: Any, url: str) -> Any:
     return sf.query_more(url, identifier_is_url=True)
 
 
-def _collection(sf: Any, path: str, method: str, records: list[dict[str, Any]]) -> Any:
-    return sf.restful(path, method=method, json={"allOrNone": False, "records": records})
+def _collection(
+    sf: Any,
+    path: str,
+    method: str,
+    records: list[dict[str, Any]],
+    headers: dict[str, str] | None = None,
+) -> Any:
+    body = {"allOrNone": False, "records": records}
+    return sf.restful(path, method=method, json=body, headers=headers or {})
 
 
-def _write_one(sf: Any, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+def _write_one(
+    sf: Any, method: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     """One record by the single-record route, answered like a Collections result."""
     from simple_salesforce.exceptions import (
         SalesforceMalformedRequest,
@@ -376,7 +569,7 @@ def _write_one(sf: Any, method: str, path: str, body: dict[str, Any]) -> dict[st
     )
 
     try:
-        answer = sf.restful(path, method=method, json=body)
+        answer = sf.restful(path, method=method, json=body, headers=headers or {})
     except (
         SalesforceMalformedRequest,
         SalesforceResourceNotFound,
@@ -454,13 +647,16 @@ class SalesforceConnector(Connector):
             if self._sf is not None and self._sf is not stale:
                 return self._sf
             cfg = self.config
-            if cfg.session_id and cfg.session_id.get_secret_value():
+            flow = cfg.flow
+            if flow == "session":
                 if stale is not None:
                     from simple_salesforce.exceptions import SalesforceExpiredSession
 
                     raise SalesforceExpiredSession(cfg.instance_url or "", 401, "session", b"")
-                session_id = cfg.session_id.get_secret_value()
+                session_id = _secret(cfg.session_id)
                 instance = urlsplit(cfg.instance_url or "").netloc
+            elif flow in ("client_credentials", "jwt"):
+                session_id, instance = self._oauth_token(flow)
             else:
                 session_id, instance = SalesforceLogin(
                     username=cfg.username,
@@ -479,6 +675,58 @@ class SalesforceConnector(Connector):
                 version=cfg.api_version,
             )
             return self._sf
+
+    def _oauth_token(self, flow: str) -> tuple[str, str]:
+        """A token by OAuth client credentials or JWT bearer from `login_url`'s token endpoint.
+
+        simple-salesforce would build the token URL from `domain` (never a port, never an
+        emulator): the connector asks for the token itself and builds the client from it.
+        """
+        from simple_salesforce.exceptions import SalesforceAuthenticationFailed
+
+        cfg = self.config
+        url = cfg.login_url.rstrip("/") + OAUTH_TOKEN_PATH
+        if flow == "client_credentials":
+            basic = (cfg.consumer_key or "", _secret(cfg.consumer_secret))
+            form = {"grant_type": "client_credentials"}
+            response = self._session.post(url, data=form, auth=basic)
+        else:
+            import jwt
+
+            claims = {
+                "iss": cfg.consumer_key,
+                "sub": cfg.username,
+                "aud": cfg.audience(),
+                "exp": int(time.time()) + JWT_LIFETIME_SECONDS,
+            }
+            try:  # read at each login: a rotated key file is picked up
+                key = Path(cfg.private_key_file or "").read_bytes()
+                assertion = jwt.encode(claims, key, algorithm="RS256")
+            except (OSError, ValueError, TypeError, jwt.PyJWTError) as exc:
+                raise SalesforceAuthenticationFailed(
+                    "private_key", f"cannot sign the JWT with {cfg.private_key_file}: {exc}"
+                ) from exc
+            response = self._session.post(
+                url, data={"grant_type": JWT_GRANT, "assertion": assertion}
+            )
+        if response.status_code >= 500:
+            response.raise_for_status()  # requests.HTTPError: retryable
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        body = body if isinstance(body, dict) else {}
+        if response.status_code != 200 or not body.get("access_token"):
+            raise SalesforceAuthenticationFailed(
+                body.get("error") or response.status_code,
+                str(body.get("error_description") or response.text[:200]),
+            )
+        instance = urlsplit(str(body.get("instance_url") or "")).netloc
+        if not instance:
+            raise SalesforceAuthenticationFailed(
+                "no_instance", "the token came without instance_url"
+            )
+        return str(body["access_token"]), instance
 
     # -- one HTTP call: daily guard, limiter, session, usage ----------------------------------
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -567,7 +815,7 @@ class SalesforceConnector(Connector):
         """
 
         async def send(outcomes: Outcomes) -> None:
-            items = _items(leads)
+            items = _items(leads, self.config.target)
             for start in range(0, len(items), self.max_batch):
                 await self._upsert_batch(items[start : start + self.max_batch], outcomes)
 
@@ -581,10 +829,12 @@ class SalesforceConnector(Connector):
         for (obj, id_field), group in by_external_id.items():
             await self._upsert_by_external_id(obj, id_field, group, outcomes)
 
-        # Email is not unique in Salesforce: update the oldest record with it, or create one.
+        # Email is not unique in Salesforce: update one record with it (`tie_break`), or create.
         by_email = [i for i in items if i.by_email]
         for item in by_email:
             item.target, item.by_hint = item.hint, item.hint is not None
+            if item.hint and item.contact_first:
+                item.obj = "Contact" if item.hint.startswith(WHO_PREFIXES["Contact"]) else "Lead"
         await self._look_up([i for i in by_email if not i.by_hint])
         stale = await self._save(by_email, outcomes)
         if stale:  # hinted records that are gone: find them by email after all
@@ -592,21 +842,49 @@ class SalesforceConnector(Connector):
             await self._save(stale, outcomes)
 
     async def _look_up(self, items: list[_Item]) -> None:
-        """Set each item's target to the oldest record with its email, in one query per object."""
-        for obj in sorted({i.obj for i in items}):
-            wanted = [i for i in items if i.obj == obj]
-            found: dict[str, str] = {}
-            for soql in _soql_chunks(obj, list(dict.fromkeys(i.email_key for i in wanted))):
-                page = await self._call(_query, soql)
-                while True:
-                    for record in page.get("records", []):
-                        # Sorted oldest first: keep the first record seen per email.
-                        found.setdefault(str(record.get("Email") or "").lower(), record["Id"])
-                    if page.get("done", True) or not page.get("nextRecordsUrl"):
-                        break
-                    page = await self._call(_query_more, page["nextRecordsUrl"])
-            for item in wanted:
-                item.target = found.get(item.email_key)
+        """Set each item's object and target: the record with its email that `tie_break`
+        picks, in one query per object; None: create one.
+
+        `contact_else_lead` items look among Contacts first, then among Leads. A converted
+        Lead is never the target: an unconverted Lead with the email is, else the converted
+        Lead's Contact.
+        """
+        for item in items:
+            item.obj = "Contact" if item.contact_first else item.base_obj
+        contacts = [i for i in items if i.obj == "Contact"]
+        found = await self._find_by_email("Contact", contacts)
+        for item in contacts:
+            item.target = found.get(item.email_key)
+            if item.contact_first and item.target is None:
+                item.obj = "Lead"
+        leads = [i for i in items if i.obj == "Lead"]
+        found = await self._find_by_email("Lead", leads)
+        for item in leads:
+            item.target = found.get(item.email_key)
+            if item.target and item.target.startswith(WHO_PREFIXES["Contact"]):
+                item.obj = "Contact"  # the Contact a converted Lead became
+
+    async def _find_by_email(self, obj: str, items: list[_Item]) -> dict[str, str]:
+        """Email (lower case) -> the id of the record to update ("003…" for converted Leads)."""
+        if not items:
+            return {}
+        order = TIE_BREAK_ORDER[self.config.tie_break]
+        found: dict[str, str] = {}
+        converted: dict[str, str] = {}
+        for soql in _soql_chunks(obj, list(dict.fromkeys(i.email_key for i in items)), order):
+            page = await self._call(_query, soql)
+            while True:
+                for record in page.get("records", []):
+                    # Sorted by the tie-break: keep the first record seen per email.
+                    email = str(record.get("Email") or "").lower()
+                    if not record.get("IsConverted"):
+                        found.setdefault(email, record["Id"])
+                    elif record.get("ConvertedContactId"):
+                        converted.setdefault(email, str(record["ConvertedContactId"]))
+                if page.get("done", True) or not page.get("nextRecordsUrl"):
+                    break
+                page = await self._call(_query_more, page["nextRecordsUrl"])
+        return converted | found
 
     async def _save(self, items: list[_Item], outcomes: Outcomes) -> list[_Item]:
         """Update the items that have a target, create the others.
@@ -618,16 +896,17 @@ class SalesforceConnector(Connector):
         updates = sorted((i for i in items if i.target), key=lambda i: i.obj)
         creates = sorted((i for i in items if not i.target), key=lambda i: i.obj)
         if updates:
-            records = [{"Id": i.target, **i.fields} for i in updates]
+            records = [{"Id": i.target, **i.record_fields()} for i in updates]
             results = await self._write("PATCH", updates, records)
             for item, result in zip(updates, results, strict=True):
                 if item.by_hint and not result.get("success") and _is_missing(result):
+                    # Gone, or a converted Lead: look for the record (or its Contact) by email.
                     item.target, item.by_hint = None, False
                     stale.append(item)
                 else:
                     self._settle(item, _outcome(result, item.target, created=False), outcomes)
         if creates:
-            records = [_required_for_create(i.obj, i.fields, i.id_value) for i in creates]
+            records = [_required_for_create(i.obj, i.record_fields(), i.id_value) for i in creates]
             results = await self._write("POST", creates, records)
             for item, result in zip(creates, results, strict=True):
                 self._settle(item, _outcome(result, None, created=True), outcomes)
@@ -642,13 +921,17 @@ class SalesforceConnector(Connector):
         if len(items) == 1:
             (item,) = items
             path = f"sobjects/{obj}/{format_external_id(id_field, item.id_value)}"
-            results = [await self._call(_write_one, "PATCH", path, item.fields)]
+            headers = self.config.create_headers()  # an upsert may create
+            results = [await self._call(_write_one, "PATCH", path, item.fields, headers)]
         else:
             records = [
                 {"attributes": {"type": obj}, **i.fields, id_field: i.id_value} for i in items
             ]
             path = f"composite/sobjects/{obj}/{id_field}"
-            results = self._checked(await self._call(_collection, path, "PATCH", records), items)
+            headers = self.config.create_headers()
+            results = self._checked(
+                await self._call(_collection, path, "PATCH", records, headers), items
+            )
         for item, result in zip(items, results, strict=True):
             # Before API 46 a single upsert answered 201 {id} when it created, 204 otherwise.
             created = result.get("created", bool(result.get("id")))
@@ -658,17 +941,20 @@ class SalesforceConnector(Connector):
         self, method: Literal["POST", "PATCH"], items: list[_Item], records: list[dict[str, Any]]
     ) -> list[dict[str, Any]]:
         """Create (POST) or update (PATCH, records carry Id) `items`; one result per item."""
+        cfg = self.config
+        headers = cfg.create_headers() if method == "POST" else cfg.write_headers()
         if len(items) == 1:
             (item,), (record,) = items, records
             if method == "POST":
-                return [await self._call(_write_one, method, f"sobjects/{item.obj}/", record)]
+                path = f"sobjects/{item.obj}/"
+                return [await self._call(_write_one, method, path, record, headers)]
             body = {k: v for k, v in record.items() if k != "Id"}
             path = f"sobjects/{item.obj}/{quote(str(record['Id']), safe='')}"
-            result = await self._call(_write_one, method, path, body)
+            result = await self._call(_write_one, method, path, body, headers)
             return [{"id": record["Id"], **result}]
         typed = [{"attributes": {"type": i.obj}, **r} for i, r in zip(items, records, strict=True)]
         return self._checked(
-            await self._call(_collection, "composite/sobjects", method, typed), items
+            await self._call(_collection, "composite/sobjects", method, typed, headers), items
         )
 
     # -- activities --------------------------------------------------------------------------------
@@ -678,11 +964,14 @@ class SalesforceConnector(Connector):
         The result's `record_id` is the Lead's or Contact's id (the store remembers it for the
         record's next deliveries); the Task's id is in `detail["activity_id"]`.
         """
-        obj = "Lead" if activity.object == "lead" else "Contact"
+        target = self.config.target
+        wanted = activity.object if target in ("rule", "contact_else_lead") else target
+        obj = "Lead" if wanted == "lead" else "Contact"
         # Look before creating on a redelivery, or after a create whose answer never came.
         look = activity.attempt > 1 or activity.key in self._unsure
         hint = activity.record_id
-        if hint and hint.startswith(WHO_PREFIXES[obj]):
+        either = target == "contact_else_lead"
+        if hint and (hint.startswith(WHO_PREFIXES[obj]) or either):
             logged = await self._log_on(hint, activity, look)
             if logged is not None:
                 return logged
@@ -695,20 +984,35 @@ class SalesforceConnector(Connector):
         return logged
 
     async def _who(self, obj: str, activity: Activity) -> str:
-        """The oldest Lead or Contact with the activity's key (its email by default)."""
+        """The Lead or Contact with the activity's key (its email by default) that upserts
+        update: `tie_break`, `contact_else_lead` (a Contact first), and a converted Lead's
+        Contact rather than the converted Lead."""
         from simple_salesforce.format import format_soql
 
         id_field = activity.id_property or "Email"
         value = activity.id_value.strip()
-        page = await self._call(_query, format_soql(WHO_SOQL, obj, id_field, value))
-        records = page.get("records") or []
-        if not records:
-            raise PermanentDelivery(
-                f"no Salesforce {obj} with {id_field} {value} to log the activity on: "
-                f"the rules must upsert the {obj.lower()} first",
-                detail={"object": obj, "id_field": id_field, "id_value": value},
-            )
-        return str(records[0]["Id"])
+        order = TIE_BREAK_ORDER[self.config.tie_break]
+        email_mode = id_field.lower() == "email"
+        objects = ["Contact", obj] if self.config.target == "contact_else_lead" else [obj]
+        for name in dict.fromkeys(objects):
+            if name == "Lead":  # a converted Lead's Task belongs on its Contact
+                soql = format_soql(WHO_LEAD_SOQL, id_field, value, order)
+            else:
+                soql = format_soql(WHO_SOQL, name, id_field, value, order)
+            records = (await self._call(_query, soql)).get("records") or []
+            open_ones = [r for r in records if not r.get("IsConverted")]
+            converted = [r["ConvertedContactId"] for r in records if r.get("ConvertedContactId")]
+            if open_ones:
+                return str(open_ones[0]["Id"])
+            if converted:
+                return str(converted[0])
+            if not email_mode:
+                break  # an external id belongs to the rule's object only
+        raise PermanentDelivery(
+            f"no Salesforce {obj} with {id_field} {value} to log the activity on: "
+            f"the rules must upsert the {obj.lower()} first",
+            detail={"object": obj, "id_field": id_field, "id_value": value},
+        )
 
     async def _log_on(self, who: str, activity: Activity, look: bool) -> DeliveryResult | None:
         """Find or create the Task on `who`; None when `who` is not there."""

@@ -102,12 +102,15 @@ class ServerThread:
             self._ready.set()
             await self._stop_event.wait()
         finally:
-            transports = [c.transport for c in (runner.server.connections if runner.server else [])]
+            server = runner.server
+            transports = [c.transport for c in (server.connections if server else [])]
             await runner.cleanup()
             # A TLS close waits for the peer's close_notify, which pooled SDK clients never
-            # send; abort what is left so the loop does not close over live sockets.
+            # send; abort what is left so the loop does not close over live sockets. Connections
+            # accepted while stopping are only in the list after the cleanup.
+            transports += [c.transport for c in (server.connections if server else [])]
             for transport in transports:
-                if transport is not None:
+                if transport is not None and not transport.is_closing():
                     transport.abort()
             await asyncio.sleep(0)
 

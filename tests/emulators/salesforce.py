@@ -42,6 +42,7 @@ ORG_ID = "00D000000000001"
 USER_ID = "005000000000001AAA"
 PARTNER_NS = "urn:partner.soap.sforce.com"
 HTML = "text/html;charset=UTF-8"
+AUDIT_DATES = ("CreatedDate", "LastModifiedDate", "SystemModstamp")
 NOT_FOUND = [{"errorCode": "NOT_FOUND", "message": "The requested resource does not exist"}]
 INVALID_SESSION = [{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}]
 DAILY_LIMIT = [{"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}]
@@ -413,7 +414,10 @@ class SalesforceEmulator(EmulatorBase):
         with self.lock:
             sobj = self.schema[obj]
             clean = {(f.name if (f := sobj.field(k)) else k): v for k, v in fields.items()}
-            return str(self._insert(sobj, clean)["Id"])
+            record = self._insert(sobj, clean)
+            # Audit dates given here are kept (older or newer records for ordering tests).
+            record.update({k: clean[k] for k in AUDIT_DATES if k in clean})
+            return str(record["Id"])
 
     def delete(self, record_id: str) -> None:
         """Delete a record directly, to the recycle bin: ``queryAll`` still sees it and writes
@@ -718,6 +722,8 @@ class SalesforceEmulator(EmulatorBase):
     ) -> list[SfError]:
         if not isinstance(body, dict):
             return [not_json()]
+        if sobj.name == "Lead" and record.get("IsConverted"):
+            return [SfError("CANNOT_UPDATE_CONVERTED_LEAD", "cannot reference converted lead", [])]
         if self._locked.get(record["Id"], 0) > 0:
             self._locked[record["Id"]] -= 1
             message = (

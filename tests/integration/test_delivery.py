@@ -205,7 +205,7 @@ async def test_a_burst_within_the_window_becomes_one_write(bridge, hubspot_emula
 
 async def test_one_crm_down_does_not_delay_the_other(bridge, hubspot_emulator, salesforce_emulator):
     client = await bridge()
-    hubspot_emulator.stop()
+    hubspot_emulator.fail_next_server_error(100_000, status=503)  # HubSpot is down
     body = await send(client, sample())
 
     async def salesforce_done() -> list[dict]:

@@ -111,7 +111,7 @@ async def test_an_outage_longer_than_the_horizon_dead_letters(tmp_path, hubspot_
 
 async def test_a_full_queue_answers_503_with_retry_after(tmp_path, hubspot_emulator):
     client = await start(tmp_path, hubspot_emulator, delivery="  max_backlog: 3")
-    hubspot_emulator.stop()  # nothing drains
+    hubspot_emulator.fail_next_server_error(100_000, status=503)  # nothing drains
     try:
         statuses = []
         for i in range(5):

@@ -67,7 +67,7 @@ def test_every_problem_is_reported_at_once():
     )
     assert problems(text) == [
         "config.yaml:5:5: connectors.hubspot.type: unknown connector type 'hubspto'"
-        " (did you mean `hubspot`?); installed: hubspot, salesforce",
+        " (did you mean `hubspot`?); installed: http, hubspot, salesforce",
         "config.yaml:10:5: rules[0].connector: no connector named 'hubspt'"
         " (did you mean `hubspot`?); configured: hubspot",
     ]
