@@ -18,6 +18,26 @@ create whose answer never came, first lists the contact's notes or tasks (v4 ass
 a page) and reads their bodies newest first (batch read, 100 a call) and creates nothing if one
 carries the key.
 
+Contact properties are checked and coerced before they are sent, against the portal's own
+definitions (GET /crm/v3/properties/contacts, cached; the cache is emptied by `open`, expires
+after `property_cache_seconds` and is reloaded once, at most every minute, when it refuses a
+value). Booleans, numbers, dates and datetimes go out in HubSpot's formats; a None clears the
+property (HubSpot's empty string). With `validate_properties` an unknown or read-only property,
+a value that is not one of an enumeration's options or not of the property's type is refused
+before sending, naming the field, the value and what is allowed; without it such a value goes
+out as given and HubSpot's own 400 refuses the record.
+
+`lifecyclestage` only moves forward in HubSpot, which silently ignores a backward write. The
+contact's current stage is read first (a GET by its id property); a backward value is left out
+and noted in the result's detail, or, with `lifecycle_demotion`, cleared (PATCH "") then set.
+
+A 409 "Contact already exists. Existing ID: <id>" on a create becomes an update of that contact.
+
+With `oauth` instead of `access_token` the connector takes an access token from
+POST /oauth/v1/token (grant_type=refresh_token), renews it shortly before it expires and once
+when a call gets a 401, under a lock, and writes it into every SDK API object's configuration
+(the SDK copies the token there when it builds them and reads it on each request).
+
 Every HTTP call first waits on `limiter`, a sliding window sized from the portal's tier and
 corrected by the rate-limit headers of every answer. The SDK's own urllib3 retries are off
 (`retry=False`): retries are the delivery engine's.
@@ -25,16 +45,19 @@ corrected by the rate-limit headers of every answer. The SDK's own urllib3 retri
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
+import math
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 import urllib3
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from bridge.errors import AuthenticationFailed, DeliveryError, PermanentDelivery, RetryableDelivery
 from bridge.ratelimit import RateLimiter
@@ -70,6 +93,16 @@ BODY_MAX = 65536
 # so the next call for the key looks before it creates, even with the same `attempt` (the
 # delivery engine's in-call retries repeat it). Bounded: the oldest are forgotten first.
 UNSURE_KEYS_MAX = 10000
+# A property cache that refuses a value is reloaded first if it is older than this: the portal
+# may have gained the property or the option since.
+PROPERTY_RECHECK_SECONDS = 60.0
+# The most enumeration options an error message lists (the detail has them all).
+OPTIONS_SHOWN = 50
+# An OAuth access token is renewed this long before it expires (at most a tenth of its life).
+TOKEN_MARGIN_SECONDS = 300.0
+# Epoch numbers at least this large are milliseconds (HubSpot's unit), smaller ones seconds.
+EPOCH_MS_FROM = 100_000_000_000
+EXISTING_ID_RE = re.compile(r"Existing ID: *(\d+)")
 
 
 @dataclass(frozen=True)
@@ -87,9 +120,21 @@ ENGAGEMENTS = {
 }
 
 
+class HubSpotOAuth(BaseModel):
+    """A public app's credentials and the refresh token of its install in the portal."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr
+    refresh_token: SecretStr
+
+
 class HubSpotConfig(ConnectorConfig):
     type: Literal["hubspot"] = "hubspot"
+    # A private app's token, or `oauth` (not both).
     access_token: SecretStr | None = None
+    oauth: HubSpotOAuth | None = None
     base_url: str = "https://api.hubapi.com"
     # The portal's subscription: sets its burst limit per 10 s (100, 100, 190, 190, 250).
     tier: Literal["free", "starter", "professional", "enterprise", "api_pack"] = "free"
@@ -102,8 +147,26 @@ class HubSpotConfig(ConnectorConfig):
     # be in progress at HubSpot: its delivery waits this long before it looks for it, so the
     # look does not miss a write that lands just after it.
     activity_settle_seconds: float = Field(default=60.0, gt=0)
+    # A lifecyclestage earlier than the contact's: HubSpot ignores it. False leaves it out (and
+    # says so in the result's detail); True clears the stage first, then sets it (two calls).
+    lifecycle_demotion: bool = False
+    # Refuse, before sending, a field the portal's definitions refuse (unknown or read-only
+    # property, value not among an enumeration's options, value not of the property's type),
+    # with the field, the value and what is allowed. False: typed values are still coerced, the
+    # rest is sent as given and HubSpot's own 400 refuses the record (its batch is split).
+    validate_properties: bool = False
+    # How long the portal's contact property definitions are trusted before they are reloaded.
+    property_cache_seconds: float = Field(default=600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> HubSpotConfig:
+        if self.oauth is not None and self.access_token is not None:
+            raise ValueError("set either access_token or oauth, not both")
+        return self
 
     def has_credentials(self) -> bool:
+        if self.oauth is not None:
+            return bool(self.oauth.refresh_token.get_secret_value())
         return bool(self.access_token and self.access_token.get_secret_value())
 
     def burst_limit(self) -> int:
@@ -115,8 +178,226 @@ class HubSpotConfig(ConnectorConfig):
         return max(1, int(self.burst_limit() * self.rate_limit_share))
 
 
+@dataclass(frozen=True)
+class _PropertyDef:
+    """What the connector needs of one property definition."""
+
+    name: str
+    type: str  # string | number | enumeration | bool | date | datetime | phone_number | ...
+    field_type: str
+    options: tuple[str, ...]  # enumeration values in display order (lifecyclestage: stage order)
+    read_only: bool
+
+    @classmethod
+    def of(cls, prop: Any) -> _PropertyDef:
+        options = list(getattr(prop, "options", None) or [])
+        orders = [getattr(o, "display_order", None) for o in options]
+        if all(isinstance(n, int) and n >= 0 for n in orders):
+            # displayOrder -1 means "not set": then the listing's order is the only one.
+            options.sort(key=lambda o: int(o.display_order))
+        metadata = getattr(prop, "modification_metadata", None)
+        return cls(
+            name=str(prop.name),
+            type=str(getattr(prop, "type", None) or "string"),
+            field_type=str(getattr(prop, "field_type", None) or "text"),
+            options=tuple(str(o.value) for o in options),
+            read_only=bool(getattr(metadata, "read_only_value", False)),
+        )
+
+
+class _FieldProblem(ValueError):
+    """One field the portal's definitions refuse: the message names field, value, expectation."""
+
+    def __init__(self, message: str, **detail: Any) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+def _refuse(name: str, value: Any, expected: str, **detail: Any) -> _FieldProblem:
+    return _FieldProblem(
+        f"HubSpot property {name!r}: {value!r} is not {expected}",
+        field=name,
+        value=value if isinstance(value, str | int | float | bool) else repr(value),
+        expected=expected,
+        **detail,
+    )
+
+
+def _epoch_moment(value: float) -> datetime:
+    """An epoch number: milliseconds (HubSpot's unit) when large, else seconds."""
+    seconds = value / 1000 if abs(value) >= EPOCH_MS_FROM else value
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def _moment(value: Any) -> datetime | None:
+    """A datetime from a datetime, epoch number or ISO 8601 text (naive means UTC); or None."""
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, date):
+        moment = datetime(value.year, value.month, value.day)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            return None
+        try:
+            return _epoch_moment(float(value))
+        except (OverflowError, OSError, ValueError):
+            return None
+    elif isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"-?\d{1,16}", text):  # on the wire, epoch numbers are milliseconds
+            return datetime.fromtimestamp(int(text) / 1000, UTC)
+        if re.fullmatch(r"-?\d+", text):
+            return None
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            return None
+    else:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _bool(prop: _PropertyDef, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value).strip().lower() if isinstance(value, str | int) else None
+    truth = {"true": "true", "1": "true", "yes": "true", "false": "false", "0": "false"}
+    truth["no"] = "false"
+    if text in truth:
+        return truth[text]
+    raise _refuse(prop.name, value, "a boolean (true or false)", type=prop.type)
+
+
+def _number_text(prop: _PropertyDef, value: Any) -> str:
+    number: float | None = None
+    text = str(value).strip()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(text)
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number):
+        raise _refuse(prop.name, value, "a number", type=prop.type)
+    if isinstance(value, float) and number.is_integer() and abs(number) < 2**53:
+        return str(int(number))
+    return text
+
+
+def _date_text(prop: _PropertyDef, value: Any) -> str:
+    """YYYY-MM-DD; a value with a time of day must be midnight UTC."""
+    moment = _moment(value)
+    if moment is None:
+        expected = "a date (YYYY-MM-DD, or epoch ms at midnight UTC)"
+        raise _refuse(prop.name, value, expected, type=prop.type)
+    timed = isinstance(value, datetime | int | float) or (
+        isinstance(value, str) and ("T" in value.upper() or value.strip().lstrip("-").isdigit())
+    )
+    if timed and (moment.hour, moment.minute, moment.second, moment.microsecond) != (0, 0, 0, 0):
+        expected = "a date: it has a time of day (a HubSpot date is midnight UTC)"
+        raise _refuse(prop.name, value, expected, type=prop.type)
+    return moment.strftime("%Y-%m-%d")
+
+
+def _datetime_text(prop: _PropertyDef, value: Any) -> str:
+    """ISO 8601 UTC with milliseconds."""
+    moment = _moment(value)
+    if moment is None:
+        expected = "a datetime (ISO 8601, or epoch milliseconds)"
+        raise _refuse(prop.name, value, expected, type=prop.type)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _text(prop: _PropertyDef, value: Any) -> str:
+    if isinstance(value, dict | list | tuple | set):
+        raise _refuse(prop.name, value, "a single value", type=prop.type)
+    return _property_value(value)
+
+
+def _coerce(prop: _PropertyDef, value: Any) -> str:
+    """The value as HubSpot takes it for this property; `_FieldProblem` if it cannot be."""
+    if value is None or value == "":
+        return ""  # clears the property
+    coerce = {
+        "enumeration": _option,
+        "bool": _bool,
+        "number": _number_text,
+        "date": _date_text,
+        "datetime": _datetime_text,
+    }.get(prop.type, _text)
+    return coerce(prop, value)
+
+
+def _option(prop: _PropertyDef, value: Any) -> str:
+    """An enumeration's internal value (given as itself or in another case); several, joined
+    by ";", for a multiple checkbox."""
+    multiple = prop.field_type == "checkbox"
+    if isinstance(value, list | tuple | set) and multiple:
+        chosen = [str(v) for v in value]
+    elif isinstance(value, str) and multiple:
+        chosen = [v for v in value.split(";") if v]
+    else:
+        chosen = [_property_value(value)]
+    folded = {o.lower(): o for o in prop.options}
+    out = []
+    for item in chosen:
+        option = item if item in prop.options else folded.get(item.strip().lower())
+        if option is None:
+            shown = ", ".join(prop.options[:OPTIONS_SHOWN])
+            more = ", …" if len(prop.options) > OPTIONS_SHOWN else ""
+            raise _FieldProblem(
+                f"HubSpot property {prop.name!r}: {item!r} is not one of the allowed values: "
+                f"[{shown}{more}]",
+                field=prop.name,
+                value=item,
+                allowed=list(prop.options),
+            )
+        out.append(option)
+    return ";".join(out)
+
+
+def _shown(value: Any) -> Any:
+    return value if isinstance(value, str | int | float | bool) else repr(value)
+
+
+def _coerce_field(definitions: dict[str, _PropertyDef], name: str, value: Any) -> str:
+    prop = definitions.get(name)
+    if prop is None:
+        raise _FieldProblem(
+            f"HubSpot property {name!r} does not exist in this portal (value {value!r})",
+            field=name,
+            value=_shown(value),
+            expected="a property of contacts",
+        )
+    if prop.read_only:
+        raise _FieldProblem(
+            f"HubSpot property {name!r} is read-only (value {value!r})",
+            field=name,
+            value=_shown(value),
+            expected="a writable property",
+        )
+    return _coerce(prop, value)
+
+
+def _coerce_fields(
+    definitions: dict[str, _PropertyDef], fields: dict[str, Any]
+) -> tuple[dict[str, str], list[_FieldProblem]]:
+    """Every field checked and coerced; the problems found, all of them."""
+    out: dict[str, str] = {}
+    problems: list[_FieldProblem] = []
+    for name, value in fields.items():
+        try:
+            out[name] = _coerce_field(definitions, name, value)
+        except _FieldProblem as problem:
+            problems.append(problem)
+    return out, problems
+
+
 def _property_value(value: Any) -> str:
-    # HubSpot properties are strings on the wire; booleans are "true"/"false".
+    # HubSpot properties are strings on the wire; booleans are "true"/"false"; None clears.
+    if value is None:
+        return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
@@ -199,13 +480,14 @@ class _Input:
     id_value: str
     properties: dict[str, str]
     positions: list[int] = field(default_factory=list)
+    detail: dict[str, Any] = field(default_factory=dict)  # added to its result's detail
 
 
 def _key(id_property: str, value: str) -> str:
     return value.strip().lower() if id_property == "email" else value
 
 
-def _inputs(leads: list[LeadUpsert]) -> list[_Input]:
+def _inputs(leads: list[tuple[int, LeadUpsert, dict[str, str]]]) -> list[_Input]:
     """One input per contact, in first-seen order.
 
     HubSpot refuses a batch that names a contact twice. The caller sends one input per contact;
@@ -213,9 +495,9 @@ def _inputs(leads: list[LeadUpsert]) -> list[_Input]:
     row would leave them) and every one of them gets the merged write's outcome.
     """
     merged: dict[tuple[str, str], _Input] = {}
-    for position, lead in enumerate(leads):
+    for position, lead, coerced in leads:
         id_property = lead.id_property or "email"
-        properties = {k: _property_value(v) for k, v in lead.fields.items()}
+        properties = dict(coerced)
         if id_property == "email":
             properties.setdefault("email", lead.id_value)
         key = _key(id_property, lead.id_value)
@@ -289,6 +571,15 @@ def _maybe_written(exc: DeliveryError) -> bool:
     return exc.__cause__ is not None and not (isinstance(status, int) and status < 500)
 
 
+def _existing_id(refusal: PermanentDelivery) -> str | None:
+    """The contact a 409 "Contact already exists. Existing ID: <id>" names, or None."""
+    detail = refusal.detail if isinstance(refusal.detail, dict) else {}
+    if detail.get("status") != 409:
+        return None
+    match = EXISTING_ID_RE.search(str(refusal))
+    return match.group(1) if match else None
+
+
 def _contact_gone(exc: PermanentDelivery) -> bool:
     """A refusal that says the contact named by a hint is not there (deleted, merged away)."""
     detail = exc.detail if isinstance(exc.detail, dict) else {}
@@ -310,15 +601,31 @@ class HubSpotConnector(Connector):
         # Half a second covers the trip of a batch call before HubSpot counts it.
         self.limiter = RateLimiter(config.requests_per_window(), RATE_WINDOW_SECONDS, margin=0.5)
         self._unsure: dict[str, None] = {}  # insertion-ordered set (UNSURE_KEYS_MAX)
+        # The portal's contact properties and when they were loaded (time.monotonic).
+        self._definitions: dict[str, _PropertyDef] = {}
+        self._definitions_at: float | None = None
+        self._definitions_lock = asyncio.Lock()
+        # OAuth: the access token, when to renew it (time.monotonic), the refresh token.
+        self._token: str | None = None
+        self._token_renew_at = 0.0
+        self._token_lock = asyncio.Lock()
+        self._refresh_token = (
+            config.oauth.refresh_token.get_secret_value() if config.oauth is not None else None
+        )
+        self._apis: list[Any] = []
 
     async def open(self) -> None:
         import hubspot.crm.objects.notes as notes
         import hubspot.crm.objects.tasks as tasks
         from hubspot import HubSpot
 
-        assert self.config.access_token is not None
+        assert self.config.access_token is not None or self.config.oauth is not None
+        # Open means the portal's definitions are read again before the next write.
+        self._definitions_at = None
         client = HubSpot(
-            access_token=self.config.access_token.get_secret_value(),
+            access_token=(
+                self.config.access_token.get_secret_value() if self.config.access_token else None
+            ),
             host=self.config.base_url.rstrip("/"),
             retry=False,
             ssl_ca_cert=str(self.config.ca_bundle) if self.config.ca_bundle else None,
@@ -342,6 +649,21 @@ class HubSpotConnector(Connector):
                 tasks,
             ),
         }
+        self._oauth = client.oauth.tokens_api
+        # Every API object that carries the bearer token (OAuth renewals rewrite it).
+        self._apis = [
+            self._batch,
+            self._properties,
+            self._contacts,
+            self._associations,
+            *(
+                api
+                for basic, batch, _models in self._engagements.values()
+                for api in (basic, batch)
+            ),
+        ]
+        if self._token is not None:
+            self._set_token(self._token)
 
     async def upsert_lead(self, lead: LeadUpsert) -> DeliveryResult:
         (outcome,) = await self.upsert_leads([lead])
@@ -359,8 +681,10 @@ class HubSpotConnector(Connector):
         """
 
         async def send(outcomes: Outcomes) -> None:
+            ready = await self._check(leads, outcomes)
+            items = await self._lifecycle(_inputs(ready), outcomes)
             by_property: dict[str, list[_Input]] = {}
-            for item in _inputs(leads):
+            for item in items:
                 by_property.setdefault(item.id_property, []).append(item)
             for items in by_property.values():
                 for start in range(0, len(items), self.max_batch):
@@ -368,6 +692,118 @@ class HubSpotConnector(Connector):
 
         return await per_record(len(leads), "HubSpot", send)
 
+    # -- properties ------------------------------------------------------------------------------
+    async def _check(
+        self, leads: list[LeadUpsert], outcomes: Outcomes
+    ) -> list[tuple[int, LeadUpsert, dict[str, str]]]:
+        """Each lead's fields checked and coerced against the portal's definitions; a lead with
+        a field they refuse gets its PermanentDelivery now and is not sent."""
+        ready: list[tuple[int, LeadUpsert, dict[str, str]]] = []
+        if any(lead.fields for lead in leads):
+            definitions = await self._contact_properties()
+        for position, lead in enumerate(leads):
+            if not lead.fields:
+                ready.append((position, lead, {}))
+                continue
+            coerced, problems = _coerce_fields(definitions, lead.fields)
+            if problems and not self.config.validate_properties:
+                # HubSpot judges: what could not be coerced goes as it was given.
+                for problem in problems:
+                    name = problem.detail["field"]
+                    coerced[name] = _property_value(lead.fields[name])
+                coerced = {name: coerced[name] for name in lead.fields}  # the caller's order
+                problems = []
+            if problems and self._definitions_stale(PROPERTY_RECHECK_SECONDS):
+                # The portal may have gained the property or option since they were loaded.
+                definitions = await self._contact_properties(reload=True)
+                coerced, problems = _coerce_fields(definitions, lead.fields)
+            if problems:
+                message = "; ".join(str(p) for p in problems)
+                outcomes[position] = PermanentDelivery(
+                    message, detail={"invalid_fields": [p.detail for p in problems]}
+                )
+                continue
+            ready.append((position, lead, coerced))
+        return ready
+
+    def _definitions_stale(self, age: float) -> bool:
+        loaded = self._definitions_at
+        return loaded is None or time.monotonic() - loaded >= age
+
+    async def _contact_properties(self, reload: bool = False) -> dict[str, _PropertyDef]:
+        """The portal's contact property definitions, from the cache unless it is too old."""
+        async with self._definitions_lock:
+            if reload or self._definitions_stale(self.config.property_cache_seconds):
+                started = time.monotonic()
+                response = await self._send(
+                    self._properties.get_all_with_http_info, object_type="contacts", archived=False
+                )
+                self._definitions = {
+                    d.name: d for d in (_PropertyDef.of(p) for p in response.results or [])
+                }
+                self._definitions_at = started
+            return self._definitions
+
+    # -- lifecycle stage ---------------------------------------------------------------------------
+    async def _lifecycle(self, items: list[_Input], outcomes: Outcomes) -> list[_Input]:
+        """Backward lifecyclestage values left out (noted), or cleared first with demotion."""
+        kept: list[_Input] = []
+        for item in items:
+            stage = item.properties.get("lifecyclestage")
+            if not stage:
+                kept.append(item)
+                continue
+            order = (await self._contact_properties()).get("lifecyclestage")
+            stages = list(order.options) if order is not None else []
+            current = await self._current_stage(item)
+            if not current or current not in stages or stage not in stages:
+                kept.append(item)
+                continue
+            if stages.index(stage) >= stages.index(current):
+                kept.append(item)
+                continue
+            if not self.config.lifecycle_demotion:
+                # HubSpot would ignore it: do not send it, and say so.
+                del item.properties["lifecyclestage"]
+                item.detail["lifecyclestage_skipped"] = {"current": current, "requested": stage}
+                kept.append(item)
+                continue
+            try:
+                await self._send(
+                    self._contacts.update_with_http_info,
+                    contact_id=item.id_value,
+                    id_property=None if item.id_property == "hs_object_id" else item.id_property,
+                    simple_public_object_input=self._contact_input({"lifecyclestage": ""}),
+                )
+            except PermanentDelivery as refusal:
+                self._settle(item, refusal, outcomes)
+                continue
+            item.detail["lifecyclestage_demoted"] = {"from": current, "to": stage}
+            kept.append(item)
+        return kept
+
+    async def _current_stage(self, item: _Input) -> str | None:
+        """The contact's lifecyclestage by a GET on its id property; None if it has none."""
+        try:
+            record = await self._send(
+                self._contacts.get_by_id_with_http_info,
+                contact_id=item.id_value,
+                id_property=None if item.id_property == "hs_object_id" else item.id_property,
+                properties=["lifecyclestage"],
+            )
+        except PermanentDelivery as exc:
+            if (exc.detail or {}).get("status") == 404:
+                return None  # not created yet: any stage is forward
+            raise
+        return (getattr(record, "properties", None) or {}).get("lifecyclestage") or None
+
+    @staticmethod
+    def _contact_input(properties: dict[str, str]) -> Any:
+        from hubspot.crm.contacts import SimplePublicObjectInput
+
+        return SimplePublicObjectInput(properties=properties)
+
+    # -- writes ------------------------------------------------------------------------------------
     async def _write(self, items: list[_Input], outcomes: Outcomes) -> None:
         try:
             response = await self._upsert(items)
@@ -375,6 +811,14 @@ class HubSpotConnector(Connector):
             if (refusal.detail or {}).get("status") not in PER_RECORD_STATUSES:
                 raise  # not about a record (403 scopes, 404 route): the whole call failed
             if len(items) == 1:
+                existing = _existing_id(refusal)
+                if existing is not None:
+                    await self._update_existing(items[0], existing, outcomes)
+                    return
+                blamed = _invalid_properties(refusal.detail) & items[0].properties.keys()
+                if blamed and self.config.validate_properties:
+                    # The portal refused what the cached definitions allowed: they are old.
+                    self._definitions_at = None
                 self._settle(items[0], refusal, outcomes)
                 return
             # HubSpot refuses the whole batch for one bad input: find it, let the rest land.
@@ -382,6 +826,24 @@ class HubSpotConnector(Connector):
                 await self._write(part, outcomes)
             return
         self._map_results(items, response, outcomes)
+
+    async def _update_existing(self, item: _Input, contact_id: str, outcomes: Outcomes) -> None:
+        """A create HubSpot refused with 409 "already exists": update the contact it names."""
+        properties = dict(item.properties)
+        if item.id_property != "hs_object_id":
+            properties.setdefault(item.id_property, item.id_value)
+        try:
+            await self._send(
+                self._contacts.update_with_http_info,
+                contact_id=contact_id,
+                simple_public_object_input=self._contact_input(properties),
+            )
+        except PermanentDelivery as refusal:
+            self._settle(item, refusal, outcomes)
+            return
+        detail = {**item.detail, "resolved_conflict": contact_id}
+        result = DeliveryResult(record_id=contact_id, created=False, detail=detail)
+        self._settle(item, result, outcomes)
 
     @staticmethod
     def _settle(item: _Input, outcome: Outcome, outcomes: Outcomes) -> None:
@@ -399,7 +861,9 @@ class HubSpotConnector(Connector):
             if item is None and len(items) == 1:
                 item = items[0]
             if item is not None:
-                result = DeliveryResult(record_id=record.id, created=getattr(record, "new", None))
+                result = DeliveryResult(
+                    record_id=record.id, created=getattr(record, "new", None), detail=item.detail
+                )
                 self._settle(item, result, outcomes)
         for error in getattr(response, "errors", None) or []:
             context = getattr(error, "context", None) or {}
@@ -590,7 +1054,75 @@ class HubSpotConnector(Connector):
         )
 
     async def _send(self, call: Callable[..., Any], **kwargs: Any) -> Any:
-        """One `*_with_http_info` call under the limiter; its headers correct the limiter."""
+        """One `*_with_http_info` call under the limiter; its headers correct the limiter.
+        With OAuth, a 401 renews the access token and repeats the call, once."""
+        if self.config.oauth is None:
+            return await self._send_once(call, **kwargs)
+        await self._authorize()
+        used = self._token
+        try:
+            return await self._send_once(call, **kwargs)
+        except AuthenticationFailed:
+            await self._authorize(stale=used)
+            return await self._send_once(call, **kwargs)
+
+    # -- OAuth -------------------------------------------------------------------------------------
+    async def _authorize(self, stale: str | None = None) -> None:
+        """A live access token in every API object: renewed when near its expiry, or when
+        `stale` (the token a call was refused with) is still the current one."""
+        if self._fresh(stale):
+            return
+        async with self._token_lock:
+            if not self._fresh(stale):  # another call may have renewed it meanwhile
+                await self._renew()
+
+    def _fresh(self, stale: str | None) -> bool:
+        token = self._token
+        return token is not None and token != stale and time.monotonic() < self._token_renew_at
+
+    async def _renew(self) -> None:
+        """POST /oauth/v1/token with grant_type=refresh_token."""
+        oauth = self.config.oauth
+        assert oauth is not None and self._refresh_token is not None
+        started = time.monotonic()
+        try:
+            response, _status, _headers = await self.run_blocking(
+                self._oauth.create_with_http_info,
+                grant_type="refresh_token",
+                client_id=oauth.client_id,
+                client_secret=oauth.client_secret.get_secret_value(),
+                refresh_token=self._refresh_token,
+                _request_timeout=self.config.timeout,
+            )
+        except Exception as exc:
+            status = getattr(exc, "status", None)
+            if isinstance(status, int) and 400 <= status < 500 and status != 429:
+                body = _parse(getattr(exc, "body", None))
+                code = body.get("status") if isinstance(body, dict) else None
+                raise AuthenticationFailed(
+                    f"HubSpot OAuth token refresh refused ({status} {code or ''}): "
+                    f"{_message(getattr(exc, 'body', None))}",
+                    retry_after=AUTH_PAUSE_SECONDS,
+                ) from exc
+            mapped = classify(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        if not response.access_token:
+            raise RetryableDelivery("HubSpot OAuth token refresh returned no access token")
+        lifetime = float(response.expires_in or 0)
+        self._token_renew_at = started + lifetime - min(TOKEN_MARGIN_SECONDS, lifetime / 10)
+        if response.refresh_token:
+            self._refresh_token = response.refresh_token
+        self._set_token(response.access_token)
+
+    def _set_token(self, token: str) -> None:
+        """The SDK reads `configuration.access_token` on every request: rewrite it everywhere."""
+        self._token = token
+        for api in self._apis:
+            api.api_client.configuration.access_token = token
+
+    async def _send_once(self, call: Callable[..., Any], **kwargs: Any) -> Any:
         await self._acquire()
         try:
             response, _status, headers = await self.run_blocking(

@@ -1,5 +1,5 @@
 """HubSpot CRM v3 emulator: contacts, notes and tasks (create, batch read), v4 associations
-(default create, list a contact's notes or tasks), properties.
+(default create, list a contact's notes or tasks), properties, OAuth token refresh.
 
 Wire format, status codes, error bodies and rate-limit headers follow
 /work/shared/docs/crm-apis.md §2; where the real API is unverified (§5) the
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 from .runner import Call, EmulatorBase, Reply, call_matcher
 from .tls import LocalCA
@@ -57,6 +57,9 @@ TASK_TYPES = "EMAIL CALL TODO LINKED_IN".split()
 EPOCH_MS_RE = re.compile(r"^-?\d+$")
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 HTML = "text/html;charset=utf-8"
+OAUTH_TOKEN_PATH = "/oauth/v1/token"
+# HubSpot's OAuth access tokens live 30 minutes.
+OAUTH_EXPIRES_IN = 1800
 AUTH_MESSAGE = (
     "Authentication credentials not found. This API supports OAuth 2.0 authentication and you "
     "can find more details at https://developers.hubspot.com/docs/methods/auth/oauth-overview"
@@ -258,7 +261,10 @@ class HubSpotEmulator(EmulatorBase):
     ``properties`` (object type → name → PropertyDef), ``calls``.
     Knobs read on every request: ``token``, ``tier_max``, ``interval_ms``, ``daily``,
     ``daily_used``, ``search_per_second``, ``retry_after``, ``search_delay``, ``latency``,
-    ``clock``, ``reverse_batch_results``.
+    ``clock``, ``reverse_batch_results``, ``oauth_expires_in``.
+    OAuth: ``add_oauth_app`` registers a client and its refresh token; ``POST /oauth/v1/token``
+    (form-encoded, ``grant_type=refresh_token``) issues access tokens accepted like ``token``
+    until they expire on ``clock`` (``expire_oauth_tokens`` ends them early).
     """
 
     def __init__(
@@ -295,6 +301,10 @@ class HubSpotEmulator(EmulatorBase):
         self.associations: set[tuple[str, str]] = set()  # (note id, contact id)
         self.task_associations: set[tuple[str, str]] = set()  # (task id, contact id)
         self.properties = default_properties()
+        self.oauth_clients: dict[str, str] = {}  # client id -> client secret
+        self.refresh_tokens: dict[str, str] = {}  # refresh token -> client id
+        self.oauth_tokens: dict[str, float] = {}  # access token -> expiry on ``clock``
+        self.oauth_expires_in = OAUTH_EXPIRES_IN
         self._next_id = 100
         self._window: collections.deque[float] = collections.deque()
         self._search_window: collections.deque[float] = collections.deque()
@@ -382,6 +392,65 @@ class HubSpotEmulator(EmulatorBase):
         with self.lock:
             self.properties[object_type][name].options = list(options)
 
+    # -- OAuth ---------------------------------------------------------------------------------
+    def add_oauth_app(self, client_id: str, client_secret: str, refresh_token: str) -> None:
+        """An app installed in this portal: its credentials and one refresh token."""
+        with self.lock:
+            self.oauth_clients[client_id] = client_secret
+            self.refresh_tokens[refresh_token] = client_id
+
+    def expire_oauth_tokens(self) -> None:
+        """Every access token issued so far expires now (a clock jump, a long suspend)."""
+        with self.lock:
+            now = self.clock()
+            self.oauth_tokens = {t: min(e, now) for t, e in self.oauth_tokens.items()}
+
+    def _oauth_token(self, call: Call) -> Reply:
+        """``POST /oauth/v1/token``: a form body; errors are ``{status: BAD_..., message}``."""
+        form = {k: v[0] for k, v in parse_qs(call.body, keep_blank_values=True).items()}
+
+        def refused(status: str, message: str) -> Reply:
+            return Reply(
+                400, {"status": status, "message": message, "correlationId": str(uuid.uuid4())}
+            )
+
+        if form.get("grant_type") != "refresh_token":
+            return refused("BAD_GRANT_TYPE", "missing or unsupported grant_type")
+        client_id = form.get("client_id", "")
+        if client_id not in self.oauth_clients:
+            return refused("BAD_CLIENT_ID", "missing or unknown client id")
+        if self.oauth_clients[client_id] != form.get("client_secret"):
+            return refused("BAD_CLIENT_SECRET", "missing or invalid client secret")
+        refresh = form.get("refresh_token", "")
+        if self.refresh_tokens.get(refresh) != client_id:
+            return refused("BAD_REFRESH_TOKEN", "missing or unknown refresh token")
+        access = f"oauth-{uuid.uuid4().hex}"
+        self.oauth_tokens[access] = self.clock() + self.oauth_expires_in
+        # HubSpot's refresh tokens do not rotate: the same one comes back.
+        body = {
+            "token_type": "bearer",
+            "refresh_token": refresh,
+            "access_token": access,
+            "expires_in": self.oauth_expires_in,
+        }
+        return Reply(200, body)
+
+    def _unauthorized(self, call: Call) -> Reply | None:
+        """None when the bearer token is the private-app token or a live OAuth token."""
+        header = call.headers.get("Authorization", "")
+        token = header[len("Bearer ") :] if header.startswith("Bearer ") else None
+        if token is not None and token == self.token:
+            return None
+        expiry = self.oauth_tokens.get(token or "")
+        if expiry is None:
+            return hs_error(401, AUTH_MESSAGE, "INVALID_AUTHENTICATION")
+        ago = self.clock() - expiry
+        if ago < 0:
+            return None
+        # The real message counts the seconds since expiry; the category is EXPIRED_AUTHENTICATION.
+        message = f"The OAuth token used to make this call expired {int(ago)} second(s) ago."
+        return hs_error(401, message, "EXPIRED_AUTHENTICATION")
+
     # -- failure switches ----------------------------------------------------------------------
     def exhaust_rate_limit(self) -> None:
         """Fill the current ten-second window: the next counted request gets a 429."""
@@ -415,8 +484,19 @@ class HubSpotEmulator(EmulatorBase):
 
     # -- dispatch --------------------------------------------------------------------------------
     def _respond(self, call: Call) -> Reply:
-        if call.headers.get("Authorization", "") != f"Bearer {self.token}":
-            return hs_error(401, AUTH_MESSAGE, "INVALID_AUTHENTICATION")
+        if call.raw_path.rstrip("/") == OAUTH_TOKEN_PATH:
+            # No bearer token, not counted against the API's rate limits (unverified, §5).
+            if call.method != "POST":
+                return Reply(
+                    405,
+                    JETTY_PAGE.format(status=405, reason="Method Not Allowed", path=call.path),
+                    {},
+                    HTML,
+                )
+            return self._oauth_token(call)
+        refused = self._unauthorized(call)
+        if refused is not None:
+            return refused
         is_search = call.method == "POST" and call.raw_path.rstrip("/").endswith("/search")
         limited = self._check_search_limit() if is_search else self._check_rate_limit()
         if limited is not None:
@@ -657,6 +737,10 @@ class HubSpotEmulator(EmulatorBase):
                     }
                 )
             elif record is None:
+                email = props.get("email")
+                if email and (existing := self._find_contact("email", email)) is not None:
+                    # Creating a second contact with a taken email is a 409 for the whole call.
+                    return _conflict(existing)
                 record = self._insert(self.contacts, {**props, id_property: key})
                 results.append({**record.to_json(), "new": True})
             else:
@@ -927,6 +1011,8 @@ def _check_property(prop: PropertyDef | None, name: str, value: str) -> dict[str
     if prop.type == "datetime" and not _is_datetime(value):
         # The error code is not verified against the real API (crm-apis.md §5).
         return invalid(name, "INVALID_DATE", f"{value} is not a valid datetime.")
+    if prop.type == "date" and (problem := _date_problem(value)):
+        return invalid(name, "INVALID_DATE", problem)
     options = prop.options or []
     # A multi-select checkbox takes ";"-separated values.
     chosen = value.split(";") if prop.field_type == "checkbox" else [value]
@@ -1002,6 +1088,21 @@ def _is_datetime(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _date_problem(text: str) -> str | None:
+    """A date takes ``YYYY-MM-DD`` or epoch milliseconds at midnight UTC; else what is wrong."""
+    if EPOCH_MS_RE.match(text):
+        ms = int(text) % 86_400_000
+        if ms:
+            moment = datetime.fromtimestamp(int(text) / 1000, UTC)
+            return f"{text} is at {moment.strftime('%H:%M:%S.%f')[:-3]} UTC, not midnight!"
+        return None
+    try:
+        datetime.strptime(text, "%Y-%m-%d")
+    except ValueError:
+        return f"{text} is not a valid date."
+    return None
 
 
 def _is_number(text: str) -> bool:

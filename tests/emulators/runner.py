@@ -110,7 +110,7 @@ class ServerThread:
             # accepted while stopping are only in the list after the cleanup.
             transports += [c.transport for c in (server.connections if server else [])]
             for transport in transports:
-                if transport is not None and not transport.is_closing():
+                if transport is not None:
                     transport.abort()
             await asyncio.sleep(0)
 
