@@ -26,8 +26,6 @@ from bridge.config import parse_config
 from bridge.errors import PermanentDelivery, RetryableDelivery
 from bridge.server import create_app
 from connectors.base import Activity
-from connectors.hubspot import HubSpotConfig, HubSpotConnector
-from connectors.salesforce import SalesforceConfig, SalesforceConnector
 from tests.support import TOKEN, config_yaml, sample
 
 # 2024-05-01T12:00:00.250Z
@@ -50,51 +48,6 @@ def activity(**overrides) -> Activity:
 
 
 # -- fixtures ----------------------------------------------------------------------------------
-@pytest.fixture
-async def hubspot_of(hubspot_emulator):
-    opened = []
-
-    async def make(**overrides) -> HubSpotConnector:
-        settings = {
-            "type": "hubspot",
-            "access_token": "pat-na1-test",
-            "base_url": hubspot_emulator.url,
-            "timeout": 2,
-        } | overrides
-        connector = HubSpotConnector("hubspot", HubSpotConfig.model_validate(settings))
-        await connector.open()
-        opened.append(connector)
-        return connector
-
-    yield make
-    for connector in opened:
-        await connector.close()
-
-
-@pytest.fixture
-async def salesforce_of(salesforce_emulator):
-    opened = []
-
-    async def make(**overrides) -> SalesforceConnector:
-        settings = {
-            "type": "salesforce",
-            "username": "user@example.com",
-            "password": "pw",
-            "security_token": "tok",
-            "login_url": salesforce_emulator.url,
-            "ca_bundle": str(salesforce_emulator.ca_path),
-            "timeout": 2,
-        } | overrides
-        connector = SalesforceConnector("salesforce", SalesforceConfig.model_validate(settings))
-        await connector.open()
-        opened.append(connector)
-        return connector
-
-    yield make
-    for connector in opened:
-        await connector.close()
-
-
 def calls_since(emulator, start: int) -> list[str]:
     """The requests made since `start` calls, as "METHOD path"."""
     with emulator.lock:

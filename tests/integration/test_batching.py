@@ -17,7 +17,6 @@ from bridge.errors import PermanentDelivery, RetryableDelivery
 from bridge.ratelimit import RateLimiter
 from connectors.base import DeliveryResult, LeadUpsert
 from connectors.hubspot import HubSpotConfig, HubSpotConnector
-from connectors.salesforce import SalesforceConfig, SalesforceConnector
 from tests.emulators import HubSpotEmulator, ManualClock
 from tests.emulators.runner import Reply
 
@@ -26,41 +25,8 @@ UPSERT = "/crm/v3/objects/contacts/batch/upsert"
 
 # -- fixtures ----------------------------------------------------------------------------------
 @pytest.fixture
-async def hubspot_of(hubspot_emulator):
-    opened = []
-
-    async def make(emulator=hubspot_emulator, **overrides) -> HubSpotConnector:
-        settings = {
-            "type": "hubspot",
-            "access_token": "pat-na1-test",
-            "base_url": emulator.url,
-            "timeout": 2,
-        } | overrides
-        connector = HubSpotConnector("hubspot", HubSpotConfig.model_validate(settings))
-        await connector.open()
-        opened.append(connector)
-        return connector
-
-    yield make
-    for connector in opened:
-        await connector.close()
-
-
-@pytest.fixture
-async def salesforce(salesforce_emulator):
-    settings = {
-        "type": "salesforce",
-        "username": "user@example.com",
-        "password": "pw",
-        "security_token": "tok",
-        "login_url": salesforce_emulator.url,
-        "ca_bundle": str(salesforce_emulator.ca_path),
-        "timeout": 2,
-    }
-    connector = SalesforceConnector("salesforce", SalesforceConfig.model_validate(settings))
-    await connector.open()
-    yield connector
-    await connector.close()
+async def salesforce(salesforce_of):
+    return await salesforce_of()
 
 
 @pytest.fixture

@@ -13,33 +13,12 @@ from pydantic import ValidationError
 
 from bridge.errors import AuthenticationFailed, PermanentDelivery, RetryableDelivery
 from connectors.base import Activity, DeliveryResult, LeadUpsert
-from connectors.hubspot import HubSpotConfig, HubSpotConnector
+from connectors.hubspot import HubSpotConfig
 
 UPSERT = "/crm/v3/objects/contacts/batch/upsert"
 PROPERTIES = "/crm/v3/properties/contacts"
 TOKEN = "/oauth/v1/token"
 OAUTH = {"client_id": "client-1", "client_secret": "s3cret", "refresh_token": "refresh-1"}
-
-
-@pytest.fixture
-async def hubspot_of(hubspot_emulator):
-    opened = []
-
-    async def make(**overrides) -> HubSpotConnector:
-        settings = {
-            "type": "hubspot",
-            "access_token": "pat-na1-test",
-            "base_url": hubspot_emulator.url,
-            "timeout": 2,
-        } | overrides
-        connector = HubSpotConnector("hubspot", HubSpotConfig.model_validate(settings))
-        await connector.open()
-        opened.append(connector)
-        return connector
-
-    yield make
-    for connector in opened:
-        await connector.close()
 
 
 @pytest.fixture

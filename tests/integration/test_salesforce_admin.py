@@ -20,37 +20,12 @@ from pydantic import ValidationError
 
 from bridge.errors import AuthenticationFailed, PermanentDelivery
 from connectors.base import DeliveryResult, LeadUpsert
-from connectors.salesforce import SalesforceConfig, SalesforceConnector
+from connectors.salesforce import SalesforceConfig
 
 TOKEN_PATH = "/services/oauth2/token"
 
 
 # -- fixtures ----------------------------------------------------------------------------------
-@pytest.fixture
-async def salesforce_of(salesforce_emulator):
-    """Open connectors; `soap=False` leaves out the SOAP credentials."""
-    opened = []
-
-    async def make(soap: bool = True, **overrides) -> SalesforceConnector:
-        settings: dict = {
-            "type": "salesforce",
-            "login_url": salesforce_emulator.url,
-            "ca_bundle": str(salesforce_emulator.ca_path),
-            "timeout": 2,
-        }
-        if soap:
-            settings |= {"username": "user@example.com", "password": "pw", "security_token": "tok"}
-        settings |= overrides
-        connector = SalesforceConnector("salesforce", SalesforceConfig.model_validate(settings))
-        await connector.open()
-        opened.append(connector)
-        return connector
-
-    yield make
-    for connector in opened:
-        await connector.close()
-
-
 @pytest.fixture(scope="module")
 def rsa_key() -> tuple[bytes, bytes]:
     """(private PEM, public PEM)."""
