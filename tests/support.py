@@ -26,6 +26,22 @@ def sample(**contact: Any) -> dict[str, Any]:
     return data
 
 
+def hubspot_settings(emulator: Any) -> dict[str, Any]:
+    """A HubSpot connector's settings pointing at the emulator, with its token."""
+    return {"access_token": "pat-na1-test", "base_url": emulator.url}
+
+
+def salesforce_settings(emulator: Any) -> dict[str, Any]:
+    """A Salesforce connector's settings: SOAP login at the emulator, trusting its CA."""
+    return {
+        "username": "user@example.com",
+        "password": "pw",
+        "security_token": "tok",
+        "login_url": emulator.url,
+        "ca_bundle": emulator.ca_path,
+    }
+
+
 def config_yaml(
     db_path: Path,
     *,

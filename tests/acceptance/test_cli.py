@@ -14,7 +14,9 @@ from tests.support import (
     config_yaml,
     delivery_states,
     hubspot_emails,
+    hubspot_settings,
     salesforce_emails,
+    salesforce_settings,
     sample,
     wait_for,
 )
@@ -53,7 +55,7 @@ def hubspot_config(tmp_path, hubspot_emulator) -> Path:
     path.write_text(
         config_yaml(
             tmp_path / "bridge.db",
-            hubspot={"access_token": "pat-na1-test", "base_url": hubspot_emulator.url},
+            hubspot=hubspot_settings(hubspot_emulator),
             rules=HUBSPOT_ONLY_RULES,
         )
     )
@@ -170,14 +172,8 @@ def test_backfill_into_a_running_daemon(
     config.write_text(
         config_yaml(
             tmp_path / "bridge.db",
-            hubspot={"access_token": "pat-na1-test", "base_url": hubspot_emulator.url},
-            salesforce={
-                "username": "user@example.com",
-                "password": "pw",
-                "security_token": "tok",
-                "login_url": salesforce_emulator.url,
-                "ca_bundle": salesforce_emulator.ca_path,
-            },
+            hubspot=hubspot_settings(hubspot_emulator),
+            salesforce=salesforce_settings(salesforce_emulator),
         )
     )
     daemon = daemon_factory(config)

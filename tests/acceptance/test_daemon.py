@@ -12,7 +12,9 @@ from tests.support import (
     config_yaml,
     delivery_states,
     hubspot_emails,
+    hubspot_settings,
     salesforce_emails,
+    salesforce_settings,
     sample,
     wait_for,
 )
@@ -24,14 +26,8 @@ def config_path(tmp_path, hubspot_emulator, salesforce_emulator) -> Path:
     path.write_text(
         config_yaml(
             tmp_path / "bridge.db",
-            hubspot={"access_token": "pat-na1-test", "base_url": hubspot_emulator.url},
-            salesforce={
-                "username": "user@example.com",
-                "password": "pw",
-                "security_token": "tok",
-                "login_url": salesforce_emulator.url,
-                "ca_bundle": salesforce_emulator.ca_path,
-            },
+            hubspot=hubspot_settings(hubspot_emulator),
+            salesforce=salesforce_settings(salesforce_emulator),
         )
     )
     return path
@@ -168,7 +164,7 @@ def test_sigkill_while_logging_activities_logs_each_once(
     path.write_text(
         config_yaml(
             tmp_path / "bridge.db",
-            hubspot={"access_token": "pat-na1-test", "base_url": hubspot_emulator.url},
+            hubspot=hubspot_settings(hubspot_emulator),
             rules="""
   - name: contact
     when: type == 'reply'

@@ -6,7 +6,7 @@ import json
 from urllib.parse import urlsplit
 
 from tests.acceptance.test_cli import HUBSPOT_ONLY_RULES, cli, refused_delivery
-from tests.support import config_yaml, sample, wait_for
+from tests.support import config_yaml, hubspot_settings, sample, wait_for
 
 HEADERS = "CONNECTOR MODE BREAKER PENDING IN_FLIGHT OLDEST DEAD DONE".split()
 
@@ -23,7 +23,7 @@ def test_status_with_the_daemon_running_then_stopped(tmp_path, daemon_factory, h
     # Given a daemon (on a port of its choosing) and, for the CLI, the same config naming it
     text = config_yaml(
         tmp_path / "bridge.db",
-        hubspot={"access_token": "pat-na1-test", "base_url": hubspot_emulator.url},
+        hubspot=hubspot_settings(hubspot_emulator),
         rules=HUBSPOT_ONLY_RULES,
     )
     served = tmp_path / "serve.yaml"

@@ -20,7 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import config_yaml, hubspot_emails, salesforce_emails, sample, wait_for
+from tests.support import (
+    config_yaml,
+    hubspot_emails,
+    hubspot_settings,
+    salesforce_emails,
+    salesforce_settings,
+    sample,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "crm-bridge.service"
@@ -317,14 +325,8 @@ def test_the_daemon_runs_with_memory_deny_write_execute(
     config.write_text(
         config_yaml(
             tmp_path / "bridge.db",
-            hubspot={"access_token": "pat-na1-test", "base_url": hubspot_emulator.url},
-            salesforce={
-                "username": "user@example.com",
-                "password": "pw",
-                "security_token": "tok",
-                "login_url": salesforce_emulator.url,
-                "ca_bundle": salesforce_emulator.ca_path,
-            },
+            hubspot=hubspot_settings(hubspot_emulator),
+            salesforce=salesforce_settings(salesforce_emulator),
         )
     )
     daemon = daemon_factory(config, notify.env(), [sys.executable, "-c", MDWE])

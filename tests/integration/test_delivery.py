@@ -9,7 +9,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.config import parse_config
 from bridge.server import create_app
-from tests.support import TOKEN, config_yaml, sample
+from tests.support import TOKEN, config_yaml, hubspot_settings, salesforce_settings, sample
 
 FINISHED = {"done", "dead", "dry_run", "skipped"}
 
@@ -20,14 +20,8 @@ async def bridge(tmp_path, hubspot_emulator, salesforce_emulator):
 
     async def start(delivery: str = "", **overrides) -> TestClient:
         settings = {
-            "hubspot": {"access_token": "pat-na1-test", "base_url": hubspot_emulator.url},
-            "salesforce": {
-                "username": "user@example.com",
-                "password": "pw",
-                "security_token": "tok",
-                "login_url": salesforce_emulator.url,
-                "ca_bundle": salesforce_emulator.ca_path,
-            },
+            "hubspot": hubspot_settings(hubspot_emulator),
+            "salesforce": salesforce_settings(salesforce_emulator),
         } | overrides
         text = config_yaml(tmp_path / "bridge.db", delivery=delivery, **settings)
         app = create_app(parse_config(text))

@@ -12,13 +12,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from bridge.config import parse_config
 from bridge.server import create_app
 from tests.emulators import ManualClock
-from tests.support import TOKEN, config_yaml, sample
+from tests.support import TOKEN, config_yaml, hubspot_settings, salesforce_settings, sample
 
 
 async def start(tmp_path, hubspot_emulator, *, delivery: str = "", clock=None, db=None):
     text = config_yaml(
         db or tmp_path / "bridge.db",
-        hubspot={"access_token": "pat-na1-test", "base_url": hubspot_emulator.url},
+        hubspot=hubspot_settings(hubspot_emulator),
         rules="""
   - name: interested
     when: contact.interest == 'interested'
@@ -273,14 +273,8 @@ async def test_storms_end_with_one_record_per_email_and_only_bad_records_dead(
 """
     text = config_yaml(
         tmp_path / "bridge.db",
-        hubspot={"access_token": "pat-na1-test", "base_url": hubspot_emulator.url},
-        salesforce={
-            "username": "user@example.com",
-            "password": "pw",
-            "security_token": "tok",
-            "login_url": salesforce_emulator.url,
-            "ca_bundle": salesforce_emulator.ca_path,
-        },
+        hubspot=hubspot_settings(hubspot_emulator),
+        salesforce=salesforce_settings(salesforce_emulator),
         rules=rules,
     )
     client = TestClient(TestServer(create_app(parse_config(text))))
