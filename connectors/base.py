@@ -41,6 +41,20 @@ class ConnectorConfig(BaseModel):
         return True
 
 
+class WritePolicy(BaseModel):
+    """When a mapped field may be written over what the CRM already holds.
+
+    `always` (the default) writes; `if_empty` never overwrites a value someone typed in the CRM;
+    `on_create` writes only into a record this delivery creates; `monotonic` moves only forward
+    along `order` (a late `open` never undoes a `reply`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["always", "if_empty", "on_create", "monotonic"] = "always"
+    order: tuple[str, ...] = ()
+
+
 class LeadUpsert(BaseModel):
     """Create the record keyed by `id_value`, or update it if the CRM has it already."""
 
@@ -55,6 +69,14 @@ class LeadUpsert(BaseModel):
     # The CRM's id for this record if an earlier delivery found or created it: lets a connector
     # skip its lookup. A hint only: the record may have been deleted or merged since.
     record_id: str | None = None
+    # Per-field write policies; a field not named here is written always.
+    policies: dict[str, WritePolicy] = Field(default_factory=dict)
+    # False: update an existing record only (e.g. a status change); a missing one is skipped.
+    create: bool = True
+
+    def guarded(self) -> dict[str, WritePolicy]:
+        """The fields whose policy needs the record's current values before writing."""
+        return {k: p for k, p in self.policies.items() if p.mode != "always" and k in self.fields}
 
 
 class Activity(BaseModel):
@@ -145,6 +167,12 @@ class Connector(abc.ABC):
         """Log an activity on the record keyed by `id_value`; once, whatever the attempt."""
         raise PermanentDelivery(f"the {self.name} connector cannot log activities")
 
+    async def current(self, lead: LeadUpsert, names: list[str]) -> dict[str, Any] | None:
+        """The record `lead` would write to, as the CRM holds it now: the values of `names`
+        (None for an empty one), or None when there is no such record. Write policies and
+        `simulate --online` need it; a connector that cannot read raises `PermanentDelivery`."""
+        raise PermanentDelivery(f"the {self.name} connector cannot read records")
+
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking SDK call on this connector's own bounded thread pool."""
         if self._executor is None:
@@ -161,6 +189,43 @@ class Connector(abc.ABC):
 
 
 Outcome = DeliveryResult | DeliveryError
+
+
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def apply_policies(
+    lead: LeadUpsert, current: dict[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The fields to write given the record's `current` values (None: it does not exist yet),
+    and, for each field held back, why. Connectors and `simulate --online` share this."""
+    if current is None:
+        return dict(lead.fields), {}
+    write: dict[str, Any] = {}
+    held: dict[str, str] = {}
+    for name, value in lead.fields.items():
+        policy = lead.policies.get(name, WritePolicy())
+        now = current.get(name)
+        if policy.mode == "on_create":
+            held[name] = "on_create: the record exists"
+        elif policy.mode == "if_empty" and not _empty(now):
+            held[name] = f"if_empty: the CRM holds {now!r}"
+        elif policy.mode == "monotonic" and not _forward(policy.order, now, value):
+            held[name] = f"monotonic: {value!r} is not after {now!r}"
+        else:
+            write[name] = value
+    return write, held
+
+
+def _forward(order: tuple[str, ...], now: Any, new: Any) -> bool:
+    """True when `new` is later than `now` along `order`. A current value outside the order
+    (empty, or one a rep chose) is before its start; a new value outside it never moves."""
+    if str(new) not in order:
+        return False
+    if _empty(now) or str(now) not in order:
+        return True
+    return order.index(str(new)) > order.index(str(now))
 Outcomes = list[Outcome | None]
 
 
