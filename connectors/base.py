@@ -41,6 +41,19 @@ class ConnectorConfig(BaseModel):
         return True
 
 
+class FieldInfo(BaseModel):
+    """One CRM field as the CRM describes it (Salesforce describe, HubSpot properties API)."""
+
+    name: str
+    label: str = ""
+    # The CRM's own type name, e.g. "picklist", "boolean", "date" (Salesforce) or
+    # "enumeration", "bool", "datetime" (HubSpot).
+    type: str
+    options: tuple[str, ...] | None = None  # allowed values of a picklist/enumeration
+    writable: bool = True
+    max_length: int | None = None
+
+
 class WritePolicy(BaseModel):
     """When a mapped field may be written over what the CRM already holds.
 
@@ -166,6 +179,11 @@ class Connector(abc.ABC):
     async def log_activity(self, activity: Activity) -> DeliveryResult:
         """Log an activity on the record keyed by `id_value`; once, whatever the attempt."""
         raise PermanentDelivery(f"the {self.name} connector cannot log activities")
+
+    async def describe(self, object: str, reload: bool = False) -> dict[str, FieldInfo]:
+        """The fields of `object` ("lead", "contact", "note", "task") as the CRM describes
+        them, cached by the connector (`reload` refreshes). `check --online` needs it."""
+        raise PermanentDelivery(f"the {self.name} connector cannot describe its fields")
 
     async def current(self, lead: LeadUpsert, names: list[str]) -> dict[str, Any] | None:
         """The record `lead` would write to, as the CRM holds it now: the values of `names`
