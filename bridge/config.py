@@ -11,11 +11,20 @@ import difflib
 import ipaddress
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 from bridge.errors import ConfigError, ConfigProblem
 from connectors import registry
@@ -84,24 +93,75 @@ class ActivityConfig(_Strict):
     body: str = Field(default="", description="template")
 
 
+ACTIONS = ("upsert_lead", "upsert_contact", "update_status", "log_activity", "stop")
+POLICIES = ("always", "if_empty", "on_create", "monotonic")
+
+
+class FieldMapping(_Strict):
+    """One CRM field of a rule: where its value comes from, and when it may be written.
+
+    Written in YAML as a bare value (`hs_lead_status: OPEN`, `firstname: "{{ ... }}"`) or as
+    a mapping with `value` and the options below.
+    """
+
+    value: Any = Field(description="a template, or a constant written as is")
+    # Rendered value -> CRM value (matched as text, case-insensitively). A value the map does
+    # not name is left out, or becomes `default`.
+    map: dict[str, Any] | None = None
+    default: Any = None  # when the value renders empty or the map does not name it
+    type: Literal["string", "number", "integer", "boolean", "date", "datetime"] | None = None
+    max_length: int | None = Field(default=None, ge=1, description="cut longer text to this")
+    policy: Literal["always", "if_empty", "on_create", "monotonic"] = "always"
+    order: list[str] = Field(default_factory=list, description="monotonic: first to last")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_value(cls, data: Any) -> Any:
+        return data if isinstance(data, dict) else {"value": data}
+
+    @model_validator(mode="after")
+    def _order_goes_with_monotonic(self) -> FieldMapping:
+        if self.policy == "monotonic" and len(self.order) < 2:
+            raise ValueError("policy monotonic needs an `order:` of at least two values")
+        if self.policy != "monotonic" and self.order:
+            raise ValueError(f"`order:` is only for policy monotonic, not {self.policy}")
+        return self
+
+
 class RuleConfig(_Strict):
     name: str = Field(min_length=1)
     when: str = Field(min_length=1, description="Jinja2 expression, e.g. type == 'reply'")
-    connector: str
-    action: Literal["upsert_lead", "upsert_contact", "log_activity"] = "upsert_lead"
+    connector: str | None = None
+    # Checked by the loader, which names the closest action when one is misspelt.
+    action: str = "upsert_lead"
+    # update_status: the kind of record it updates (never creates).
+    object: Literal["lead", "contact"] | None = None
     # The CRM field that identifies the record (None: the CRM's email field), and its value.
     id_property: str | None = None
     id_value: str = "{{ contact.email }}"
-    fields: dict[str, Any] = Field(default_factory=dict)
+    fields: dict[str, FieldMapping] = Field(default_factory=dict)
     activity: ActivityConfig | None = None
 
     @model_validator(mode="after")
-    def _activity_goes_with_log_activity(self) -> RuleConfig:
+    def _settings_go_with_the_action(self) -> RuleConfig:
         if self.action == "log_activity" and self.activity is None:
             raise ValueError("action log_activity needs an `activity:` (subject, body)")
         if self.action != "log_activity" and self.activity is not None:
             raise ValueError(f"`activity:` is only for action log_activity, not {self.action}")
+        if self.action == "update_status" and not self.fields:
+            raise ValueError("action update_status needs `fields:` (the status to set)")
+        if self.action == "stop" and (self.fields or self.connector):
+            raise ValueError("action stop takes no `connector:` nor `fields:`")
+        if self.object is not None and self.action != "update_status":
+            raise ValueError(f"`object:` is only for action update_status, not {self.action}")
         return self
+
+    @property
+    def record_object(self) -> Literal["lead", "contact"]:
+        """The kind of record an upsert or status update writes."""
+        if self.action == "upsert_contact":
+            return "contact"
+        return self.object or "lead"
 
 
 class LoggingConfig(_Strict):
@@ -121,6 +181,13 @@ class Config(_Strict):
     # Filled by the loader: each connector's settings, validated by its own class's model.
     connector_settings: dict[str, ConnectorConfig] = Field(default_factory=dict, exclude=True)
     source_file: str = Field(default="<memory>", exclude=True)
+    _marks: dict[Loc, yaml.Mark] = PrivateAttr(default_factory=dict)
+
+    def problem(self, loc: Loc, message: str) -> ConfigProblem:
+        """A problem found after loading (`check --online`), located like the loader's."""
+        problems = _Problems(self.source_file, self._marks)
+        problems.add(loc, message)
+        return problems.items[0]
 
 
 # ${VAR}, ${VAR:-default}, ${file:/path}
@@ -203,7 +270,7 @@ class _Problems:
     def add_validation(self, prefix: Loc, exc: ValidationError, model: type[BaseModel]) -> None:
         for err in exc.errors():
             loc = (*prefix, *err["loc"])
-            message = err["msg"]
+            message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 siblings = _known_fields(model, tuple(err["loc"][:-1]))
                 hint = difflib.get_close_matches(str(err["loc"][-1]), siblings, n=1)
@@ -256,6 +323,7 @@ def parse_config(text: str, file: str = "<memory>") -> Config:
         problems.add_validation((), exc, Config)
         raise ConfigError(problems.items) from None
     config.source_file = file
+    config._marks = marks
     _check_connectors(config, data, problems)
     _check_rules(config, problems)
     _check_sources(config, problems)
@@ -302,20 +370,63 @@ def _check_rules(config: Config, problems: _Problems) -> None:
     from bridge.rules import compile_problems
 
     for i, rule in enumerate(config.rules):
-        if rule.connector not in config.connectors:
-            hint = difflib.get_close_matches(rule.connector, list(config.connectors), n=1)
+        if rule.action not in ACTIONS:
+            hint = difflib.get_close_matches(rule.action, ACTIONS, n=1)
             problems.add(
-                ("rules", i, "connector"),
-                f"no connector named {rule.connector!r}"
+                ("rules", i, "action"),
+                f"unknown action {rule.action!r}"
                 + (f" (did you mean `{hint[0]}`?)" if hint else "")
-                + f"; configured: {', '.join(config.connectors) or 'none'}",
+                + f"; one of: {', '.join(ACTIONS)}",
             )
+            continue
+        if rule.action != "stop":
+            _check_connector(config, problems, i, rule.connector)
+        for name, mapping in rule.fields.items():
+            for where, message in _mapping_problems(mapping):
+                problems.add(("rules", i, "fields", name, *where), message)
         for loc, message in compile_problems(rule):
             problems.add(("rules", i, *loc), message)
     names = [r.name for r in config.rules]
     for i, name in enumerate(names):
         if name in names[:i]:
             problems.add(("rules", i, "name"), f"rule name {name!r} is used twice")
+
+
+def _check_connector(config: Config, problems: _Problems, i: int, connector: str | None) -> None:
+    configured = f"configured: {', '.join(config.connectors) or 'none'}"
+    if connector is None:
+        problems.add(("rules", i, "connector"), f"a connector is required; {configured}")
+    elif connector not in config.connectors:
+        hint = difflib.get_close_matches(connector, list(config.connectors), n=1)
+        problems.add(
+            ("rules", i, "connector"),
+            f"no connector named {connector!r}"
+            + (f" (did you mean `{hint[0]}`?)" if hint else "")
+            + f"; {configured}",
+        )
+
+
+def _mapping_problems(mapping: FieldMapping) -> Iterator[tuple[Loc, str]]:
+    """Values a monotonic field could be given that its order does not list: they would never
+    be written, which is almost certainly a typo."""
+    if mapping.policy != "monotonic":
+        return
+    order = ", ".join(mapping.order)
+    outputs: list[tuple[Loc, Any]] = []
+    if mapping.map is not None:
+        outputs += [(("map", key), value) for key, value in mapping.map.items()]
+    elif not (isinstance(mapping.value, str) and ("{{" in mapping.value or "{%" in mapping.value)):
+        outputs.append((("value",), mapping.value))
+    if mapping.default is not None:
+        outputs.append((("default",), mapping.default))
+    for where, value in outputs:
+        if str(value) not in mapping.order:
+            hint = difflib.get_close_matches(str(value), mapping.order, n=1)
+            yield (
+                where,
+                f"{value!r} is not in the order ({order})"
+                + (f" (did you mean `{hint[0]}`?)" if hint else ""),
+            )
 
 
 def _is_loopback(host: str) -> bool:

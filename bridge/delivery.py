@@ -30,20 +30,55 @@ from bridge.metrics import Metrics
 from bridge.models import ClaimedGroup, Delivery, DeliveryStatus, Finish
 from bridge.retry import RetryPolicy
 from bridge.store import Store
-from connectors.base import Activity, Connector, DeliveryResult, LeadUpsert, Outcome
+from connectors.base import (
+    Activity,
+    Connector,
+    DeliveryResult,
+    LeadUpsert,
+    Outcome,
+    WritePolicy,
+)
 
 log = logging.getLogger("crm_bridge.delivery")
 
-UPSERT_ACTIONS = ("upsert_lead", "upsert_contact")
+UPSERT_ACTIONS = ("upsert_lead", "upsert_contact", "update_status")
 
 
 def merge(deliveries: list[Delivery], record_id: str | None) -> LeadUpsert:
-    """One write holding the latest state of a contact's burst (deliveries in sort order)."""
+    """One write holding the latest state of a contact's burst (deliveries in sort order).
+
+    A later value replaces an earlier one, except along a monotonic field's order, where the
+    furthest wins: a burst of reply then open keeps the reply's status. The write may create
+    the record if any of its parts may.
+    """
     upserts = [d.operation for d in deliveries if isinstance(d.operation, LeadUpsert)]
     fields: dict[str, Any] = {}
+    policies: dict[str, WritePolicy] = {}
     for upsert in upserts:
-        fields.update(upsert.fields)
-    return upserts[0].model_copy(update={"fields": fields, "record_id": record_id})
+        for name, value in upsert.fields.items():
+            policy = upsert.policies.get(name)
+            if policy is not None and policy.mode == "monotonic" and name in fields:
+                order = policy.order
+                earlier = str(fields[name])
+                if earlier in order and (str(value) not in order or _behind(order, value, earlier)):
+                    continue
+            fields[name] = value
+            if policy is not None:
+                policies[name] = policy
+            else:
+                policies.pop(name, None)
+    return upserts[0].model_copy(
+        update={
+            "fields": fields,
+            "policies": policies,
+            "create": any(u.create for u in upserts),
+            "record_id": record_id,
+        }
+    )
+
+
+def _behind(order: tuple[str, ...], value: Any, than: str) -> bool:
+    return order.index(str(value)) < order.index(than)
 
 
 class DeliveryWorker:

@@ -117,7 +117,7 @@ class Router:
         except ValueError:
             contact["email"] = None
         evaluation = rules.evaluate(
-            rules.context(event.source, data, contact), event.id, event.sort_at
+            rules.context(event.source, data, contact, event.received_at), event.id, event.sort_at
         )
         notes = list(evaluation.notes)
         if not evaluation.deliveries and not notes:
