@@ -224,13 +224,27 @@ def _walk(
     marks[loc] = node.start_mark
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
+        merged: list[yaml.Node] = []
         for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: keys written win
+                merged += (
+                    value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                )
+                continue
             key = key_node.value
             if key in out:
                 problems.append(((*loc, key), "duplicate key"))
             marks[(*loc, key)] = key_node.start_mark
             out[key] = _walk(value_node, (*loc, key), marks, problems)
             marks[(*loc, key)] = key_node.start_mark
+        for source in merged:
+            if not isinstance(source, yaml.MappingNode):
+                problems.append((loc, "`<<` merges a mapping only"))
+                continue
+            for key_node, value_node in source.value:
+                if key_node.value not in out:
+                    out[key_node.value] = _walk(value_node, (*loc, key_node.value), marks, problems)
+                    marks.setdefault((*loc, key_node.value), key_node.start_mark)
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_walk(item, (*loc, i), marks, problems) for i, item in enumerate(node.value)]
@@ -268,13 +282,33 @@ class _Problems:
         )
 
     def add_validation(self, prefix: Loc, exc: ValidationError, model: type[BaseModel]) -> None:
-        for err in exc.errors():
+        errors = exc.errors()
+        # A required key reported missing because it was misspelt: the misspelling says it all.
+        misspelt = {
+            (*err["loc"][:-1], hint)
+            for err in errors
+            if err["type"] == "extra_forbidden"
+            for hint in difflib.get_close_matches(
+                str(err["loc"][-1]), _known_fields(model, tuple(err["loc"][:-1])), n=1
+            )
+        }
+        for err in errors:
+            if err["type"] == "missing" and tuple(err["loc"]) in misspelt:
+                continue
             loc = (*prefix, *err["loc"])
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 siblings = _known_fields(model, tuple(err["loc"][:-1]))
                 hint = difflib.get_close_matches(str(err["loc"][-1]), siblings, n=1)
                 message = "unknown key" + (f" (did you mean `{hint[0]}`?)" if hint else "")
+            elif err["type"] == "literal_error":
+                allowed = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
+                hint = difflib.get_close_matches(str(err["input"]), allowed, n=1)
+                message = (
+                    f"unknown value {err['input']!r}"
+                    + (f" (did you mean `{hint[0]}`?)" if hint else "")
+                    + f"; one of: {', '.join(allowed)}"
+                )
             self.add(loc, message)
 
 

@@ -97,13 +97,18 @@ def _ast_problems(tree: nodes.Node) -> Iterator[str]:
 
 def _check(source: str, expression: bool) -> str | None:
     try:
+        if expression:
+            try:
+                ENV.compile_expression(source)
+            except jinja2.TemplateSyntaxError as exc:
+                if exc.message == "chunk after expression":  # say what came after it
+                    ENV.parse("{{ " + source + " }}")
+                raise
+        else:
+            ENV.from_string(source)
         tree = ENV.parse("{{ (" + source + ") }}" if expression else source)
         for problem in _ast_problems(tree):
             return problem
-        if expression:
-            ENV.compile_expression(source)
-        else:
-            ENV.from_string(source)
     except jinja2.TemplateSyntaxError as exc:
         kind = "expression" if expression else "template"
         return f"invalid {kind}: {_unknown_name(exc)}"
@@ -332,7 +337,7 @@ class CompiledRule:
         except jinja2.TemplateError as exc:
             raise RuleError(f"rule {self.config.name!r}: {exc}") from exc
         if not key or (self.config.action == "update_status" and not values):
-            return None
+            return None  # an upsert keyed alone still makes the record; a status update not
         return LeadUpsert(
             object=self.config.record_object,
             id_property=self.config.id_property,

@@ -31,7 +31,7 @@ def problems(text: str) -> list[str]:
 def test_the_example_config_is_valid():
     config = load_config("config.example.yaml")
     assert set(config.connectors) == {"hubspot", "salesforce"}
-    assert config.rules[0].when == "type == 'interest' and contact.interest == 'interested'"
+    assert config.rules[1].when == "type == 'interest' and contact.interest == 'interested'"
 
 
 def test_environment_variables_are_interpolated(monkeypatch):
@@ -108,3 +108,152 @@ def test_a_tokenless_source_is_refused_off_loopback():
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"no-such\.yaml"):
         load_config(tmp_path / "no-such.yaml")
+
+
+RULE = """\
+connectors:
+  hubspot:
+    type: hubspot
+rules:
+  - name: status
+    when: {when}
+    connector: {connector}
+    action: {action}
+    fields:
+      {field}
+"""
+FINE = {
+    "when": "type == 'reply'",
+    "connector": "hubspot",
+    "action": "upsert_contact",
+    "field": "hs_lead_status: OPEN",
+}
+
+
+@pytest.mark.parametrize(
+    ("mistake", "message"),
+    [
+        (
+            {"action": "upsert_leads"},
+            "config.yaml:8:5: rules[0].action: unknown action 'upsert_leads' (did you mean"
+            " `upsert_lead`?); one of: upsert_lead, upsert_contact, update_status, log_activity,"
+            " stop",
+        ),
+        (
+            {"connector": "hubspt"},
+            "config.yaml:7:5: rules[0].connector: no connector named 'hubspt' (did you mean"
+            " `hubspot`?); configured: hubspot",
+        ),
+        (
+            {"when": "type = 'reply'"},
+            "config.yaml:6:5: rules[0].when: invalid expression: expected token 'end of print"
+            " statement', got '=' (compare with ==)",
+        ),
+        (
+            {"when": "type == 'reply' and (contact.interest == 'x'"},
+            "config.yaml:6:5: rules[0].when: invalid expression: unexpected end of template,"
+            " expected ')'.",
+        ),
+        (
+            {"when": "contact.email | lowr == 'x'"},
+            "config.yaml:6:5: rules[0].when: invalid expression: unknown filter 'lowr' (did you"
+            " mean `lower`?)",
+        ),
+        (
+            {"when": "contact.email is endwith('@acme.com')"},
+            "config.yaml:6:5: rules[0].when: invalid expression: unknown test 'endwith' (did you"
+            " mean `endswith`?)",
+        ),
+        (
+            {"when": "contact.email is match('(')"},
+            "config.yaml:6:5: rules[0].when: invalid regular expression '(': missing ),"
+            " unterminated subpattern at position 0",
+        ),
+        (
+            {"field": 'firstname: "{{ contact.first_name | tittle }}"'},
+            "config.yaml:10:7: rules[0].fields.firstname: invalid template: unknown filter"
+            " 'tittle' (did you mean `title`?)",
+        ),
+        (
+            {"field": "hs_lead_status: {vaule: OPEN}"},
+            "config.yaml:10:24: rules[0].fields.hs_lead_status.vaule: unknown key (did you mean"
+            " `value`?)",
+        ),
+        (
+            {"field": "hs_lead_status: {value: OPEN, policy: monotnic}"},
+            "config.yaml:10:37: rules[0].fields.hs_lead_status.policy: unknown value 'monotnic'"
+            " (did you mean `monotonic`?); one of: always, if_empty, on_create, monotonic",
+        ),
+        (
+            {"field": "hs_lead_status: {value: OPEN, policy: monotonic}"},
+            "config.yaml:10:7: rules[0].fields.hs_lead_status: policy monotonic needs an `order:`"
+            " of at least two values",
+        ),
+        (
+            {"field": "hs_lead_status: {value: OPN, policy: monotonic, order: [NEW, OPEN]}"},
+            "config.yaml:10:24: rules[0].fields.hs_lead_status.value: 'OPN' is not in the order"
+            " (NEW, OPEN) (did you mean `OPEN`?)",
+        ),
+        (
+            {"field": "hs_lead_status: ${NOT_SET_ANYWHERE}"},
+            "config.yaml:10:7: rules[0].fields.hs_lead_status: environment variable"
+            " NOT_SET_ANYWHERE is not set (write ${NOT_SET_ANYWHERE:-} to allow it empty)",
+        ),
+        (
+            {"field": "hs_lead_status: ${file:/nonexistent/credential}"},
+            "config.yaml:10:7: rules[0].fields.hs_lead_status: cannot read"
+            " /nonexistent/credential: No such file or directory",
+        ),
+        (
+            {"field": "x: \"{% include '/etc/passwd' %}\""},
+            "config.yaml:10:7: rules[0].fields.x: include is not allowed: rules cannot read files",
+        ),
+        (
+            {"action": "update_status", "field": "{}"},
+            "config.yaml:5:5: rules[0]: action update_status needs `fields:` (the status to set)",
+        ),
+    ],
+)
+def test_common_rule_mistakes_are_reported_word_for_word(monkeypatch, mistake, message):
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    text = RULE.format(**(FINE | mistake)).replace("fields:\n      {}", "fields: {}")
+    assert problems(text) == [message]
+
+
+def test_a_misspelt_rule_key_names_the_right_one():
+    text = RULE.format(**FINE).replace("    connector:", "    conector:")
+    assert problems(text) == [
+        "config.yaml:7:5: rules[0].conector: unknown key (did you mean `connector`?)"
+    ]
+
+
+def test_secrets_come_from_files(tmp_path):
+    secret = tmp_path / "hubspot_token"
+    secret.write_text("pat-from-a-file\n")
+    config = parse_config(GOOD.replace("${TEST_HUBSPOT_TOKEN:-}", f"${{file:{secret}}}"))
+    assert config.connector_settings["hubspot"].access_token.get_secret_value() == (
+        "pat-from-a-file"
+    )
+
+
+def test_yaml_anchors_and_merge_keys_share_a_field_setting():
+    text = """\
+connectors: {hubspot: {type: hubspot}}
+rules:
+  - name: a
+    when: type == 'interest'
+    connector: hubspot
+    fields:
+      hs_lead_status: &status {value: OPEN, policy: monotonic, order: [OPEN, CONNECTED]}
+  - name: b
+    when: type == 'appointment'
+    connector: hubspot
+    fields:
+      hs_lead_status: {<<: *status, value: CONNECTED}
+"""
+    a, b = parse_config(text).rules
+    assert b.fields["hs_lead_status"].order == ["OPEN", "CONNECTED"]
+    assert (a.fields["hs_lead_status"].value, b.fields["hs_lead_status"].value) == (
+        "OPEN",
+        "CONNECTED",
+    )
