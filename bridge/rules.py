@@ -30,7 +30,10 @@ from connectors.base import Activity, LeadUpsert, WritePolicy
 
 log = logging.getLogger("crm_bridge.rules")
 
-MAX_SIZE = 100_000  # the longest string or list `*` may build, the largest power `**` may give
+MAX_SIZE = 100_000  # the longest string or list `*` may build
+# What a user's expression or template may raise besides Jinja2's errors (range too big, a
+# division by zero, comparing a number with text): the event gets a note, the router goes on.
+RULE_FAILURES = (jinja2.TemplateError, ArithmeticError, TypeError, ValueError, LookupError)
 
 
 def _finalize(value: Any) -> Any:
@@ -300,7 +303,7 @@ class CompiledRule:
             key = self.id_value.render(context).strip()
             subject = self.subject.render(context).strip()
             body = self.body.render(context).strip()
-        except jinja2.TemplateError as exc:
+        except RULE_FAILURES as exc:
             raise RuleError(f"rule {self.config.name!r}: {exc}") from exc
         if not key:
             return None
@@ -334,7 +337,7 @@ class CompiledRule:
                 values[spec.name] = value
                 if (policy := spec.policy()) is not None:
                     policies[spec.name] = policy
-        except jinja2.TemplateError as exc:
+        except RULE_FAILURES as exc:
             raise RuleError(f"rule {self.config.name!r}: {exc}") from exc
         if not key or (self.config.action == "update_status" and not values):
             return None  # an upsert keyed alone still makes the record; a status update not
@@ -392,7 +395,7 @@ class RuleSet:
             try:
                 if not rule.matches(context):
                     continue
-            except jinja2.TemplateError as exc:
+            except RULE_FAILURES as exc:
                 result.notes.append(f"rule {rule.config.name!r} could not be evaluated: {exc}")
                 continue
             result.matched.append(rule.config.name)

@@ -183,3 +183,98 @@ def test_an_activity_is_templated_and_keyed_by_event_and_rule():
 def test_activity_settings_go_with_the_log_activity_action(rule, message):
     with pytest.raises(ValueError, match=message):
         RuleConfig.model_validate(rule)
+
+
+@pytest.mark.parametrize(
+    ("template", "contact", "expected"),
+    [
+        ("{{ contact.name | first_name }}", {"name": "Ada King Lovelace"}, "Ada"),
+        ("{{ contact.name | last_name }}", {"name": "Ada King Lovelace"}, "King Lovelace"),
+        ("{{ (contact.name | split_name)[1] }}", {"name": "Ada"}, ""),
+        ("{{ contact.name | last_name | default('Unknown', true) }}", {"name": "Ada"}, "Unknown"),
+        ("{{ contact.name | trim | title }}", {"name": "  ada lovelace "}, "Ada Lovelace"),
+        ("{{ contact.name | upper }}/{{ contact.name | lower }}", {"name": "Ada"}, "ADA/ada"),
+        ("{{ contact.title | truncate_to(5) }}", {"title": "Chief Executive"}, "Chief"),
+        ("{{ contact.createdAt | date }}", {}, "2023-01-26"),
+        ("{{ contact.createdAt | date('%d/%m/%Y %H:%M') }}", {}, "26/01/2023 04:41"),
+        ("{{ contact.createdAt | datetime }}", {}, "2023-01-26T04:41:10.639Z"),
+        ("{{ contact.createdAt | timestamp_ms }}", {}, "1674708070639"),
+        ("{{ contact.nothing | date }}", {}, ""),
+        ("{{ contact.custom.plan | default('free') }}", {"custom": {"plan": "pro"}}, "pro"),
+        ("{{ contact.custom.plan | default('free') }}", {}, "free"),
+    ],
+)
+def test_filters(template, contact, expected):
+    rule = {**INTERESTED, "fields": {"x": template}}
+    (delivery,) = evaluate([rule], event("interest", **contact)).deliveries
+    assert delivery.operation.fields.get("x", "") == expected
+
+
+@pytest.mark.parametrize(
+    ("mapping", "contact", "expected"),
+    [
+        ({"value": "{{ contact.interest }}", "map": {"interested": "OPEN"}}, {}, "OPEN"),
+        ({"value": "{{ contact.interest }}", "map": {"INTERESTED": "OPEN"}}, {}, "OPEN"),
+        ({"value": "{{ contact.interest }}", "map": {"x": "OPEN"}}, {}, None),
+        ({"value": "{{ contact.interest }}", "map": {"x": "A"}, "default": "NEW"}, {}, "NEW"),
+        ({"value": "{{ contact.appointment }}", "map": {"true": "CONNECTED"}}, {}, None),
+        (
+            {"value": "{{ contact.appointment }}", "map": {"true": "CONNECTED"}},
+            {"appointment": True},
+            "CONNECTED",
+        ),
+        ({"value": "{{ contact.phone }}", "default": "n/a"}, {}, "n/a"),
+        (
+            {"value": "{{ contact.custom.seats }}", "type": "integer"},
+            {"custom": {"seats": "12"}},
+            12,
+        ),
+        (
+            {"value": "{{ contact.custom.score }}", "type": "number"},
+            {"custom": {"score": "1.5"}},
+            1.5,
+        ),
+        (
+            {"value": "{{ contact.custom.score }}", "type": "number"},
+            {"custom": {"score": "x"}},
+            None,
+        ),
+        ({"value": "{{ contact.verified }}", "type": "boolean"}, {}, True),
+        ({"value": "{{ contact.createdAt }}", "type": "date"}, {}, "2023-01-26"),
+        ({"value": "{{ contact.title }}", "max_length": 3}, {"title": "Chief"}, "Chi"),
+        ({"value": 42}, {}, 42),
+        ({"value": True}, {}, True),
+    ],
+)
+def test_field_mappings(mapping, contact, expected):
+    rule = {**INTERESTED, "fields": {"x": mapping}}
+    (delivery,) = evaluate([rule], event("interest", **contact)).deliveries
+    assert delivery.operation.fields.get("x") == expected
+
+
+def test_update_status_never_creates_and_stop_ends_the_evaluation():
+    rules = [
+        {**INTERESTED, "name": "status", "action": "update_status", "object": "contact"},
+        {"name": "stop", "when": "type == 'interest'", "action": "stop"},
+        {**INTERESTED, "name": "never"},
+    ]
+    result = evaluate(rules, event("interest"))
+    (delivery,) = result.deliveries
+    assert (delivery.action, delivery.operation.create, delivery.operation.object) == (
+        "update_status",
+        False,
+        "contact",
+    )
+    assert (result.matched, result.stopped_by) == (["status", "stop"], "stop")
+
+
+def test_the_received_time_and_the_source_are_visible():
+    rule = {
+        **INTERESTED,
+        "when": "event.source == 'supersend'",
+        "fields": {"at": "{{ event.received_at | datetime }}"},
+    }
+    ruleset = RuleSet([RuleConfig.model_validate(rule)])
+    data = event("interest")
+    result = ruleset.evaluate(RuleSet.context("supersend", data, data["contact"], 1700000000.0))
+    assert result.deliveries[0].operation.fields == {"at": "2023-11-14T22:13:20.000Z"}

@@ -1,0 +1,59 @@
+"""A contact's queued burst merged into one write keeps each field's write policy."""
+
+from bridge.delivery import merge
+from bridge.models import Delivery, DeliveryStatus
+from connectors.base import LeadUpsert, WritePolicy
+
+STATUS = WritePolicy(mode="monotonic", order=("NEW", "OPEN", "IN_PROGRESS", "CONNECTED"))
+
+
+def delivery(i: int, fields: dict, policies: dict | None = None, create: bool = True) -> Delivery:
+    return Delivery(
+        id=i,
+        event_id=f"e{i}",
+        rule="r",
+        connector="hubspot",
+        action="upsert_contact",
+        contact_key="ada@example.com",
+        operation=LeadUpsert(
+            object="contact",
+            id_value="ada@example.com",
+            fields=fields,
+            policies=policies or {},
+            create=create,
+        ),
+        status=DeliveryStatus.IN_FLIGHT,
+        attempts=1,
+        created_at=0,
+        next_attempt_at=0,
+        sort_at=i,
+        horizon_start=0,
+    )
+
+
+def test_a_monotonic_field_keeps_the_furthest_value_of_a_burst():
+    merged = merge(
+        [
+            delivery(
+                1, {"hs_lead_status": "IN_PROGRESS", "firstname": "A"}, {"hs_lead_status": STATUS}
+            ),
+            delivery(2, {"hs_lead_status": "OPEN", "firstname": "Ada"}, {"hs_lead_status": STATUS}),
+        ],
+        "rec-1",
+    )
+    assert merged.fields == {"hs_lead_status": "IN_PROGRESS", "firstname": "Ada"}
+    assert merged.policies == {"hs_lead_status": STATUS}
+    assert merged.record_id == "rec-1"
+
+
+def test_a_later_policy_applies_and_the_merge_may_create_if_one_part_may():
+    merged = merge(
+        [
+            delivery(
+                1, {"company": "Acme"}, {"company": WritePolicy(mode="if_empty")}, create=False
+            ),
+            delivery(2, {"company": "Acme Inc"}),
+        ],
+        None,
+    )
+    assert (merged.fields, merged.policies, merged.create) == ({"company": "Acme Inc"}, {}, True)
