@@ -1,7 +1,7 @@
-"""`crm-bridge`: thin commands over the core (serve, check, status, dlq, backfill).
+"""`crm-bridge`: thin commands over the core (serve, check, simulate, status, dlq, backfill).
 
-Exit codes: 0 done, 1 failed or not found (`dlq`) or some lines invalid (`backfill`), 2 bad usage
-or configuration.
+Exit codes: 0 done, 1 failed or not found (`dlq`) or some lines invalid (`backfill`) or a CRM
+refuses the rules (`check --online`), 2 bad usage or configuration.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from bridge import backfill, dlq, status
+from bridge import backfill, dlq, simulate, status
+from bridge.check import check_online
 from bridge.config import Config, load_config
 from bridge.errors import ConfigError, StoreUnavailable
 from bridge.logs import setup_logging
@@ -106,6 +107,49 @@ def cmd_check(args: argparse.Namespace) -> int:
     for name, settings in config.connector_settings.items():
         mode = "live" if settings.has_credentials() else "dry run (no credentials)"
         print(f"  connector {name}: {settings.type}, {mode}")
+    if not args.online:
+        return 0
+    connectors = simulate.open_connectors(config, set(config.connector_settings))
+    findings = asyncio.run(check_online(config, connectors))
+    for finding in findings:
+        prefix = "  " if finding.fatal else "  warning: "
+        print(f"{prefix}{finding.problem}", file=sys.stderr if finding.fatal else sys.stdout)
+    fatal = [f for f in findings if f.fatal]
+    if fatal:
+        print(f"crm-bridge: {len(fatal)} problem(s) found online", file=sys.stderr)
+        return 1
+    print("online: every mapped field exists and accepts its values")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    try:
+        data = simulate.read_event(args.event)
+    except simulate.EventFileError as exc:
+        print(f"crm-bridge: {exc}", file=sys.stderr)
+        return 2
+    source = args.source or next(iter(config.sources), "supersend")
+    if source not in config.sources:
+        print(f"crm-bridge: no source named {source!r}", file=sys.stderr)
+        return 2
+    result = simulate.simulate(config, data, source)
+    planned = None
+    if args.online:
+        used = {o.delivery.connector for o in result.rules if o.delivery is not None}
+        connectors = simulate.open_connectors(config, used)
+
+        async def read() -> list[simulate.PlannedOperation]:
+            try:
+                for connector in connectors.values():
+                    await connector.open()
+                return await simulate.plan(result, config, connectors)
+            finally:
+                for connector in connectors.values():
+                    await connector.close()
+
+        planned = asyncio.run(read())
+    print(simulate.render(result, planned))
     return 0
 
 
@@ -299,7 +343,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
     check = sub.add_parser("check", help="validate a config file and exit")
     check.add_argument("--config", "-c", type=Path, default=Path("config.yaml"))
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also log in to each connector and check every mapped field against the CRM",
+    )
     check.set_defaults(func=cmd_check)
+    sim = sub.add_parser(
+        "simulate",
+        help="show what the rules would do with one event, writing nothing",
+        description=(
+            "Evaluate the rules on one webhook payload: which matched, why the others did not, "
+            "and the exact CRM operations they would queue. Nothing is stored or written. With "
+            "--online, each connector reads the current record and a plan shows the fields "
+            "that would change, from what to what."
+        ),
+    )
+    sim.add_argument("event", help="a JSON file holding one webhook payload")
+    sim.add_argument("--config", "-c", type=Path, default=Path("config.yaml"))
+    sim.add_argument("--source", help="the configured source it came in on (default: first)")
+    sim.add_argument("--online", action="store_true", help="read the CRM records: print a plan")
+    sim.set_defaults(func=cmd_simulate)
     _add_dlq(sub)
     _add_backfill(sub)
     status_parser = sub.add_parser(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -88,6 +89,20 @@ def timestamp_ms(value: Any) -> int | str:
     """Epoch milliseconds (HubSpot's date and datetime properties); empty if not a date."""
     moment = _as_datetime(value)
     return "" if moment is None else int(moment.timestamp() * 1000)
+
+
+NULL_SAFE = ("trim", "lower", "upper", "title", "capitalize", "replace", "truncate", "striptags")
+
+
+def null_safe(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn`, giving "" for a missing value instead of "None" (Jinja2's string filters)."""
+    index = 1 if hasattr(fn, "jinja_pass_arg") else 0  # after the context/environment
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return "" if _missing(args[index]) else fn(*args, **kwargs)
+
+    return wrapper
 
 
 @functools.lru_cache(maxsize=256)

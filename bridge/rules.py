@@ -61,6 +61,9 @@ class RuleEnvironment(ImmutableSandboxedEnvironment):
 
 
 ENV = RuleEnvironment(undefined=jinja2.ChainableUndefined, finalize=_finalize, autoescape=False)
+for _name in filters.NULL_SAFE:
+    # Jinja2's string filters turn null into "None": a contact's null field must stay empty.
+    ENV.filters[_name] = filters.null_safe(ENV.filters[_name])
 ENV.filters.update(filters.FILTERS)
 ENV.tests.update(filters.TESTS)
 for _unused in ("lipsum", "cycler", "joiner", "namespace"):

@@ -193,6 +193,8 @@ def test_activity_settings_go_with_the_log_activity_action(rule, message):
         ("{{ (contact.name | split_name)[1] }}", {"name": "Ada"}, ""),
         ("{{ contact.name | last_name | default('Unknown', true) }}", {"name": "Ada"}, "Unknown"),
         ("{{ contact.name | trim | title }}", {"name": "  ada lovelace "}, "Ada Lovelace"),
+        ("{{ contact.name | trim | title | upper }}", {"name": None}, ""),
+        ("{{ contact.name | replace('a', 'b') | truncate(3) }}", {"name": None}, ""),
         ("{{ contact.name | upper }}/{{ contact.name | lower }}", {"name": "Ada"}, "ADA/ada"),
         ("{{ contact.title | truncate_to(5) }}", {"title": "Chief Executive"}, "Chief"),
         ("{{ contact.createdAt | date }}", {}, "2023-01-26"),

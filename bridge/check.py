@@ -1,0 +1,179 @@
+"""`crm-bridge check --online`: the rules checked against the CRMs' own field definitions.
+
+Each connector a rule uses logs in, describes the objects the rules write (HubSpot properties
+API, Salesforce describe), and every mapped field is checked: it exists, it is writable, and
+each value the rule can write (constants, value-map results, defaults, a monotonic order) is
+of the field's type and, for a picklist or enumeration, one of its options. A templated value
+is only known per event: it is checked when its `type:` or a value map says what it gives.
+Problems are located in the config file like the loader's.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+from bridge.config import Config, FieldMapping, RuleConfig
+from bridge.errors import BridgeError, ConfigProblem
+from bridge.rules import is_template
+from connectors.base import Connector, FieldInfo
+
+NUMBER_TYPES = {"double", "int", "integer", "long", "currency", "percent", "number"}
+BOOLEAN_TYPES = {"boolean", "bool"}
+DATE_TYPES = {"date", "datetime"}
+
+
+@dataclass
+class Finding:
+    problem: ConfigProblem
+    fatal: bool = True  # False: a warning; `check --online` still succeeds
+
+
+def _kind(info: FieldInfo) -> str:
+    crm_type = info.type.lower()
+    if crm_type in BOOLEAN_TYPES:
+        return "boolean"
+    if crm_type in NUMBER_TYPES:
+        return "number"
+    if crm_type in DATE_TYPES:
+        return crm_type
+    return "text"
+
+
+def _value_problem(value: Any, info: FieldInfo) -> str | None:
+    """Why the CRM field `info` would refuse `value`, or None."""
+    kind = _kind(info)
+    if info.options is not None and kind == "text":
+        if str(value) not in info.options:
+            hint = difflib.get_close_matches(str(value), list(info.options), n=1)
+            shown = ", ".join(info.options[:12]) + (", ..." if len(info.options) > 12 else "")
+            return f"{value!r} is not an option of {info.name} ({info.type}: {shown})" + (
+                f" (did you mean `{hint[0]}`?)" if hint else ""
+            )
+        return None
+    if kind == "boolean" and not isinstance(value, bool):
+        if str(value).lower() not in ("true", "false"):
+            return f"{value!r} is not a boolean, which {info.name} ({info.type}) holds"
+    if kind == "number" and (isinstance(value, bool) or not _is_number(value)):
+        return f"{value!r} is not a number, which {info.name} ({info.type}) holds"
+    if kind == "text" and info.max_length and len(str(value)) > info.max_length:
+        return f"{value!r} is longer than {info.name}'s {info.max_length} characters"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _candidates(mapping: FieldMapping) -> list[tuple[tuple[str | int, ...], Any]]:
+    """Every value the mapping can write that is known before an event comes."""
+    found: list[tuple[tuple[str | int, ...], Any]] = []
+    if mapping.map is not None:
+        found += [(("map", k), v) for k, v in mapping.map.items()]
+    elif not is_template(mapping.value):
+        found.append((("value",), mapping.value))
+    if mapping.default is not None:
+        found.append((("default",), mapping.default))
+    found += [(("order", i), v) for i, v in enumerate(mapping.order)]
+    return found
+
+
+def check_field(
+    mapping: FieldMapping, info: FieldInfo
+) -> list[tuple[tuple[str | int, ...], str, bool]]:
+    """Problems of one mapped field against the CRM's definition: (where, message, fatal)."""
+    out: list[tuple[tuple[str | int, ...], str, bool]] = []
+    if not info.writable:
+        out.append(((), f"{info.name} is read-only in the CRM", True))
+    for where, value in _candidates(mapping):
+        problem = _value_problem(value, info)
+        if problem:
+            out.append((where, problem, True))
+    kind = _kind(info)
+    templated = is_template(mapping.value) and mapping.map is None
+    if templated and info.options is not None and kind == "text":
+        out.append(
+            (
+                ("value",),
+                f"{info.name} takes one of {len(info.options)} options and the template's"
+                " value is only known per event: a `map:` would check it here",
+                False,
+            )
+        )
+    elif templated and kind != "text" and mapping.type not in _TYPES_FOR[kind]:
+        out.append(
+            (
+                ("value",),
+                f"{info.name} is a {info.type} field and the template renders text"
+                f" (add `type: {_TYPES_FOR[kind][0]}`)",
+                False,
+            )
+        )
+    if mapping.max_length and info.max_length and mapping.max_length > info.max_length:
+        out.append(
+            (
+                ("max_length",),
+                f"max_length {mapping.max_length} is more than {info.name}'s {info.max_length}",
+                True,
+            )
+        )
+    return out
+
+
+_TYPES_FOR = {
+    "boolean": ("boolean",),
+    "number": ("number", "integer"),
+    "date": ("date", "datetime"),
+    "datetime": ("datetime", "date"),
+    "text": ("string",),
+}
+
+
+async def check_online(config: Config, connectors: dict[str, Connector]) -> list[Finding]:
+    """Log in to each connector the rules use and check their fields; `connectors` are built,
+    not opened: they are opened and closed here."""
+    findings: list[Finding] = []
+    used: dict[str, list[tuple[int, RuleConfig]]] = {}
+    for i, rule in enumerate(config.rules):
+        if rule.connector is not None and rule.action not in ("stop", "log_activity"):
+            used.setdefault(rule.connector, []).append((i, rule))
+    for name, connector in connectors.items():
+        rules = used.get(name, [])
+        if not config.connector_settings[name].has_credentials():
+            findings.append(
+                Finding(config.problem(("connectors", name), "no credentials: not checked"), False)
+            )
+            continue
+        try:
+            await connector.open()
+            await connector.verify()
+            described: dict[str, dict[str, FieldInfo]] = {}
+            for _, rule in rules:
+                obj = rule.record_object
+                if obj not in described:
+                    described[obj] = await connector.describe(obj)
+        except BridgeError as exc:
+            findings.append(Finding(config.problem(("connectors", name), f"{exc}")))
+            continue
+        finally:
+            await connector.close()
+        for i, rule in rules:
+            fields = described[rule.record_object]
+            for field_name, mapping in rule.fields.items():
+                loc: tuple[str | int, ...] = ("rules", i, "fields", field_name)
+                info = fields.get(field_name)
+                if info is None:
+                    hint = difflib.get_close_matches(field_name, list(fields), n=1)
+                    message = f"{name} has no field {field_name!r} on {rule.record_object}" + (
+                        f" (did you mean `{hint[0]}`?)" if hint else ""
+                    )
+                    findings.append(Finding(config.problem(loc, message)))
+                    continue
+                for where, message, fatal in check_field(mapping, info):
+                    findings.append(Finding(config.problem((*loc, *where), message), fatal))
+    return findings
