@@ -16,7 +16,7 @@ from typing import Any
 
 from bridge.config import Config, FieldMapping, RuleConfig
 from bridge.errors import BridgeError, ConfigProblem
-from bridge.rules import is_template
+from bridge.expressions import is_template
 from connectors.base import Connector, FieldInfo
 
 NUMBER_TYPES = {"double", "int", "integer", "long", "currency", "percent", "number"}

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from bridge.config import Config
 from bridge.errors import DeliveryError
 from bridge.models import NewDelivery, WebhookPayload, normalise_email
-from bridge.rules import ENV, RULE_FAILURES, CompiledRule, RuleSet, parse_condition
+from bridge.rules import ENV, RULE_FAILURES, CompiledRule, RuleSet, Scope, parse_condition
 from connectors import registry
 from connectors.base import Activity, Connector, LeadUpsert, apply_policies
 
@@ -106,7 +106,7 @@ def simulate(
             outcomes.append(RuleOutcome(name, None, "not evaluated: a stop rule matched first"))
             continue
         try:
-            matched = rule.matches(context)
+            matched = rule.matches(Scope(context))
         except RULE_FAILURES as exc:
             outcomes.append(RuleOutcome(name, False, f"could not be evaluated: {exc}"))
             continue
@@ -118,13 +118,11 @@ def simulate(
             outcomes.append(RuleOutcome(name, True, "stop: the rules after it are not evaluated"))
             continue
         # The engine itself makes the delivery: what is shown is what would be queued.
-        one = RuleSet([])
-        one.rules = [rule]
-        evaluation = one.evaluate(context, "simulated-event", received_at)
+        evaluation = RuleSet([rule.config]).evaluate(context, "simulated-event", received_at)
         omitted: dict[str, str] = {}
         if rule.config.action != "log_activity":
             try:
-                rule.operation(context, omitted)
+                rule.operation(Scope(context), omitted)
             except Exception:  # noqa: BLE001  # the evaluation above has the note
                 omitted = {}
         delivery = evaluation.deliveries[0] if evaluation.deliveries else None
