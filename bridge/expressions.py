@@ -261,6 +261,8 @@ def _walk(variables: dict[str, Any], path: tuple[str, ...]) -> Any:
     """What Jinja2 gives for `a.b.c`: the sandbox's lookup, undefined when missing."""
     if path[0] in variables:
         value = variables[path[0]]
+    elif path[0] in ENV.globals:
+        value = ENV.globals[path[0]]
     else:
         return ENV.undefined(name=path[0])
     for name in path[1:]:
