@@ -48,12 +48,11 @@ from __future__ import annotations
 import asyncio
 import html
 import json
-import math
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import urllib3
@@ -71,6 +70,16 @@ from connectors.base import (
     Outcomes,
     fit_text,
     per_record,
+)
+from connectors.values import (
+    FieldProblem,
+    allowed_list,
+    moment,
+    number,
+    option,
+    refuse,
+    shown,
+    truth,
 )
 
 # HubSpot's burst limit is per app and rolling over ten seconds.
@@ -96,12 +105,8 @@ UNSURE_KEYS_MAX = 10000
 # A property cache that refuses a value is reloaded first if it is older than this: the portal
 # may have gained the property or the option since.
 PROPERTY_RECHECK_SECONDS = 60.0
-# The most enumeration options an error message lists (the detail has them all).
-OPTIONS_SHOWN = 50
 # An OAuth access token is renewed this long before it expires (at most a tenth of its life).
 TOKEN_MARGIN_SECONDS = 300.0
-# Epoch numbers at least this large are milliseconds (HubSpot's unit), smaller ones seconds.
-EPOCH_MS_FROM = 100_000_000_000
 EXISTING_ID_RE = re.compile(r"Existing ID: *(\d+)")
 
 
@@ -205,108 +210,48 @@ class _PropertyDef:
         )
 
 
-class _FieldProblem(ValueError):
-    """One field the portal's definitions refuse: the message names field, value, expectation."""
-
-    def __init__(self, message: str, **detail: Any) -> None:
-        super().__init__(message)
-        self.detail = detail
-
-
-def _refuse(name: str, value: Any, expected: str, **detail: Any) -> _FieldProblem:
-    return _FieldProblem(
-        f"HubSpot property {name!r}: {value!r} is not {expected}",
-        field=name,
-        value=value if isinstance(value, str | int | float | bool) else repr(value),
-        expected=expected,
-        **detail,
-    )
-
-
-def _epoch_moment(value: float) -> datetime:
-    """An epoch number: milliseconds (HubSpot's unit) when large, else seconds."""
-    seconds = value / 1000 if abs(value) >= EPOCH_MS_FROM else value
-    return datetime.fromtimestamp(seconds, UTC)
-
-
-def _moment(value: Any) -> datetime | None:
-    """A datetime from a datetime, epoch number or ISO 8601 text (naive means UTC); or None."""
-    if isinstance(value, datetime):
-        moment = value
-    elif isinstance(value, date):
-        moment = datetime(value.year, value.month, value.day)
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            return None
-        try:
-            return _epoch_moment(float(value))
-        except (OverflowError, OSError, ValueError):
-            return None
-    elif isinstance(value, str):
-        text = value.strip()
-        if re.fullmatch(r"-?\d{1,16}", text):  # on the wire, epoch numbers are milliseconds
-            return datetime.fromtimestamp(int(text) / 1000, UTC)
-        if re.fullmatch(r"-?\d+", text):
-            return None
-        try:
-            moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-        except ValueError:
-            return None
-    else:
-        return None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+def _refuse(name: str, value: Any, expected: str, **detail: Any) -> FieldProblem:
+    return refuse("HubSpot property", name, value, expected, **detail)
 
 
 def _bool(prop: _PropertyDef, value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    text = str(value).strip().lower() if isinstance(value, str | int) else None
-    truth = {"true": "true", "1": "true", "yes": "true", "false": "false", "0": "false"}
-    truth["no"] = "false"
-    if text in truth:
-        return truth[text]
-    raise _refuse(prop.name, value, "a boolean (true or false)", type=prop.type)
+    parsed = truth(value)
+    if parsed is None:
+        raise _refuse(prop.name, value, "a boolean (true or false)", type=prop.type)
+    return "true" if parsed else "false"
 
 
 def _number_text(prop: _PropertyDef, value: Any) -> str:
-    number: float | None = None
-    text = str(value).strip()
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(text)
-        except ValueError:
-            number = None
-    if number is None or not math.isfinite(number):
+    parsed = number(value)
+    if parsed is None:
         raise _refuse(prop.name, value, "a number", type=prop.type)
-    if isinstance(value, float) and number.is_integer() and abs(number) < 2**53:
-        return str(int(number))
-    return text
+    if isinstance(value, float) and parsed.is_integer() and abs(parsed) < 2**53:
+        return str(int(parsed))
+    return str(value).strip()
 
 
 def _date_text(prop: _PropertyDef, value: Any) -> str:
     """YYYY-MM-DD; a value with a time of day must be midnight UTC."""
-    moment = _moment(value)
-    if moment is None:
+    when = moment(value)
+    if when is None:
         expected = "a date (YYYY-MM-DD, or epoch ms at midnight UTC)"
         raise _refuse(prop.name, value, expected, type=prop.type)
     timed = isinstance(value, datetime | int | float) or (
         isinstance(value, str) and ("T" in value.upper() or value.strip().lstrip("-").isdigit())
     )
-    if timed and (moment.hour, moment.minute, moment.second, moment.microsecond) != (0, 0, 0, 0):
+    if timed and (when.hour, when.minute, when.second, when.microsecond) != (0, 0, 0, 0):
         expected = "a date: it has a time of day (a HubSpot date is midnight UTC)"
         raise _refuse(prop.name, value, expected, type=prop.type)
-    return moment.strftime("%Y-%m-%d")
+    return when.strftime("%Y-%m-%d")
 
 
 def _datetime_text(prop: _PropertyDef, value: Any) -> str:
     """ISO 8601 UTC with milliseconds."""
-    moment = _moment(value)
-    if moment is None:
+    when = moment(value)
+    if when is None:
         expected = "a datetime (ISO 8601, or epoch milliseconds)"
         raise _refuse(prop.name, value, expected, type=prop.type)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _text(prop: _PropertyDef, value: Any) -> str:
@@ -316,7 +261,7 @@ def _text(prop: _PropertyDef, value: Any) -> str:
 
 
 def _coerce(prop: _PropertyDef, value: Any) -> str:
-    """The value as HubSpot takes it for this property; `_FieldProblem` if it cannot be."""
+    """The value as HubSpot takes it for this property; `FieldProblem` if it cannot be."""
     if value is None or value == "":
         return ""  # clears the property
     coerce = {
@@ -339,42 +284,35 @@ def _option(prop: _PropertyDef, value: Any) -> str:
         chosen = [v for v in value.split(";") if v]
     else:
         chosen = [_property_value(value)]
-    folded = {o.lower(): o for o in prop.options}
     out = []
     for item in chosen:
-        option = item if item in prop.options else folded.get(item.strip().lower())
-        if option is None:
-            shown = ", ".join(prop.options[:OPTIONS_SHOWN])
-            more = ", …" if len(prop.options) > OPTIONS_SHOWN else ""
-            raise _FieldProblem(
+        found = option(prop.options, item)
+        if found is None:
+            raise FieldProblem(
                 f"HubSpot property {prop.name!r}: {item!r} is not one of the allowed values: "
-                f"[{shown}{more}]",
+                f"{allowed_list(prop.options)}",
                 field=prop.name,
                 value=item,
                 allowed=list(prop.options),
             )
-        out.append(option)
+        out.append(found)
     return ";".join(out)
-
-
-def _shown(value: Any) -> Any:
-    return value if isinstance(value, str | int | float | bool) else repr(value)
 
 
 def _coerce_field(definitions: dict[str, _PropertyDef], name: str, value: Any) -> str:
     prop = definitions.get(name)
     if prop is None:
-        raise _FieldProblem(
+        raise FieldProblem(
             f"HubSpot property {name!r} does not exist in this portal (value {value!r})",
             field=name,
-            value=_shown(value),
+            value=shown(value),
             expected="a property of contacts",
         )
     if prop.read_only:
-        raise _FieldProblem(
+        raise FieldProblem(
             f"HubSpot property {name!r} is read-only (value {value!r})",
             field=name,
-            value=_shown(value),
+            value=shown(value),
             expected="a writable property",
         )
     return _coerce(prop, value)
@@ -382,14 +320,14 @@ def _coerce_field(definitions: dict[str, _PropertyDef], name: str, value: Any) -
 
 def _coerce_fields(
     definitions: dict[str, _PropertyDef], fields: dict[str, Any]
-) -> tuple[dict[str, str], list[_FieldProblem]]:
+) -> tuple[dict[str, str], list[FieldProblem]]:
     """Every field checked and coerced; the problems found, all of them."""
     out: dict[str, str] = {}
-    problems: list[_FieldProblem] = []
+    problems: list[FieldProblem] = []
     for name, value in fields.items():
         try:
             out[name] = _coerce_field(definitions, name, value)
-        except _FieldProblem as problem:
+        except FieldProblem as problem:
             problems.append(problem)
     return out, problems
 
@@ -536,8 +474,8 @@ def _html(text: str) -> str:
 
 def _timestamp(epoch_seconds: float) -> str:
     """hs_timestamp as ISO 8601 UTC with milliseconds (HubSpot also takes epoch ms)."""
-    moment = datetime.fromtimestamp(epoch_seconds, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    when = datetime.fromtimestamp(epoch_seconds, UTC)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _activity_properties(activity: Activity) -> dict[str, str]:
