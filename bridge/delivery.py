@@ -16,7 +16,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
 
 from bridge.breaker import BreakerState, CircuitBreaker
 from bridge.errors import (
@@ -30,7 +29,7 @@ from bridge.metrics import Metrics
 from bridge.models import ClaimedGroup, Delivery, DeliveryStatus, Finish
 from bridge.retry import RetryPolicy
 from bridge.store import Store
-from connectors.base import Activity, Connector, DeliveryResult, LeadUpsert, Outcome
+from connectors.base import Activity, Connector, DeliveryResult, LeadUpsert, Outcome, combine
 
 log = logging.getLogger("crm_bridge.delivery")
 
@@ -39,11 +38,12 @@ UPSERT_ACTIONS = ("upsert_lead", "upsert_contact")
 
 def merge(deliveries: list[Delivery], record_id: str | None) -> LeadUpsert:
     """One write holding the latest state of a contact's burst (deliveries in sort order)."""
-    upserts = [d.operation for d in deliveries if isinstance(d.operation, LeadUpsert)]
-    fields: dict[str, Any] = {}
-    for upsert in upserts:
-        fields.update(upsert.fields)
-    return upserts[0].model_copy(update={"fields": fields, "record_id": record_id})
+    merged: LeadUpsert | None = None
+    for delivery in deliveries:
+        if isinstance(delivery.operation, LeadUpsert):
+            merged = combine(merged, delivery.operation)
+    assert merged is not None
+    return merged.model_copy(update={"record_id": record_id})
 
 
 class DeliveryWorker:
@@ -333,6 +333,19 @@ class DeliveryWorker:
                     extra={"action": "delivery.dry_run", **outcome.detail, **context},
                 )
                 return Finish(delivery_ids=ids, status=DeliveryStatus.DRY_RUN, result=result)
+            if outcome.skipped is not None:
+                log.info(
+                    "%s: nothing written: %s",
+                    self.name,
+                    outcome.skipped,
+                    extra={"action": "delivery.skipped", **context},
+                )
+                return Finish(
+                    delivery_ids=ids,
+                    status=DeliveryStatus.SKIPPED,
+                    result=result,
+                    error=outcome.skipped,
+                )
             log.info(
                 "delivered to %s: record %s",
                 self.name,

@@ -124,6 +124,9 @@ class DeliveryResult(BaseModel):
     record_id: str | None = None
     created: bool | None = None
     dry_run: bool = False
+    # Why nothing was written (an update-only write finding no record): the delivery is
+    # finished as skipped, not done.
+    skipped: str | None = None
     detail: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -234,6 +237,29 @@ def apply_policies(
         else:
             write[name] = value
     return write, held
+
+
+def combine(into: LeadUpsert | None, later: LeadUpsert) -> LeadUpsert:
+    """Two writes of one record as one: later fields win, except that a monotonic field keeps
+    the furthest value along its order, so a late `open` merged after a `reply` undoes nothing.
+    Policies join; the result creates a missing record if either would."""
+    if into is None:
+        return later
+    fields = dict(into.fields)
+    policies = {**into.policies, **later.policies}
+    for name, value in later.fields.items():
+        policy = policies.get(name)
+        if (
+            policy is not None
+            and policy.mode == "monotonic"
+            and name in fields
+            and not _forward(policy.order, fields[name], value)
+        ):
+            continue
+        fields[name] = value
+    return into.model_copy(
+        update={"fields": fields, "policies": policies, "create": into.create or later.create}
+    )
 
 
 def _forward(order: tuple[str, ...], now: Any, new: Any) -> bool:

@@ -65,9 +65,13 @@ from connectors.base import (
     Connector,
     ConnectorConfig,
     DeliveryResult,
+    FieldInfo,
     LeadUpsert,
     Outcome,
     Outcomes,
+    WritePolicy,
+    apply_policies,
+    combine,
     fit_text,
     per_record,
 )
@@ -107,6 +111,8 @@ UNSURE_KEYS_MAX = 10000
 PROPERTY_RECHECK_SECONDS = 60.0
 # An OAuth access token is renewed this long before it expires (at most a tenth of its life).
 TOKEN_MARGIN_SECONDS = 300.0
+# The rule-level object names `describe` takes, and the HubSpot object type each means.
+HUBSPOT_OBJECTS = {"lead": "contacts", "contact": "contacts", "note": "notes", "task": "tasks"}
 EXISTING_ID_RE = re.compile(r"Existing ID: *(\d+)")
 
 
@@ -188,6 +194,7 @@ class _PropertyDef:
     """What the connector needs of one property definition."""
 
     name: str
+    label: str
     type: str  # string | number | enumeration | bool | date | datetime | phone_number | ...
     field_type: str
     options: tuple[str, ...]  # enumeration values in display order (lifecyclestage: stage order)
@@ -203,10 +210,21 @@ class _PropertyDef:
         metadata = getattr(prop, "modification_metadata", None)
         return cls(
             name=str(prop.name),
+            label=str(getattr(prop, "label", None) or ""),
             type=str(getattr(prop, "type", None) or "string"),
             field_type=str(getattr(prop, "field_type", None) or "text"),
             options=tuple(str(o.value) for o in options),
             read_only=bool(getattr(metadata, "read_only_value", False)),
+        )
+
+    def info(self) -> FieldInfo:
+        options = self.options if self.type == "enumeration" else None
+        return FieldInfo(
+            name=self.name,
+            label=self.label,
+            type=self.type,
+            options=options,
+            writable=not self.read_only,
         )
 
 
@@ -419,6 +437,18 @@ class _Input:
     properties: dict[str, str]
     positions: list[int] = field(default_factory=list)
     detail: dict[str, Any] = field(default_factory=dict)  # added to its result's detail
+    policies: dict[str, WritePolicy] = field(default_factory=dict)
+    create: bool = True  # False: update an existing contact only
+
+    def guarded(self) -> list[str]:
+        """Properties whose write policy needs the contact's current value."""
+        return [k for k, p in self.policies.items() if p.mode != "always" and k in self.properties]
+
+    @property
+    def may_demote(self) -> bool:
+        """The rule wrote `lifecyclestage` with an explicit `always`: a backward stage is set."""
+        policy = self.policies.get("lifecyclestage")
+        return policy is not None and policy.mode == "always"
 
 
 def _key(id_property: str, value: str) -> str:
@@ -430,21 +460,29 @@ def _inputs(leads: list[tuple[int, LeadUpsert, dict[str, str]]]) -> list[_Input]
 
     HubSpot refuses a batch that names a contact twice. The caller sends one input per contact;
     if it does not, the duplicates are merged in order (later fields win, as two upserts in a
-    row would leave them) and every one of them gets the merged write's outcome.
+    row would leave them, but monotonic fields never move back) and every one of them gets the
+    merged write's outcome.
     """
-    merged: dict[tuple[str, str], _Input] = {}
+    merged: dict[tuple[str, str], tuple[_Input, LeadUpsert]] = {}
     for position, lead, coerced in leads:
         id_property = lead.id_property or "email"
-        properties = dict(coerced)
-        if id_property == "email":
-            properties.setdefault("email", lead.id_value)
         key = _key(id_property, lead.id_value)
-        item = merged.setdefault(
-            (id_property, key), _Input(id_property, key, lead.id_value, {}, [])
-        )
-        item.properties.update(properties)
+        written = lead.model_copy(update={"fields": coerced})
+        if (id_property, key) in merged:
+            item, earlier = merged[(id_property, key)]
+            written = combine(earlier, written)
+        else:
+            item = _Input(id_property, key, lead.id_value, {}, [])
+        merged[(id_property, key)] = (item, written)
         item.positions.append(position)
-    return list(merged.values())
+    items = []
+    for item, lead in merged.values():
+        item.properties = {k: str(v) for k, v in lead.fields.items()}
+        if item.id_property == "email":
+            item.properties.setdefault("email", lead.id_value)
+        item.policies, item.create = dict(lead.policies), lead.create
+        items.append(item)
+    return items
 
 
 def _split(items: list[_Input], refusal: PermanentDelivery) -> list[list[_Input]]:
@@ -543,6 +581,7 @@ class HubSpotConnector(Connector):
         self._definitions: dict[str, _PropertyDef] = {}
         self._definitions_at: float | None = None
         self._definitions_lock = asyncio.Lock()
+        self._other_definitions: dict[str, dict[str, FieldInfo]] = {}  # notes, tasks, leads
         # OAuth: the access token, when to renew it (time.monotonic), the refresh token.
         self._token: str | None = None
         self._token_renew_at = 0.0
@@ -560,6 +599,7 @@ class HubSpotConnector(Connector):
         assert self.config.access_token is not None or self.config.oauth is not None
         # Open means the portal's definitions are read again before the next write.
         self._definitions_at = None
+        self._other_definitions = {}
         client = HubSpot(
             access_token=(
                 self.config.access_token.get_secret_value() if self.config.access_token else None
@@ -620,7 +660,8 @@ class HubSpotConnector(Connector):
 
         async def send(outcomes: Outcomes) -> None:
             ready = await self._check(leads, outcomes)
-            items = await self._lifecycle(_inputs(ready), outcomes)
+            items = await self._guard(_inputs(ready), outcomes)
+            items = await self._lifecycle(items, outcomes)
             by_property: dict[str, list[_Input]] = {}
             for item in items:
                 by_property.setdefault(item.id_property, []).append(item)
@@ -682,6 +723,89 @@ class HubSpotConnector(Connector):
                 self._definitions_at = started
             return self._definitions
 
+    async def describe(self, object: str, reload: bool = False) -> dict[str, FieldInfo]:
+        object_type = HUBSPOT_OBJECTS.get(object, object)
+        if object_type == "contacts":
+            return {n: d.info() for n, d in (await self._contact_properties(reload)).items()}
+        cached = self._other_definitions.get(object_type)
+        if cached is None or reload:
+            response = await self._send(
+                self._properties.get_all_with_http_info, object_type=object_type, archived=False
+            )
+            cached = {d.name: d.info() for d in map(_PropertyDef.of, response.results or [])}
+            self._other_definitions[object_type] = cached
+        return cached
+
+    # -- write policies --------------------------------------------------------------------------
+    async def current(self, lead: LeadUpsert, names: list[str]) -> dict[str, Any] | None:
+        id_property = lead.id_property or "email"
+        found = await self._read_contacts(id_property, [lead.id_value], names)
+        return found.get(_key(id_property, lead.id_value))
+
+    async def _read_contacts(
+        self, id_property: str, values: list[str], names: list[str]
+    ) -> dict[str, dict[str, Any]]:
+        """Contacts by id property value (its key), with `names`; missing ones are absent."""
+        from hubspot.crm.contacts import BatchReadInputSimplePublicObjectId, SimplePublicObjectId
+
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(values), BATCH_READ):
+            body = BatchReadInputSimplePublicObjectId(
+                # The id property too: the results come back keyed by it, in any order.
+                properties=list(dict.fromkeys([*names, id_property])),
+                properties_with_history=[],
+                id_property=None if id_property == "hs_object_id" else id_property,
+                inputs=[SimplePublicObjectId(id=v) for v in values[start : start + BATCH_READ]],
+            )
+            # Contacts HubSpot does not have make it a 207 with errors: the others still count.
+            response = await self._send(
+                self._batch.read_with_http_info,
+                batch_read_input_simple_public_object_id=body,
+                archived=False,
+            )
+            for record in response.results or []:
+                properties = record.properties or {}
+                value = record.id if id_property == "hs_object_id" else properties.get(id_property)
+                if value is not None:
+                    found[_key(id_property, str(value))] = {n: properties.get(n) for n in names}
+        return found
+
+    async def _guard(self, items: list[_Input], outcomes: Outcomes) -> list[_Input]:
+        """Apply write policies and `create: false`: the contacts that need it are read first
+        (one batch read per 100); held-back properties are left out and noted in the result.
+        Returns the inputs still to write; the others have their outcome."""
+        needy = [i for i in items if i.guarded() or not i.create]
+        by_property: dict[str, list[_Input]] = {}
+        for item in needy:
+            by_property.setdefault(item.id_property, []).append(item)
+        current: dict[tuple[str, str], dict[str, Any]] = {}
+        for id_property, group in by_property.items():
+            names = sorted({n for i in group for n in i.guarded()})
+            found = await self._read_contacts(id_property, [i.id_value for i in group], names)
+            current.update({(id_property, k): v for k, v in found.items()})
+        kept: list[_Input] = []
+        for item in items:
+            if item not in needy:
+                kept.append(item)
+                continue
+            record = current.get((item.id_property, item.key))
+            if record is None and not item.create:
+                reason = (
+                    f"no contact with {item.id_property} {item.id_value!r} to update, "
+                    "and the rule does not create one"
+                )
+                self._settle(item, DeliveryResult(skipped=reason), outcomes)
+                continue
+            probe = LeadUpsert(
+                id_value=item.id_value, fields=item.properties, policies=item.policies
+            )
+            properties, held = apply_policies(probe, record)
+            item.properties = {k: str(v) for k, v in properties.items()}
+            if held:
+                item.detail["held_back"] = held
+            kept.append(item)
+        return kept
+
     # -- lifecycle stage ---------------------------------------------------------------------------
     async def _lifecycle(self, items: list[_Input], outcomes: Outcomes) -> list[_Input]:
         """Backward lifecyclestage values left out (noted), or cleared first with demotion."""
@@ -700,7 +824,7 @@ class HubSpotConnector(Connector):
             if stages.index(stage) >= stages.index(current):
                 kept.append(item)
                 continue
-            if not self.config.lifecycle_demotion:
+            if not (self.config.lifecycle_demotion or item.may_demote):
                 # HubSpot would ignore it: do not send it, and say so.
                 del item.properties["lifecyclestage"]
                 item.detail["lifecyclestage_skipped"] = {"current": current, "requested": stage}

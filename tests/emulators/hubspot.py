@@ -320,6 +320,7 @@ class HubSpotEmulator(EmulatorBase):
         routes: list[tuple[str, str, Callable[..., Reply]]] = [
             ("POST", contact + "/?", self._create_contact),
             ("POST", contact + "/batch/upsert", self._batch_upsert),
+            ("POST", contact + "/batch/read", self._batch_read_contacts),
             ("POST", contact + "/search", self._search),
             ("GET", contact + "/(?P<object_id>[^/]+)", self._get_contact),
             ("PATCH", contact + "/(?P<object_id>[^/]+)", self._update_contact),
@@ -877,6 +878,46 @@ class HubSpotEmulator(EmulatorBase):
             "category": "OBJECT_NOT_FOUND",
             "message": f"Could not get some {object_type[:-1].upper()} objects, they may be "
             "deleted or not exist. Check that ids are valid.",
+            "context": {"ids": missing},
+        }
+        return Reply(207, {**data, "numErrors": 1, "errors": [error]})
+
+    def _batch_read_contacts(self, call: Call) -> Reply:
+        """``{properties, idProperty?, inputs: [{id}]}``: contacts by id or by a unique property
+        (email); ids not found make it a 207 with an OBJECT_NOT_FOUND error naming them."""
+        body = _body(call, "inputs")
+        inputs = body["inputs"]
+        if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
+            return bad_request("inputs must be a list of objects")
+        if len(inputs) > 100:
+            return bad_request(f"Too many inputs: {len(inputs)}. The limit is 100.")
+        id_property = body.get("idProperty") or "hs_object_id"
+        if id_property not in ("hs_object_id", "email"):
+            return bad_request(f"{id_property} is not a unique property of contacts")
+        names = body.get("properties") or []
+        if not isinstance(names, list):
+            return bad_request("properties must be a list of property names")
+        started = iso_now()
+        results, missing = [], []
+        for item in inputs:
+            record = self._find_contact(id_property, str(item.get("id", "")))
+            if record is None:
+                missing.append(str(item.get("id", "")))
+            else:
+                results.append(record.to_json(_requested(names or None)))
+        data: dict[str, Any] = {
+            "status": "COMPLETE",
+            "results": results,
+            "startedAt": started,
+            "completedAt": iso_now(),
+        }
+        if not missing:
+            return Reply(200, data)
+        error = {
+            "status": "error",
+            "category": "OBJECT_NOT_FOUND",
+            "message": "Could not get some CONTACT objects, they may be deleted or not exist. "
+            "Check that ids are valid.",
             "context": {"ids": missing},
         }
         return Reply(207, {**data, "numErrors": 1, "errors": [error]})

@@ -25,11 +25,6 @@ UPSERT = "/crm/v3/objects/contacts/batch/upsert"
 
 # -- fixtures ----------------------------------------------------------------------------------
 @pytest.fixture
-async def salesforce(salesforce_of):
-    return await salesforce_of()
-
-
-@pytest.fixture
 def clock():
     return ManualClock()
 
@@ -310,7 +305,9 @@ async def test_salesforce_updates_the_oldest_lead_with_the_email(salesforce_emul
     assert second.created is True
 
 
-async def test_salesforce_one_invalid_record_fails_alone(salesforce_emulator, salesforce):
+async def test_salesforce_one_invalid_record_fails_alone(salesforce_emulator, salesforce_of):
+    # Salesforce's own per-record errors: the connector's describe checks are off.
+    salesforce = await salesforce_of(validate_fields=False)
     existing = salesforce_emulator.seed(
         "Lead", {"LastName": "E", "Company": "X", "Email": "e1@x.io"}
     )
@@ -429,8 +426,9 @@ async def test_salesforce_logs_in_again_once_within_a_batch(salesforce_emulator,
 
 # -- Salesforce: daily allocation --------------------------------------------------------------
 async def test_salesforce_near_its_daily_cap_stops_without_calling(salesforce_emulator, salesforce):
-    # 90% of 15,000 is 13,500: the lookup's answer says the org reached it.
-    salesforce_emulator.api_used = 13_499
+    # 90% of 15,000 is 13,500: the lookup's answer (after the describe's) says the org
+    # reached it.
+    salesforce_emulator.api_used = 13_498
 
     with pytest.raises(RetryableDelivery, match="daily API requests") as info:
         await salesforce.upsert_leads([lead("a@x.io"), lead("b@x.io")])
