@@ -86,6 +86,10 @@ class LeadUpsert(BaseModel):
     policies: dict[str, WritePolicy] = Field(default_factory=dict)
     # False: update an existing record only (e.g. a status change); a missing one is skipped.
     create: bool = True
+    # HubSpot: also open a Lead object with these properties (hs_lead_name defaults to the
+    # contact's name, else its email) associated with the contact, unless it has one already.
+    # Other CRMs ignore it.
+    hubspot_lead: dict[str, Any] | None = None
 
     def guarded(self) -> dict[str, WritePolicy]:
         """The fields whose policy needs the record's current values before writing."""
@@ -258,7 +262,12 @@ def combine(into: LeadUpsert | None, later: LeadUpsert) -> LeadUpsert:
             continue
         fields[name] = value
     return into.model_copy(
-        update={"fields": fields, "policies": policies, "create": into.create or later.create}
+        update={
+            "fields": fields,
+            "policies": policies,
+            "create": into.create or later.create,
+            "hubspot_lead": later.hubspot_lead or into.hubspot_lead,
+        }
     )
 
 
@@ -270,6 +279,8 @@ def _forward(order: tuple[str, ...], now: Any, new: Any) -> bool:
     if _empty(now) or str(now) not in order:
         return True
     return order.index(str(new)) > order.index(str(now))
+
+
 Outcomes = list[Outcome | None]
 
 
@@ -317,6 +328,18 @@ class DryRunConnector(Connector):
         return DeliveryResult(dry_run=True, detail={"would_write": operation})
 
     async def upsert_lead(self, lead: LeadUpsert) -> DeliveryResult:
-        operation = {"crm": self.crm, "operation": "upsert_lead", **lead.model_dump()}
+        # The options a plain upsert does not use are shown only when a rule set them.
+        unset = {
+            name
+            for name in ("policies", "create", "hubspot_lead")
+            if getattr(lead, name) == LeadUpsert.model_fields[name].get_default(
+                call_default_factory=True
+            )
+        }
+        operation = {
+            "crm": self.crm,
+            "operation": "upsert_lead",
+            **lead.model_dump(mode="json", exclude=unset),
+        }
         # The delivery worker logs it and the store keeps it with the delivery.
         return DeliveryResult(dry_run=True, detail={"would_write": operation})

@@ -22,10 +22,10 @@ Contact properties are checked and coerced before they are sent, against the por
 definitions (GET /crm/v3/properties/contacts, cached; the cache is emptied by `open`, expires
 after `property_cache_seconds` and is reloaded once, at most every minute, when it refuses a
 value). Booleans, numbers, dates and datetimes go out in HubSpot's formats; a None clears the
-property (HubSpot's empty string). With `validate_properties` an unknown or read-only property,
-a value that is not one of an enumeration's options or not of the property's type is refused
-before sending, naming the field, the value and what is allowed; without it such a value goes
-out as given and HubSpot's own 400 refuses the record.
+property (HubSpot's empty string). With `validate_properties` (the default) an unknown or
+read-only property, a value that is not one of an enumeration's options or not of the
+property's type is refused before sending, naming the field, the value and what is allowed;
+without it such a value goes out as given and HubSpot's own 400 refuses the record.
 
 `lifecyclestage` only moves forward in HubSpot, which silently ignores a backward write. The
 contact's current stage is read first (a GET by its id property); a backward value is left out
@@ -112,7 +112,12 @@ PROPERTY_RECHECK_SECONDS = 60.0
 # An OAuth access token is renewed this long before it expires (at most a tenth of its life).
 TOKEN_MARGIN_SECONDS = 300.0
 # The rule-level object names `describe` takes, and the HubSpot object type each means.
-HUBSPOT_OBJECTS = {"lead": "contacts", "contact": "contacts", "note": "notes", "task": "tasks"}
+HUBSPOT_OBJECTS = {
+    "lead": "contacts",  # a "lead" is a contact here; "leads" is HubSpot's Leads object
+    "contact": "contacts",
+    "note": "notes",
+    "task": "tasks",
+}
 EXISTING_ID_RE = re.compile(r"Existing ID: *(\d+)")
 
 
@@ -161,11 +166,14 @@ class HubSpotConfig(ConnectorConfig):
     # A lifecyclestage earlier than the contact's: HubSpot ignores it. False leaves it out (and
     # says so in the result's detail); True clears the stage first, then sets it (two calls).
     lifecycle_demotion: bool = False
+    # The association type of a Lead object to its contact (HubSpot's "lead to primary
+    # contact"), for rules that open a HubSpot Lead (`hubspot_lead`).
+    lead_association_type: int = Field(default=578, ge=1)
     # Refuse, before sending, a field the portal's definitions refuse (unknown or read-only
     # property, value not among an enumeration's options, value not of the property's type),
     # with the field, the value and what is allowed. False: typed values are still coerced, the
     # rest is sent as given and HubSpot's own 400 refuses the record (its batch is split).
-    validate_properties: bool = False
+    validate_properties: bool = True
     # How long the portal's contact property definitions are trusted before they are reloaded.
     property_cache_seconds: float = Field(default=600.0, gt=0)
 
@@ -582,6 +590,7 @@ class HubSpotConnector(Connector):
         self._definitions_at: float | None = None
         self._definitions_lock = asyncio.Lock()
         self._other_definitions: dict[str, dict[str, FieldInfo]] = {}  # notes, tasks, leads
+        self._lead_definitions: dict[str, _PropertyDef] | None = None
         # OAuth: the access token, when to renew it (time.monotonic), the refresh token.
         self._token: str | None = None
         self._token_renew_at = 0.0
@@ -600,6 +609,7 @@ class HubSpotConnector(Connector):
         # Open means the portal's definitions are read again before the next write.
         self._definitions_at = None
         self._other_definitions = {}
+        self._lead_definitions = None
         client = HubSpot(
             access_token=(
                 self.config.access_token.get_secret_value() if self.config.access_token else None
@@ -614,6 +624,7 @@ class HubSpotConnector(Connector):
         self._properties = client.crm.properties.core_api
         self._contacts = client.crm.contacts.basic_api
         self._associations = client.crm.associations.v4.basic_api
+        self._leads = client.crm.objects.leads.basic_api
         # Per object type: (basic API, batch API, the package of its models).
         self._engagements: dict[str, tuple[Any, Any, Any]] = {
             "notes": (
@@ -634,6 +645,7 @@ class HubSpotConnector(Connector):
             self._properties,
             self._contacts,
             self._associations,
+            self._leads,
             *(
                 api
                 for basic, batch, _models in self._engagements.values()
@@ -668,6 +680,7 @@ class HubSpotConnector(Connector):
             for items in by_property.values():
                 for start in range(0, len(items), self.max_batch):
                     await self._write(items[start : start + self.max_batch], outcomes)
+            await self._open_leads(leads, outcomes)
 
         return await per_record(len(leads), "HubSpot", send)
 
@@ -735,6 +748,99 @@ class HubSpotConnector(Connector):
             cached = {d.name: d.info() for d in map(_PropertyDef.of, response.results or [])}
             self._other_definitions[object_type] = cached
         return cached
+
+    # -- the Leads object ------------------------------------------------------------------------
+    async def _open_leads(self, leads: list[LeadUpsert], outcomes: Outcomes) -> None:
+        """For the written contacts whose rule asks for it, a HubSpot Lead associated with the
+        contact, unless the contact has one already (so a repeated delivery opens none)."""
+        wanted: dict[str, tuple[list[int], dict[str, Any]]] = {}
+        for position, lead in enumerate(leads):
+            outcome = outcomes[position]
+            if lead.hubspot_lead is None or not isinstance(outcome, DeliveryResult):
+                continue
+            if outcome.record_id is None or outcome.skipped is not None:
+                continue
+            positions, _ = wanted.setdefault(outcome.record_id, ([], lead.hubspot_lead))
+            positions.append(position)
+        for contact_id, (positions, properties) in wanted.items():
+            try:
+                detail = await self._open_lead(contact_id, properties, leads[positions[0]])
+            except DeliveryError as exc:
+                # The contact is written; the retry writes it again (harmlessly) and looks
+                # for the lead before opening one.
+                for position in positions:
+                    outcomes[position] = exc
+                continue
+            for position in positions:
+                done = outcomes[position]
+                assert isinstance(done, DeliveryResult)
+                outcomes[position] = done.model_copy(
+                    update={"detail": {**done.detail, "hubspot_lead": detail}}
+                )
+
+    async def _open_lead(
+        self, contact_id: str, wanted: dict[str, Any], lead: LeadUpsert
+    ) -> dict[str, Any]:
+        from hubspot.crm.objects import leads as models
+
+        page = await self._send(
+            self._associations.get_page_with_http_info,
+            object_type="contacts",
+            object_id=contact_id,
+            to_object_type="leads",
+            limit=1,
+        )
+        if page.results:
+            return {"id": str(page.results[0].to_object_id), "created": False}
+        definitions = await self._lead_properties()
+        properties, problems = _coerce_fields(definitions, wanted)
+        if problems:
+            raise PermanentDelivery(
+                "HubSpot Lead: " + "; ".join(str(p) for p in problems),
+                detail={"invalid_fields": [p.detail for p in problems]},
+            )
+        if not properties.get("hs_lead_name"):
+            first, last = lead.fields.get("firstname"), lead.fields.get("lastname")
+            properties["hs_lead_name"] = " ".join(str(n) for n in (first, last) if n) or (
+                lead.id_value
+            )
+        spec = models.AssociationSpec(
+            association_category="HUBSPOT_DEFINED",
+            association_type_id=self.config.lead_association_type,
+        )
+        body = models.SimplePublicObjectInputForCreate(
+            properties=properties,
+            associations=[
+                models.PublicAssociationsForObject(
+                    to=models.PublicObjectId(id=contact_id), types=[spec]
+                )
+            ],
+        )
+        try:
+            record = await self._send(
+                self._leads.create_with_http_info, simple_public_object_input_for_create=body
+            )
+        except DeliveryError as exc:
+            if not _maybe_written(exc):
+                raise
+            # It may land later: give it time before the next attempt looks for it.
+            raise RetryableDelivery(
+                f"{exc} (the lead may have been opened: the next attempt looks for it first)",
+                retry_after=max(
+                    self.config.activity_settle_seconds, getattr(exc, "retry_after", None) or 0.0
+                ),
+            ) from exc
+        return {"id": str(record.id), "created": True}
+
+    async def _lead_properties(self) -> dict[str, _PropertyDef]:
+        if self._lead_definitions is None:
+            response = await self._send(
+                self._properties.get_all_with_http_info, object_type="leads", archived=False
+            )
+            self._lead_definitions = {
+                d.name: d for d in map(_PropertyDef.of, response.results or [])
+            }
+        return self._lead_definitions
 
     # -- write policies --------------------------------------------------------------------------
     async def current(self, lead: LeadUpsert, names: list[str]) -> dict[str, Any] | None:

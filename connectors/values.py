@@ -112,7 +112,7 @@ def option(options: Iterable[str], value: str) -> str | None:
 
 
 def allowed_list(options: Iterable[str], limit: int = 50) -> str:
-    """"[a, b, …]" for an error message (the detail keeps them all)."""
+    """ "[a, b, …]" for an error message (the detail keeps them all)."""
     options = list(options)
     more = ", …" if len(options) > limit else ""
     return f"[{', '.join(options[:limit])}{more}]"

@@ -40,12 +40,16 @@ DEFAULT_PROPERTIES = "createdate email firstname hs_object_id lastmodifieddate l
 SYSTEM_PROPERTIES = ["createdate", "hs_object_id", "lastmodifieddate"]
 NOTE_TO_CONTACT, CONTACT_TO_NOTE = 202, 201
 TASK_TO_CONTACT, CONTACT_TO_TASK = 204, 203
+LEAD_TO_PRIMARY_CONTACT, CONTACT_TO_LEAD = 578, 579
+LEAD_TYPES = "NEW_BUSINESS UPSELL RE_ATTEMPTING".split()
 # HUBSPOT_DEFINED association type ids by (from, to) object type.
 ASSOCIATION_TYPES = {
     ("notes", "contacts"): NOTE_TO_CONTACT,
     ("contacts", "notes"): CONTACT_TO_NOTE,
     ("tasks", "contacts"): TASK_TO_CONTACT,
     ("contacts", "tasks"): CONTACT_TO_TASK,
+    ("leads", "contacts"): LEAD_TO_PRIMARY_CONTACT,
+    ("contacts", "leads"): CONTACT_TO_LEAD,
 }
 ENGAGEMENTS = ("notes", "tasks")
 # What a read of a note or task returns besides the properties asked for.
@@ -183,10 +187,22 @@ def default_properties() -> dict[str, dict[str, PropertyDef]]:
         PropertyDef("hs_createdate", "Create Date", "datetime", "date", **ro),
         PropertyDef("hs_lastmodifieddate", "Last Modified Date", "datetime", "date", **ro),
     ]
+    leads = [
+        PropertyDef("hs_lead_name", "Lead name"),
+        PropertyDef("hs_lead_type", "Lead type", "enumeration", "select", LEAD_TYPES),
+        PropertyDef(
+            "hs_lead_label", "Lead label", "enumeration", "select", ["COLD", "WARM", "HOT"]
+        ),
+        PropertyDef("hubspot_owner_id", "Lead owner"),
+        PropertyDef("hs_object_id", "Record ID", "number", "number", unique=True, **ro),
+        PropertyDef("hs_createdate", "Create Date", "datetime", "date", **ro),
+        PropertyDef("hs_lastmodifieddate", "Last Modified Date", "datetime", "date", **ro),
+    ]
     return {
         "contacts": {p.name: p for p in contacts},
         "notes": {p.name: p for p in notes},
         "tasks": {p.name: p for p in tasks},
+        "leads": {p.name: p for p in leads},
     }
 
 
@@ -300,6 +316,8 @@ class HubSpotEmulator(EmulatorBase):
         self.tasks: dict[str, HubSpotRecord] = {}
         self.associations: set[tuple[str, str]] = set()  # (note id, contact id)
         self.task_associations: set[tuple[str, str]] = set()  # (task id, contact id)
+        self.leads: dict[str, HubSpotRecord] = {}  # the Leads object (crm/v3/objects/leads)
+        self.lead_associations: set[tuple[str, str]] = set()  # (lead id, contact id)
         self.properties = default_properties()
         self.oauth_clients: dict[str, str] = {}  # client id -> client secret
         self.refresh_tokens: dict[str, str] = {}  # refresh token -> client id
@@ -310,11 +328,11 @@ class HubSpotEmulator(EmulatorBase):
         self._search_window: collections.deque[float] = collections.deque()
         contact, engagement, props = (
             "/crm/v3/objects/contacts",
-            "/crm/v3/objects/(?P<object_type>notes|tasks)",
+            "/crm/v3/objects/(?P<object_type>notes|tasks|leads)",
             "/crm/v3/properties",
         )
         # v4 paths take the object type in the singular or the plural.
-        v4_type = "(?P<{}>notes?|tasks?|contacts?)"
+        v4_type = "(?P<{}>notes?|tasks?|leads?|contacts?)"
         assoc_of = "/crm/v4/objects/" + v4_type.format("from_type") + "/(?P<from_id>[^/]+)"
         assoc_default = assoc_of + "/associations/default/" + v4_type.format("to_type")
         routes: list[tuple[str, str, Callable[..., Reply]]] = [
@@ -806,20 +824,26 @@ class HubSpotEmulator(EmulatorBase):
 
     # -- notes, tasks and associations -----------------------------------------------------------
     def _table(self, object_type: str) -> dict[str, HubSpotRecord]:
-        return {"notes": self.notes, "tasks": self.tasks, "contacts": self.contacts}[object_type]
+        tables = {"notes": self.notes, "tasks": self.tasks, "leads": self.leads}
+        return {**tables, "contacts": self.contacts}[object_type]
 
     def _links(self, object_type: str) -> set[tuple[str, str]]:
-        """(engagement id, contact id) pairs of the notes or the tasks."""
-        return self.associations if object_type == "notes" else self.task_associations
+        """(engagement or lead id, contact id) pairs of the notes, the tasks or the leads."""
+        links = {"notes": self.associations, "leads": self.lead_associations}
+        return links.get(object_type, self.task_associations)
 
     def _create_engagement(self, call: Call, object_type: str) -> Reply:
-        """A note or a task, created with its associations in the same call (or none)."""
+        """A note, a task or a lead, created with its associations in the same call (a lead
+        must have one: its contact)."""
         body = _body(call, "properties")
         props = self._validate(object_type, body["properties"])
-        if not props.get("hs_timestamp"):
+        required = "hs_lead_name" if object_type == "leads" else "hs_timestamp"
+        if not props.get(required):
             raise ValidationFailure(
-                invalid("hs_timestamp", "REQUIRED_PROPERTY", 'Property "hs_timestamp" is required')
+                invalid(required, "REQUIRED_PROPERTY", f'Property "{required}" is required')
             )
+        if object_type == "leads" and not body.get("associations"):
+            return bad_request("A lead must be associated with a contact or a company")
         expected = ASSOCIATION_TYPES[(object_type, "contacts")]
         singular = object_type[:-1]
         links: list[str] = []

@@ -111,7 +111,8 @@ async def test_hubspot_sends_a_contact_named_twice_once(hubspot_emulator, hubspo
 
 async def test_hubspot_one_invalid_property_fails_alone(hubspot_emulator, hubspot_of):
     # HubSpot refuses the whole batch with 400 for one bad input; the connector finds it.
-    connector = await hubspot_of()
+    # HubSpot's own refusals: the connector's property checks are off.
+    connector = await hubspot_of(validate_properties=False)
     leads = [contact(f"p{i}@example.com") for i in range(50)]
     leads[17] = contact("p17@example.com", no_such_property="x")
 
@@ -130,7 +131,8 @@ async def test_hubspot_one_invalid_property_fails_alone(hubspot_emulator, hubspo
 async def test_hubspot_bisects_when_every_input_carries_the_blamed_property(
     hubspot_emulator, hubspot_of
 ):
-    connector = await hubspot_of()
+    # HubSpot's own refusals: the connector's property checks are off.
+    connector = await hubspot_of(validate_properties=False)
     leads = [contact(f"s{i}@example.com", hs_lead_status="NEW") for i in range(64)]
     leads[40] = contact("s40@example.com", hs_lead_status="NOT_A_STATUS")
 
@@ -162,7 +164,8 @@ async def test_hubspot_207_errors_fail_only_the_records_they_name(hubspot_emulat
 async def test_hubspot_a_later_call_failing_fails_only_the_records_left(
     hubspot_emulator, hubspot_of
 ):
-    connector = await hubspot_of()
+    # HubSpot's own refusals: the connector's property checks are off.
+    connector = await hubspot_of(validate_properties=False)
     leads = [contact(f"l{i}@example.com") for i in range(5)]
     leads[2] = contact("l2@example.com", no_such_property="x")
     # The call that retries the suspect alone meets a bad gateway.

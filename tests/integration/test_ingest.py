@@ -207,8 +207,6 @@ async def test_without_credentials_connectors_keep_what_they_would_have_written(
         "id_value": "andrew@xoxo.capital",
         "record_id": None,
         "fields": {"firstname": "Ada", "lastname": "Lovelace", "hs_lead_status": "OPEN"},
-        "policies": {},
-        "create": True,
     }
     assert salesforce["result"]["detail"]["would_write"]["fields"] == {
         "FirstName": "Ada",
