@@ -192,6 +192,10 @@ class Connector(abc.ABC):
         them, cached by the connector (`reload` refreshes). `check --online` needs it."""
         raise PermanentDelivery(f"the {self.name} connector cannot describe its fields")
 
+    def forget_schema(self) -> None:
+        """Drop cached describe/properties data, so the next write reads the CRM's fields
+        again (a reload calls it: the admin may have added a field or a picklist value)."""
+
     async def current(self, lead: LeadUpsert, names: list[str]) -> dict[str, Any] | None:
         """The record `lead` would write to, as the CRM holds it now: the values of `names`
         (None for an empty one), or None when there is no such record. Write policies and
@@ -332,9 +336,8 @@ class DryRunConnector(Connector):
         unset = {
             name
             for name in ("policies", "create", "hubspot_lead")
-            if getattr(lead, name) == LeadUpsert.model_fields[name].get_default(
-                call_default_factory=True
-            )
+            if getattr(lead, name)
+            == LeadUpsert.model_fields[name].get_default(call_default_factory=True)
         }
         operation = {
             "crm": self.crm,

@@ -606,10 +606,7 @@ class HubSpotConnector(Connector):
         from hubspot import HubSpot
 
         assert self.config.access_token is not None or self.config.oauth is not None
-        # Open means the portal's definitions are read again before the next write.
-        self._definitions_at = None
-        self._other_definitions = {}
-        self._lead_definitions = None
+        self.forget_schema()  # the portal's definitions are read again before the next write
         client = HubSpot(
             access_token=(
                 self.config.access_token.get_secret_value() if self.config.access_token else None
@@ -654,6 +651,11 @@ class HubSpotConnector(Connector):
         ]
         if self._token is not None:
             self._set_token(self._token)
+
+    def forget_schema(self) -> None:
+        self._definitions_at = None
+        self._other_definitions = {}
+        self._lead_definitions = None
 
     async def upsert_lead(self, lead: LeadUpsert) -> DeliveryResult:
         (outcome,) = await self.upsert_leads([lead])

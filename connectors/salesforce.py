@@ -785,8 +785,11 @@ class SalesforceConnector(Connector):
         self._described: dict[str, tuple[dict[str, FieldInfo], float]] = {}
         self._describe_lock = asyncio.Lock()
 
+    def forget_schema(self) -> None:
+        self._described = {}
+
     async def open(self) -> None:
-        self._described = {}  # a start or a reload reads the org's describe data again
+        self.forget_schema()  # a start reads the org's describe data again
         verify: str | bool = str(self.config.ca_bundle) if self.config.ca_bundle else True
         self._session = _Session(self.config.timeout, verify)
         self._login_lock = threading.Lock()
