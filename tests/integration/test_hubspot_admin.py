@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from bridge.errors import AuthenticationFailed, PermanentDelivery, RetryableDelivery
-from connectors.base import Activity, DeliveryResult, LeadUpsert
+from connectors.base import Activity, DeliveryResult, LeadUpsert, WritePolicy
 from connectors.hubspot import HubSpotConfig
 
 UPSERT = "/crm/v3/objects/contacts/batch/upsert"
@@ -201,6 +201,26 @@ async def test_demotion_clears_then_sets_the_stage(hubspot_emulator, hubspot_of)
     assert writes[0] == ("PATCH", {"lifecyclestage": ""})
     assert writes[1][0] == "POST" and writes[1][1][0]["properties"]["lifecyclestage"] == "lead"
     assert len(writes) == 2
+
+
+async def test_a_rule_writing_the_stage_always_demotes_it_alone(hubspot_emulator, hubspot):
+    hubspot_emulator.add_contact({"email": "ada@example.com", "lifecyclestage": "customer"})
+    hubspot_emulator.add_contact({"email": "bob@example.com", "lifecyclestage": "customer"})
+    always = contact("ada@example.com", lifecyclestage="lead").model_copy(
+        update={"policies": {"lifecyclestage": WritePolicy(mode="always")}}
+    )
+
+    demoted, kept = await hubspot.upsert_leads(
+        [always, contact("bob@example.com", lifecyclestage="lead")]
+    )
+
+    assert demoted.detail["lifecyclestage_demoted"] == {"from": "customer", "to": "lead"}
+    assert kept.detail["lifecyclestage_skipped"] == {"current": "customer", "requested": "lead"}
+    stages = {
+        email: hubspot_emulator.contact_by_email(email).properties["lifecyclestage"]
+        for email in ("ada@example.com", "bob@example.com")
+    }
+    assert stages == {"ada@example.com": "lead", "bob@example.com": "customer"}
 
 
 async def test_a_forward_stage_and_a_new_contact_need_no_clear(hubspot_emulator, hubspot_of):
