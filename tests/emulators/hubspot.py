@@ -865,26 +865,43 @@ class HubSpotEmulator(EmulatorBase):
         self._links(object_type).update((record.id, contact_id) for contact_id in links)
         return Reply(201, record.to_json())
 
+    def _batch_read_contacts(self, call: Call) -> Reply:
+        return self._batch_read(call, "contacts")
+
     def _batch_read(self, call: Call, object_type: str) -> Reply:
-        """``{properties, inputs: [{id}]}``: the live records; ids not found make it a 207."""
+        """``{properties, idProperty?, inputs: [{id}]}``: the live records, by id (contacts also
+        by email, their unique property); ids not found make it a 207 naming them."""
         body = _body(call, "inputs")
         inputs = body["inputs"]
         if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
             return bad_request("inputs must be a list of objects")
         if len(inputs) > 100:
             return bad_request(f"Too many inputs: {len(inputs)}. The limit is 100.")
-        if body.get("idProperty") not in (None, "hs_object_id"):
-            return bad_request(f"{body['idProperty']} is not a unique property of {object_type}")
+        contacts = object_type == "contacts"
+        id_property = body.get("idProperty") or "hs_object_id"
+        if id_property not in ("hs_object_id", "email") or (
+            id_property != "hs_object_id" and not contacts
+        ):
+            return bad_request(f"{id_property} is not a unique property of {object_type}")
         archived = (call.param("archived") or "").lower() == "true"  # nothing is ever archived
         names = body.get("properties") or []
         if not isinstance(names, list):
             return bad_request("properties must be a list of property names")
-        names = list(dict.fromkeys([*names, *ENGAGEMENT_SYSTEM_PROPERTIES]))
+        if contacts:
+            names = _requested(names or None)
+        else:
+            names = list(dict.fromkeys([*names, *ENGAGEMENT_SYSTEM_PROPERTIES]))
         table = self._table(object_type)
+
+        def find(object_id: str) -> HubSpotRecord | None:
+            if archived:
+                return None
+            return self._find_contact(id_property, object_id) if contacts else table.get(object_id)
+
         started = iso_now()
         results, missing = [], []
         for item in inputs:
-            record = None if archived else table.get(str(item.get("id", "")))
+            record = find(str(item.get("id", "")))
             if record is None:
                 missing.append(str(item.get("id", "")))
             else:
@@ -902,46 +919,6 @@ class HubSpotEmulator(EmulatorBase):
             "category": "OBJECT_NOT_FOUND",
             "message": f"Could not get some {object_type[:-1].upper()} objects, they may be "
             "deleted or not exist. Check that ids are valid.",
-            "context": {"ids": missing},
-        }
-        return Reply(207, {**data, "numErrors": 1, "errors": [error]})
-
-    def _batch_read_contacts(self, call: Call) -> Reply:
-        """``{properties, idProperty?, inputs: [{id}]}``: contacts by id or by a unique property
-        (email); ids not found make it a 207 with an OBJECT_NOT_FOUND error naming them."""
-        body = _body(call, "inputs")
-        inputs = body["inputs"]
-        if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
-            return bad_request("inputs must be a list of objects")
-        if len(inputs) > 100:
-            return bad_request(f"Too many inputs: {len(inputs)}. The limit is 100.")
-        id_property = body.get("idProperty") or "hs_object_id"
-        if id_property not in ("hs_object_id", "email"):
-            return bad_request(f"{id_property} is not a unique property of contacts")
-        names = body.get("properties") or []
-        if not isinstance(names, list):
-            return bad_request("properties must be a list of property names")
-        started = iso_now()
-        results, missing = [], []
-        for item in inputs:
-            record = self._find_contact(id_property, str(item.get("id", "")))
-            if record is None:
-                missing.append(str(item.get("id", "")))
-            else:
-                results.append(record.to_json(_requested(names or None)))
-        data: dict[str, Any] = {
-            "status": "COMPLETE",
-            "results": results,
-            "startedAt": started,
-            "completedAt": iso_now(),
-        }
-        if not missing:
-            return Reply(200, data)
-        error = {
-            "status": "error",
-            "category": "OBJECT_NOT_FOUND",
-            "message": "Could not get some CONTACT objects, they may be deleted or not exist. "
-            "Check that ids are valid.",
             "context": {"ids": missing},
         }
         return Reply(207, {**data, "numErrors": 1, "errors": [error]})
