@@ -16,7 +16,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
 
 from bridge.breaker import BreakerState, CircuitBreaker
 from bridge.errors import (
@@ -30,14 +29,7 @@ from bridge.metrics import Metrics
 from bridge.models import ClaimedGroup, Delivery, DeliveryStatus, Finish
 from bridge.retry import RetryPolicy
 from bridge.store import Store
-from connectors.base import (
-    Activity,
-    Connector,
-    DeliveryResult,
-    LeadUpsert,
-    Outcome,
-    WritePolicy,
-)
+from connectors.base import Activity, Connector, DeliveryResult, LeadUpsert, Outcome, combine
 
 log = logging.getLogger("crm_bridge.delivery")
 
@@ -45,40 +37,13 @@ UPSERT_ACTIONS = ("upsert_lead", "upsert_contact", "update_status")
 
 
 def merge(deliveries: list[Delivery], record_id: str | None) -> LeadUpsert:
-    """One write holding the latest state of a contact's burst (deliveries in sort order).
-
-    A later value replaces an earlier one, except along a monotonic field's order, where the
-    furthest wins: a burst of reply then open keeps the reply's status. The write may create
-    the record if any of its parts may.
-    """
-    upserts = [d.operation for d in deliveries if isinstance(d.operation, LeadUpsert)]
-    fields: dict[str, Any] = {}
-    policies: dict[str, WritePolicy] = {}
-    for upsert in upserts:
-        for name, value in upsert.fields.items():
-            policy = upsert.policies.get(name)
-            if policy is not None and policy.mode == "monotonic" and name in fields:
-                order = policy.order
-                earlier = str(fields[name])
-                if earlier in order and (str(value) not in order or _behind(order, value, earlier)):
-                    continue
-            fields[name] = value
-            if policy is not None:
-                policies[name] = policy
-            else:
-                policies.pop(name, None)
-    return upserts[0].model_copy(
-        update={
-            "fields": fields,
-            "policies": policies,
-            "create": any(u.create for u in upserts),
-            "record_id": record_id,
-        }
-    )
-
-
-def _behind(order: tuple[str, ...], value: Any, than: str) -> bool:
-    return order.index(str(value)) < order.index(than)
+    """One write holding the latest state of a contact's burst (deliveries in sort order)."""
+    merged: LeadUpsert | None = None
+    for delivery in deliveries:
+        if isinstance(delivery.operation, LeadUpsert):
+            merged = combine(merged, delivery.operation)
+    assert merged is not None
+    return merged.model_copy(update={"record_id": record_id})
 
 
 class DeliveryWorker:
@@ -368,6 +333,19 @@ class DeliveryWorker:
                     extra={"action": "delivery.dry_run", **outcome.detail, **context},
                 )
                 return Finish(delivery_ids=ids, status=DeliveryStatus.DRY_RUN, result=result)
+            if outcome.skipped is not None:
+                log.info(
+                    "%s: nothing written: %s",
+                    self.name,
+                    outcome.skipped,
+                    extra={"action": "delivery.skipped", **context},
+                )
+                return Finish(
+                    delivery_ids=ids,
+                    status=DeliveryStatus.SKIPPED,
+                    result=result,
+                    error=outcome.skipped,
+                )
             log.info(
                 "delivered to %s: record %s",
                 self.name,

@@ -97,6 +97,7 @@ async def reload_config(app: web.Application, path: Path) -> dict[str, Any]:
     paused = [name for name in kept if workers[name].breaker.state is not BreakerState.CLOSED]
     for name in kept:
         workers[name].breaker.reset()  # rebuilt connectors get a new breaker
+        workers[name].connector.forget_schema()  # and read the CRM's fields afresh
     for name in added:
         workers[name] = build_worker(app, name, fresh[name], config)
         workers[name].start()

@@ -86,6 +86,10 @@ class LeadUpsert(BaseModel):
     policies: dict[str, WritePolicy] = Field(default_factory=dict)
     # False: update an existing record only (e.g. a status change); a missing one is skipped.
     create: bool = True
+    # HubSpot: also open a Lead object with these properties (hs_lead_name defaults to the
+    # contact's name, else its email) associated with the contact, unless it has one already.
+    # Other CRMs ignore it.
+    hubspot_lead: dict[str, Any] | None = None
 
     def guarded(self) -> dict[str, WritePolicy]:
         """The fields whose policy needs the record's current values before writing."""
@@ -124,6 +128,9 @@ class DeliveryResult(BaseModel):
     record_id: str | None = None
     created: bool | None = None
     dry_run: bool = False
+    # Why nothing was written (an update-only write finding no record): the delivery is
+    # finished as skipped, not done.
+    skipped: str | None = None
     detail: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -185,6 +192,10 @@ class Connector(abc.ABC):
         them, cached by the connector (`reload` refreshes). `check --online` needs it."""
         raise PermanentDelivery(f"the {self.name} connector cannot describe its fields")
 
+    def forget_schema(self) -> None:
+        """Drop cached describe/properties data, so the next write reads the CRM's fields
+        again (a reload calls it: the admin may have added a field or a picklist value)."""
+
     async def current(self, lead: LeadUpsert, names: list[str]) -> dict[str, Any] | None:
         """The record `lead` would write to, as the CRM holds it now: the values of `names`
         (None for an empty one), or None when there is no such record. Write policies and
@@ -234,6 +245,34 @@ def apply_policies(
         else:
             write[name] = value
     return write, held
+
+
+def combine(into: LeadUpsert | None, later: LeadUpsert) -> LeadUpsert:
+    """Two writes of one record as one: later fields win, except that a monotonic field keeps
+    the furthest value along its order, so a late `open` merged after a `reply` undoes nothing.
+    Policies join; the result creates a missing record if either would."""
+    if into is None:
+        return later
+    fields = dict(into.fields)
+    policies = {**into.policies, **later.policies}
+    for name, value in later.fields.items():
+        policy = policies.get(name)
+        if (
+            policy is not None
+            and policy.mode == "monotonic"
+            and name in fields
+            and not _forward(policy.order, fields[name], value)
+        ):
+            continue
+        fields[name] = value
+    return into.model_copy(
+        update={
+            "fields": fields,
+            "policies": policies,
+            "create": into.create or later.create,
+            "hubspot_lead": later.hubspot_lead or into.hubspot_lead,
+        }
+    )
 
 
 def _forward(order: tuple[str, ...], now: Any, new: Any) -> bool:
@@ -293,6 +332,17 @@ class DryRunConnector(Connector):
         return DeliveryResult(dry_run=True, detail={"would_write": operation})
 
     async def upsert_lead(self, lead: LeadUpsert) -> DeliveryResult:
-        operation = {"crm": self.crm, "operation": "upsert_lead", **lead.model_dump()}
+        # The options a plain upsert does not use are shown only when a rule set them.
+        unset = {
+            name
+            for name in ("policies", "create", "hubspot_lead")
+            if getattr(lead, name)
+            == LeadUpsert.model_fields[name].get_default(call_default_factory=True)
+        }
+        operation = {
+            "crm": self.crm,
+            "operation": "upsert_lead",
+            **lead.model_dump(mode="json", exclude=unset),
+        }
         # The delivery worker logs it and the store keeps it with the delivery.
         return DeliveryResult(dry_run=True, detail={"would_write": operation})

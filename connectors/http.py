@@ -122,6 +122,15 @@ class HttpConfig(ConnectorConfig):
         return bool(self.url)
 
 
+def _honourable(lead: LeadUpsert) -> None:
+    """A generic endpoint cannot be read before writing: refuse what would need it."""
+    if lead.guarded() or not lead.create:
+        raise PermanentDelivery(
+            "the http connector cannot honour write policies (if_empty, on_create, monotonic) "
+            "or update-only writes: it cannot read the record first"
+        )
+
+
 def _record(lead: LeadUpsert) -> dict[str, Any]:
     return {
         "object": lead.object,
@@ -228,6 +237,7 @@ class HttpConnector(Connector):
 
     # -- upserts ------------------------------------------------------------------------------
     async def upsert_lead(self, lead: LeadUpsert) -> DeliveryResult:
+        _honourable(lead)
         record = _record(lead)
         data = await self._request(self._url, self._body, {**record, "record": record})
         return self._result(data)
@@ -242,7 +252,16 @@ class HttpConnector(Connector):
             for start in range(0, len(leads), size):
                 await self._send_batch(leads[start : start + size], start, outcomes)
 
-        return await per_record(len(leads), f"{self.instance} (http)", send)
+        refused: dict[int, Outcome] = {}
+        for position, lead in enumerate(leads):
+            try:
+                _honourable(lead)
+            except PermanentDelivery as exc:
+                refused[position] = exc
+        if not refused:
+            return await per_record(len(leads), f"{self.instance} (http)", send)
+        sent = iter(await self.upsert_leads([x for i, x in enumerate(leads) if i not in refused]))
+        return [refused[i] if i in refused else next(sent) for i in range(len(leads))]
 
     async def _send_batch(self, leads: list[LeadUpsert], start: int, outcomes: Outcomes) -> None:
         assert self._batch_body is not None

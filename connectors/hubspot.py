@@ -22,10 +22,10 @@ Contact properties are checked and coerced before they are sent, against the por
 definitions (GET /crm/v3/properties/contacts, cached; the cache is emptied by `open`, expires
 after `property_cache_seconds` and is reloaded once, at most every minute, when it refuses a
 value). Booleans, numbers, dates and datetimes go out in HubSpot's formats; a None clears the
-property (HubSpot's empty string). With `validate_properties` an unknown or read-only property,
-a value that is not one of an enumeration's options or not of the property's type is refused
-before sending, naming the field, the value and what is allowed; without it such a value goes
-out as given and HubSpot's own 400 refuses the record.
+property (HubSpot's empty string). With `validate_properties` (the default) an unknown or
+read-only property, a value that is not one of an enumeration's options or not of the
+property's type is refused before sending, naming the field, the value and what is allowed;
+without it such a value goes out as given and HubSpot's own 400 refuses the record.
 
 `lifecyclestage` only moves forward in HubSpot, which silently ignores a backward write. The
 contact's current stage is read first (a GET by its id property); a backward value is left out
@@ -48,12 +48,11 @@ from __future__ import annotations
 import asyncio
 import html
 import json
-import math
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import urllib3
@@ -66,11 +65,25 @@ from connectors.base import (
     Connector,
     ConnectorConfig,
     DeliveryResult,
+    FieldInfo,
     LeadUpsert,
     Outcome,
     Outcomes,
+    WritePolicy,
+    apply_policies,
+    combine,
     fit_text,
     per_record,
+)
+from connectors.values import (
+    FieldProblem,
+    allowed_list,
+    moment,
+    number,
+    option,
+    refuse,
+    shown,
+    truth,
 )
 
 # HubSpot's burst limit is per app and rolling over ten seconds.
@@ -96,12 +109,15 @@ UNSURE_KEYS_MAX = 10000
 # A property cache that refuses a value is reloaded first if it is older than this: the portal
 # may have gained the property or the option since.
 PROPERTY_RECHECK_SECONDS = 60.0
-# The most enumeration options an error message lists (the detail has them all).
-OPTIONS_SHOWN = 50
 # An OAuth access token is renewed this long before it expires (at most a tenth of its life).
 TOKEN_MARGIN_SECONDS = 300.0
-# Epoch numbers at least this large are milliseconds (HubSpot's unit), smaller ones seconds.
-EPOCH_MS_FROM = 100_000_000_000
+# The rule-level object names `describe` takes, and the HubSpot object type each means.
+HUBSPOT_OBJECTS = {
+    "lead": "contacts",  # a "lead" is a contact here; "leads" is HubSpot's Leads object
+    "contact": "contacts",
+    "note": "notes",
+    "task": "tasks",
+}
 EXISTING_ID_RE = re.compile(r"Existing ID: *(\d+)")
 
 
@@ -150,11 +166,14 @@ class HubSpotConfig(ConnectorConfig):
     # A lifecyclestage earlier than the contact's: HubSpot ignores it. False leaves it out (and
     # says so in the result's detail); True clears the stage first, then sets it (two calls).
     lifecycle_demotion: bool = False
+    # The association type of a Lead object to its contact (HubSpot's "lead to primary
+    # contact"), for rules that open a HubSpot Lead (`hubspot_lead`).
+    lead_association_type: int = Field(default=578, ge=1)
     # Refuse, before sending, a field the portal's definitions refuse (unknown or read-only
     # property, value not among an enumeration's options, value not of the property's type),
     # with the field, the value and what is allowed. False: typed values are still coerced, the
     # rest is sent as given and HubSpot's own 400 refuses the record (its batch is split).
-    validate_properties: bool = False
+    validate_properties: bool = True
     # How long the portal's contact property definitions are trusted before they are reloaded.
     property_cache_seconds: float = Field(default=600.0, gt=0)
 
@@ -183,6 +202,7 @@ class _PropertyDef:
     """What the connector needs of one property definition."""
 
     name: str
+    label: str
     type: str  # string | number | enumeration | bool | date | datetime | phone_number | ...
     field_type: str
     options: tuple[str, ...]  # enumeration values in display order (lifecyclestage: stage order)
@@ -198,115 +218,66 @@ class _PropertyDef:
         metadata = getattr(prop, "modification_metadata", None)
         return cls(
             name=str(prop.name),
+            label=str(getattr(prop, "label", None) or ""),
             type=str(getattr(prop, "type", None) or "string"),
             field_type=str(getattr(prop, "field_type", None) or "text"),
             options=tuple(str(o.value) for o in options),
             read_only=bool(getattr(metadata, "read_only_value", False)),
         )
 
-
-class _FieldProblem(ValueError):
-    """One field the portal's definitions refuse: the message names field, value, expectation."""
-
-    def __init__(self, message: str, **detail: Any) -> None:
-        super().__init__(message)
-        self.detail = detail
-
-
-def _refuse(name: str, value: Any, expected: str, **detail: Any) -> _FieldProblem:
-    return _FieldProblem(
-        f"HubSpot property {name!r}: {value!r} is not {expected}",
-        field=name,
-        value=value if isinstance(value, str | int | float | bool) else repr(value),
-        expected=expected,
-        **detail,
-    )
+    def info(self) -> FieldInfo:
+        options = self.options if self.type == "enumeration" else None
+        return FieldInfo(
+            name=self.name,
+            label=self.label,
+            type=self.type,
+            options=options,
+            writable=not self.read_only,
+        )
 
 
-def _epoch_moment(value: float) -> datetime:
-    """An epoch number: milliseconds (HubSpot's unit) when large, else seconds."""
-    seconds = value / 1000 if abs(value) >= EPOCH_MS_FROM else value
-    return datetime.fromtimestamp(seconds, UTC)
-
-
-def _moment(value: Any) -> datetime | None:
-    """A datetime from a datetime, epoch number or ISO 8601 text (naive means UTC); or None."""
-    if isinstance(value, datetime):
-        moment = value
-    elif isinstance(value, date):
-        moment = datetime(value.year, value.month, value.day)
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            return None
-        try:
-            return _epoch_moment(float(value))
-        except (OverflowError, OSError, ValueError):
-            return None
-    elif isinstance(value, str):
-        text = value.strip()
-        if re.fullmatch(r"-?\d{1,16}", text):  # on the wire, epoch numbers are milliseconds
-            return datetime.fromtimestamp(int(text) / 1000, UTC)
-        if re.fullmatch(r"-?\d+", text):
-            return None
-        try:
-            moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-        except ValueError:
-            return None
-    else:
-        return None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+def _refuse(name: str, value: Any, expected: str, **detail: Any) -> FieldProblem:
+    return refuse("HubSpot property", name, value, expected, **detail)
 
 
 def _bool(prop: _PropertyDef, value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    text = str(value).strip().lower() if isinstance(value, str | int) else None
-    truth = {"true": "true", "1": "true", "yes": "true", "false": "false", "0": "false"}
-    truth["no"] = "false"
-    if text in truth:
-        return truth[text]
-    raise _refuse(prop.name, value, "a boolean (true or false)", type=prop.type)
+    parsed = truth(value)
+    if parsed is None:
+        raise _refuse(prop.name, value, "a boolean (true or false)", type=prop.type)
+    return "true" if parsed else "false"
 
 
 def _number_text(prop: _PropertyDef, value: Any) -> str:
-    number: float | None = None
-    text = str(value).strip()
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(text)
-        except ValueError:
-            number = None
-    if number is None or not math.isfinite(number):
+    parsed = number(value)
+    if parsed is None:
         raise _refuse(prop.name, value, "a number", type=prop.type)
-    if isinstance(value, float) and number.is_integer() and abs(number) < 2**53:
-        return str(int(number))
-    return text
+    if isinstance(value, float) and parsed.is_integer() and abs(parsed) < 2**53:
+        return str(int(parsed))
+    return str(value).strip()
 
 
 def _date_text(prop: _PropertyDef, value: Any) -> str:
     """YYYY-MM-DD; a value with a time of day must be midnight UTC."""
-    moment = _moment(value)
-    if moment is None:
+    when = moment(value)
+    if when is None:
         expected = "a date (YYYY-MM-DD, or epoch ms at midnight UTC)"
         raise _refuse(prop.name, value, expected, type=prop.type)
     timed = isinstance(value, datetime | int | float) or (
         isinstance(value, str) and ("T" in value.upper() or value.strip().lstrip("-").isdigit())
     )
-    if timed and (moment.hour, moment.minute, moment.second, moment.microsecond) != (0, 0, 0, 0):
+    if timed and (when.hour, when.minute, when.second, when.microsecond) != (0, 0, 0, 0):
         expected = "a date: it has a time of day (a HubSpot date is midnight UTC)"
         raise _refuse(prop.name, value, expected, type=prop.type)
-    return moment.strftime("%Y-%m-%d")
+    return when.strftime("%Y-%m-%d")
 
 
 def _datetime_text(prop: _PropertyDef, value: Any) -> str:
     """ISO 8601 UTC with milliseconds."""
-    moment = _moment(value)
-    if moment is None:
+    when = moment(value)
+    if when is None:
         expected = "a datetime (ISO 8601, or epoch milliseconds)"
         raise _refuse(prop.name, value, expected, type=prop.type)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _text(prop: _PropertyDef, value: Any) -> str:
@@ -316,7 +287,7 @@ def _text(prop: _PropertyDef, value: Any) -> str:
 
 
 def _coerce(prop: _PropertyDef, value: Any) -> str:
-    """The value as HubSpot takes it for this property; `_FieldProblem` if it cannot be."""
+    """The value as HubSpot takes it for this property; `FieldProblem` if it cannot be."""
     if value is None or value == "":
         return ""  # clears the property
     coerce = {
@@ -339,42 +310,35 @@ def _option(prop: _PropertyDef, value: Any) -> str:
         chosen = [v for v in value.split(";") if v]
     else:
         chosen = [_property_value(value)]
-    folded = {o.lower(): o for o in prop.options}
     out = []
     for item in chosen:
-        option = item if item in prop.options else folded.get(item.strip().lower())
-        if option is None:
-            shown = ", ".join(prop.options[:OPTIONS_SHOWN])
-            more = ", …" if len(prop.options) > OPTIONS_SHOWN else ""
-            raise _FieldProblem(
+        found = option(prop.options, item)
+        if found is None:
+            raise FieldProblem(
                 f"HubSpot property {prop.name!r}: {item!r} is not one of the allowed values: "
-                f"[{shown}{more}]",
+                f"{allowed_list(prop.options)}",
                 field=prop.name,
                 value=item,
                 allowed=list(prop.options),
             )
-        out.append(option)
+        out.append(found)
     return ";".join(out)
-
-
-def _shown(value: Any) -> Any:
-    return value if isinstance(value, str | int | float | bool) else repr(value)
 
 
 def _coerce_field(definitions: dict[str, _PropertyDef], name: str, value: Any) -> str:
     prop = definitions.get(name)
     if prop is None:
-        raise _FieldProblem(
+        raise FieldProblem(
             f"HubSpot property {name!r} does not exist in this portal (value {value!r})",
             field=name,
-            value=_shown(value),
+            value=shown(value),
             expected="a property of contacts",
         )
     if prop.read_only:
-        raise _FieldProblem(
+        raise FieldProblem(
             f"HubSpot property {name!r} is read-only (value {value!r})",
             field=name,
-            value=_shown(value),
+            value=shown(value),
             expected="a writable property",
         )
     return _coerce(prop, value)
@@ -382,14 +346,14 @@ def _coerce_field(definitions: dict[str, _PropertyDef], name: str, value: Any) -
 
 def _coerce_fields(
     definitions: dict[str, _PropertyDef], fields: dict[str, Any]
-) -> tuple[dict[str, str], list[_FieldProblem]]:
+) -> tuple[dict[str, str], list[FieldProblem]]:
     """Every field checked and coerced; the problems found, all of them."""
     out: dict[str, str] = {}
-    problems: list[_FieldProblem] = []
+    problems: list[FieldProblem] = []
     for name, value in fields.items():
         try:
             out[name] = _coerce_field(definitions, name, value)
-        except _FieldProblem as problem:
+        except FieldProblem as problem:
             problems.append(problem)
     return out, problems
 
@@ -481,6 +445,18 @@ class _Input:
     properties: dict[str, str]
     positions: list[int] = field(default_factory=list)
     detail: dict[str, Any] = field(default_factory=dict)  # added to its result's detail
+    policies: dict[str, WritePolicy] = field(default_factory=dict)
+    create: bool = True  # False: update an existing contact only
+
+    def guarded(self) -> list[str]:
+        """Properties whose write policy needs the contact's current value."""
+        return [k for k, p in self.policies.items() if p.mode != "always" and k in self.properties]
+
+    @property
+    def may_demote(self) -> bool:
+        """The rule wrote `lifecyclestage` with an explicit `always`: a backward stage is set."""
+        policy = self.policies.get("lifecyclestage")
+        return policy is not None and policy.mode == "always"
 
 
 def _key(id_property: str, value: str) -> str:
@@ -492,21 +468,29 @@ def _inputs(leads: list[tuple[int, LeadUpsert, dict[str, str]]]) -> list[_Input]
 
     HubSpot refuses a batch that names a contact twice. The caller sends one input per contact;
     if it does not, the duplicates are merged in order (later fields win, as two upserts in a
-    row would leave them) and every one of them gets the merged write's outcome.
+    row would leave them, but monotonic fields never move back) and every one of them gets the
+    merged write's outcome.
     """
-    merged: dict[tuple[str, str], _Input] = {}
+    merged: dict[tuple[str, str], tuple[_Input, LeadUpsert]] = {}
     for position, lead, coerced in leads:
         id_property = lead.id_property or "email"
-        properties = dict(coerced)
-        if id_property == "email":
-            properties.setdefault("email", lead.id_value)
         key = _key(id_property, lead.id_value)
-        item = merged.setdefault(
-            (id_property, key), _Input(id_property, key, lead.id_value, {}, [])
-        )
-        item.properties.update(properties)
+        written = lead.model_copy(update={"fields": coerced})
+        if (id_property, key) in merged:
+            item, earlier = merged[(id_property, key)]
+            written = combine(earlier, written)
+        else:
+            item = _Input(id_property, key, lead.id_value, {}, [])
+        merged[(id_property, key)] = (item, written)
         item.positions.append(position)
-    return list(merged.values())
+    items = []
+    for item, lead in merged.values():
+        item.properties = {k: str(v) for k, v in lead.fields.items()}
+        if item.id_property == "email":
+            item.properties.setdefault("email", lead.id_value)
+        item.policies, item.create = dict(lead.policies), lead.create
+        items.append(item)
+    return items
 
 
 def _split(items: list[_Input], refusal: PermanentDelivery) -> list[list[_Input]]:
@@ -536,8 +520,8 @@ def _html(text: str) -> str:
 
 def _timestamp(epoch_seconds: float) -> str:
     """hs_timestamp as ISO 8601 UTC with milliseconds (HubSpot also takes epoch ms)."""
-    moment = datetime.fromtimestamp(epoch_seconds, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    when = datetime.fromtimestamp(epoch_seconds, UTC)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _activity_properties(activity: Activity) -> dict[str, str]:
@@ -605,6 +589,8 @@ class HubSpotConnector(Connector):
         self._definitions: dict[str, _PropertyDef] = {}
         self._definitions_at: float | None = None
         self._definitions_lock = asyncio.Lock()
+        self._other_definitions: dict[str, dict[str, FieldInfo]] = {}  # notes, tasks, leads
+        self._lead_definitions: dict[str, _PropertyDef] | None = None
         # OAuth: the access token, when to renew it (time.monotonic), the refresh token.
         self._token: str | None = None
         self._token_renew_at = 0.0
@@ -620,8 +606,7 @@ class HubSpotConnector(Connector):
         from hubspot import HubSpot
 
         assert self.config.access_token is not None or self.config.oauth is not None
-        # Open means the portal's definitions are read again before the next write.
-        self._definitions_at = None
+        self.forget_schema()  # the portal's definitions are read again before the next write
         client = HubSpot(
             access_token=(
                 self.config.access_token.get_secret_value() if self.config.access_token else None
@@ -636,6 +621,7 @@ class HubSpotConnector(Connector):
         self._properties = client.crm.properties.core_api
         self._contacts = client.crm.contacts.basic_api
         self._associations = client.crm.associations.v4.basic_api
+        self._leads = client.crm.objects.leads.basic_api
         # Per object type: (basic API, batch API, the package of its models).
         self._engagements: dict[str, tuple[Any, Any, Any]] = {
             "notes": (
@@ -656,6 +642,7 @@ class HubSpotConnector(Connector):
             self._properties,
             self._contacts,
             self._associations,
+            self._leads,
             *(
                 api
                 for basic, batch, _models in self._engagements.values()
@@ -664,6 +651,11 @@ class HubSpotConnector(Connector):
         ]
         if self._token is not None:
             self._set_token(self._token)
+
+    def forget_schema(self) -> None:
+        self._definitions_at = None
+        self._other_definitions = {}
+        self._lead_definitions = None
 
     async def upsert_lead(self, lead: LeadUpsert) -> DeliveryResult:
         (outcome,) = await self.upsert_leads([lead])
@@ -682,13 +674,15 @@ class HubSpotConnector(Connector):
 
         async def send(outcomes: Outcomes) -> None:
             ready = await self._check(leads, outcomes)
-            items = await self._lifecycle(_inputs(ready), outcomes)
+            items = await self._guard(_inputs(ready), outcomes)
+            items = await self._lifecycle(items, outcomes)
             by_property: dict[str, list[_Input]] = {}
             for item in items:
                 by_property.setdefault(item.id_property, []).append(item)
             for items in by_property.values():
                 for start in range(0, len(items), self.max_batch):
                     await self._write(items[start : start + self.max_batch], outcomes)
+            await self._open_leads(leads, outcomes)
 
         return await per_record(len(leads), "HubSpot", send)
 
@@ -744,6 +738,182 @@ class HubSpotConnector(Connector):
                 self._definitions_at = started
             return self._definitions
 
+    async def describe(self, object: str, reload: bool = False) -> dict[str, FieldInfo]:
+        object_type = HUBSPOT_OBJECTS.get(object, object)
+        if object_type == "contacts":
+            return {n: d.info() for n, d in (await self._contact_properties(reload)).items()}
+        cached = self._other_definitions.get(object_type)
+        if cached is None or reload:
+            response = await self._send(
+                self._properties.get_all_with_http_info, object_type=object_type, archived=False
+            )
+            cached = {d.name: d.info() for d in map(_PropertyDef.of, response.results or [])}
+            self._other_definitions[object_type] = cached
+        return cached
+
+    # -- the Leads object ------------------------------------------------------------------------
+    async def _open_leads(self, leads: list[LeadUpsert], outcomes: Outcomes) -> None:
+        """For the written contacts whose rule asks for it, a HubSpot Lead associated with the
+        contact, unless the contact has one already (so a repeated delivery opens none)."""
+        wanted: dict[str, tuple[list[int], dict[str, Any]]] = {}
+        for position, lead in enumerate(leads):
+            outcome = outcomes[position]
+            if lead.hubspot_lead is None or not isinstance(outcome, DeliveryResult):
+                continue
+            if outcome.record_id is None or outcome.skipped is not None:
+                continue
+            positions, _ = wanted.setdefault(outcome.record_id, ([], lead.hubspot_lead))
+            positions.append(position)
+        for contact_id, (positions, properties) in wanted.items():
+            try:
+                detail = await self._open_lead(contact_id, properties, leads[positions[0]])
+            except DeliveryError as exc:
+                # The contact is written; the retry writes it again (harmlessly) and looks
+                # for the lead before opening one.
+                for position in positions:
+                    outcomes[position] = exc
+                continue
+            for position in positions:
+                done = outcomes[position]
+                assert isinstance(done, DeliveryResult)
+                outcomes[position] = done.model_copy(
+                    update={"detail": {**done.detail, "hubspot_lead": detail}}
+                )
+
+    async def _open_lead(
+        self, contact_id: str, wanted: dict[str, Any], lead: LeadUpsert
+    ) -> dict[str, Any]:
+        from hubspot.crm.objects import leads as models
+
+        page = await self._send(
+            self._associations.get_page_with_http_info,
+            object_type="contacts",
+            object_id=contact_id,
+            to_object_type="leads",
+            limit=1,
+        )
+        if page.results:
+            return {"id": str(page.results[0].to_object_id), "created": False}
+        definitions = await self._lead_properties()
+        properties, problems = _coerce_fields(definitions, wanted)
+        if problems:
+            raise PermanentDelivery(
+                "HubSpot Lead: " + "; ".join(str(p) for p in problems),
+                detail={"invalid_fields": [p.detail for p in problems]},
+            )
+        if not properties.get("hs_lead_name"):
+            first, last = lead.fields.get("firstname"), lead.fields.get("lastname")
+            properties["hs_lead_name"] = " ".join(str(n) for n in (first, last) if n) or (
+                lead.id_value
+            )
+        spec = models.AssociationSpec(
+            association_category="HUBSPOT_DEFINED",
+            association_type_id=self.config.lead_association_type,
+        )
+        body = models.SimplePublicObjectInputForCreate(
+            properties=properties,
+            associations=[
+                models.PublicAssociationsForObject(
+                    to=models.PublicObjectId(id=contact_id), types=[spec]
+                )
+            ],
+        )
+        try:
+            record = await self._send(
+                self._leads.create_with_http_info, simple_public_object_input_for_create=body
+            )
+        except DeliveryError as exc:
+            if not _maybe_written(exc):
+                raise
+            # It may land later: give it time before the next attempt looks for it.
+            raise RetryableDelivery(
+                f"{exc} (the lead may have been opened: the next attempt looks for it first)",
+                retry_after=max(
+                    self.config.activity_settle_seconds, getattr(exc, "retry_after", None) or 0.0
+                ),
+            ) from exc
+        return {"id": str(record.id), "created": True}
+
+    async def _lead_properties(self) -> dict[str, _PropertyDef]:
+        if self._lead_definitions is None:
+            response = await self._send(
+                self._properties.get_all_with_http_info, object_type="leads", archived=False
+            )
+            self._lead_definitions = {
+                d.name: d for d in map(_PropertyDef.of, response.results or [])
+            }
+        return self._lead_definitions
+
+    # -- write policies --------------------------------------------------------------------------
+    async def current(self, lead: LeadUpsert, names: list[str]) -> dict[str, Any] | None:
+        id_property = lead.id_property or "email"
+        found = await self._read_contacts(id_property, [lead.id_value], names)
+        return found.get(_key(id_property, lead.id_value))
+
+    async def _read_contacts(
+        self, id_property: str, values: list[str], names: list[str]
+    ) -> dict[str, dict[str, Any]]:
+        """Contacts by id property value (its key), with `names`; missing ones are absent."""
+        from hubspot.crm.contacts import BatchReadInputSimplePublicObjectId, SimplePublicObjectId
+
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(values), BATCH_READ):
+            body = BatchReadInputSimplePublicObjectId(
+                # The id property too: the results come back keyed by it, in any order.
+                properties=list(dict.fromkeys([*names, id_property])),
+                properties_with_history=[],
+                id_property=None if id_property == "hs_object_id" else id_property,
+                inputs=[SimplePublicObjectId(id=v) for v in values[start : start + BATCH_READ]],
+            )
+            # Contacts HubSpot does not have make it a 207 with errors: the others still count.
+            response = await self._send(
+                self._batch.read_with_http_info,
+                batch_read_input_simple_public_object_id=body,
+                archived=False,
+            )
+            for record in response.results or []:
+                properties = record.properties or {}
+                value = record.id if id_property == "hs_object_id" else properties.get(id_property)
+                if value is not None:
+                    found[_key(id_property, str(value))] = {n: properties.get(n) for n in names}
+        return found
+
+    async def _guard(self, items: list[_Input], outcomes: Outcomes) -> list[_Input]:
+        """Apply write policies and `create: false`: the contacts that need it are read first
+        (one batch read per 100); held-back properties are left out and noted in the result.
+        Returns the inputs still to write; the others have their outcome."""
+        needy = [i for i in items if i.guarded() or not i.create]
+        by_property: dict[str, list[_Input]] = {}
+        for item in needy:
+            by_property.setdefault(item.id_property, []).append(item)
+        current: dict[tuple[str, str], dict[str, Any]] = {}
+        for id_property, group in by_property.items():
+            names = sorted({n for i in group for n in i.guarded()})
+            found = await self._read_contacts(id_property, [i.id_value for i in group], names)
+            current.update({(id_property, k): v for k, v in found.items()})
+        kept: list[_Input] = []
+        for item in items:
+            if item not in needy:
+                kept.append(item)
+                continue
+            record = current.get((item.id_property, item.key))
+            if record is None and not item.create:
+                reason = (
+                    f"no contact with {item.id_property} {item.id_value!r} to update, "
+                    "and the rule does not create one"
+                )
+                self._settle(item, DeliveryResult(skipped=reason), outcomes)
+                continue
+            probe = LeadUpsert(
+                id_value=item.id_value, fields=item.properties, policies=item.policies
+            )
+            properties, held = apply_policies(probe, record)
+            item.properties = {k: str(v) for k, v in properties.items()}
+            if held:
+                item.detail["held_back"] = held
+            kept.append(item)
+        return kept
+
     # -- lifecycle stage ---------------------------------------------------------------------------
     async def _lifecycle(self, items: list[_Input], outcomes: Outcomes) -> list[_Input]:
         """Backward lifecyclestage values left out (noted), or cleared first with demotion."""
@@ -762,7 +932,7 @@ class HubSpotConnector(Connector):
             if stages.index(stage) >= stages.index(current):
                 kept.append(item)
                 continue
-            if not self.config.lifecycle_demotion:
+            if not (self.config.lifecycle_demotion or item.may_demote):
                 # HubSpot would ignore it: do not send it, and say so.
                 del item.properties["lifecyclestage"]
                 item.detail["lifecyclestage_skipped"] = {"current": current, "requested": stage}

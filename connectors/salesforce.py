@@ -30,13 +30,14 @@ stops calling for an hour and answers RetryableDelivery instead.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -57,11 +58,25 @@ from connectors.base import (
     Connector,
     ConnectorConfig,
     DeliveryResult,
+    FieldInfo,
     LeadUpsert,
     Outcome,
     Outcomes,
+    WritePolicy,
+    apply_policies,
+    combine,
     fit_text,
     per_record,
+)
+from connectors.values import (
+    FieldProblem,
+    allowed_list,
+    moment,
+    number,
+    option,
+    refuse,
+    shown,
+    truth,
 )
 
 T = TypeVar("T")
@@ -122,6 +137,12 @@ WHO_GONE_CODES = frozenset(
         "FIELD_INTEGRITY_EXCEPTION",
     }
 )
+# The rule-level object names `describe` takes, and the sObject each means.
+SOBJECTS = {"lead": "Lead", "contact": "Contact", "task": "Task", "note": "Task"}
+# A describe cache that refuses a value is reloaded first if it is older than this.
+DESCRIBE_RECHECK_SECONDS = 60.0
+NUMBER_TYPES = frozenset({"double", "currency", "percent", "int", "long"})
+CURRENT_SOQL = "SELECT {:literal} FROM {:literal} WHERE {:literal} IN {}"
 SUBJECT_MAX = 255  # Task.Subject
 DESCRIPTION_MAX = 32000  # Task.Description (a long text area)
 # Keys of activities whose create got no answer (timeout, reset): the write may have landed,
@@ -183,6 +204,16 @@ class SalesforceConfig(ConnectorConfig):
     # progress at Salesforce: its delivery waits this long before it looks for it, so the look
     # does not miss a write that lands just after it.
     activity_settle_seconds: float = Field(default=60.0, gt=0)
+    # Check and coerce mapped values against the org's describe data before sending:
+    # booleans, numbers, dates and datetimes in Salesforce's formats, picklist values among the
+    # active ones (any case), text within the field's length, no unknown or read-only field.
+    # A record that fails gets an error naming the field, the value and what is allowed.
+    # false: values go out as given and Salesforce's own errors judge them.
+    validate_fields: bool = True
+    # How long describe data is kept; `open` (start, reload) empties the cache, and a value
+    # it refuses reloads it once if it is older than a minute (the admin may just have added
+    # the picklist value).
+    describe_cache_seconds: float = Field(default=3600.0, gt=0)
 
     @property
     def flow(self) -> AuthFlow | None:
@@ -319,6 +350,123 @@ def classify(exc: Exception) -> DeliveryError | None:
     return None
 
 
+def _field_info(raw: dict[str, Any]) -> FieldInfo:
+    """A describe field as the connector interface has it."""
+    options = None
+    if raw.get("type") in ("picklist", "multipicklist", "combobox"):
+        options = tuple(str(v["value"]) for v in raw.get("picklistValues") or [] if v.get("active"))
+    return FieldInfo(
+        name=str(raw["name"]),
+        label=str(raw.get("label") or ""),
+        type=str(raw.get("type") or "string"),
+        options=options,
+        writable=bool(raw.get("createable") or raw.get("updateable")),
+        max_length=int(raw["length"]) if raw.get("length") else None,
+    )
+
+
+def _coerce(obj: str, info: FieldInfo | None, name: str, value: Any) -> Any:
+    """`value` as Salesforce takes it for this field; `FieldProblem` if it cannot be."""
+    what = f"Salesforce {obj} field"
+    if info is None:
+        raise FieldProblem(
+            f"{what} {name!r} does not exist (value {value!r})",
+            field=name,
+            value=shown(value),
+            expected=f"a field of {obj}",
+        )
+    if not info.writable:
+        raise FieldProblem(
+            f"{what} {name!r} is read-only (value {value!r})",
+            field=name,
+            value=shown(value),
+            expected="a writable field",
+        )
+    if value is None or value == "":
+        return None  # clears the field
+    if info.type in NUMBER_TYPES:
+        return _number(what, info, value)
+    coerce = {
+        "boolean": _boolean,
+        "date": _moment,
+        "datetime": _moment,
+        "multipicklist": _multipicklist,
+    }.get(info.type, _text)
+    return coerce(what, info, value)
+
+
+def _boolean(what: str, info: FieldInfo, value: Any) -> bool:
+    parsed = truth(value)
+    if parsed is None:
+        raise refuse(what, info.name, value, "a boolean (true or false)", type=info.type)
+    return parsed
+
+
+def _number(what: str, info: FieldInfo, value: Any) -> int | float:
+    amount = number(value)
+    if amount is None:
+        raise refuse(what, info.name, value, "a number", type=info.type)
+    if info.type in ("int", "long"):
+        if not amount.is_integer():
+            raise refuse(what, info.name, value, "a whole number", type=info.type)
+        return int(amount)
+    return int(amount) if amount.is_integer() and abs(amount) < 2**53 else amount
+
+
+def _moment(what: str, info: FieldInfo, value: Any) -> str:
+    when = moment(value)
+    if when is None:
+        expected = "a date (YYYY-MM-DD)" if info.type == "date" else "a datetime (ISO 8601)"
+        raise refuse(what, info.name, value, expected, type=info.type)
+    if info.type == "date":
+        return when.date().isoformat()  # a moment's UTC calendar day
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _multipicklist(what: str, info: FieldInfo, value: Any) -> str:
+    chosen = [str(v) for v in value] if isinstance(value, list | tuple) else str(value).split(";")
+    return ";".join(_picklist(what, info, v) for v in chosen if v)
+
+
+def _text(what: str, info: FieldInfo, value: Any) -> str:
+    if isinstance(value, dict | list | tuple | set):
+        raise refuse(what, info.name, value, "a single value", type=info.type)
+    text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    if info.type == "picklist":
+        return _picklist(what, info, text)
+    if info.max_length and len(text) > info.max_length:
+        expected = f"at most {info.max_length} characters long (it has {len(text)})"
+        raise refuse(what, info.name, value, expected, type=info.type, max_length=info.max_length)
+    return text
+
+
+def _picklist(what: str, info: FieldInfo, value: str) -> str:
+    found = option(info.options or (), value)
+    if found is None:
+        raise FieldProblem(
+            f"{what} {info.name!r}: {value!r} is not one of the allowed values: "
+            f"{allowed_list(info.options or ())}",
+            field=info.name,
+            value=value,
+            allowed=list(info.options or ()),
+        )
+    return found
+
+
+def _coerce_fields(
+    obj: str, described: dict[str, FieldInfo], fields: dict[str, Any]
+) -> tuple[dict[str, Any], list[FieldProblem]]:
+    """Every field checked and coerced; the problems found, all of them."""
+    out: dict[str, Any] = {}
+    problems: list[FieldProblem] = []
+    for name, value in fields.items():
+        try:
+            out[name] = _coerce(obj, described.get(name), name, value)
+        except FieldProblem as problem:
+            problems.append(problem)
+    return out, problems
+
+
 def _required_for_create(obj: str, fields: dict[str, Any], email: str) -> dict[str, Any]:
     """A Lead needs LastName and Company, a Contact LastName: fill them from the email."""
     local, _, domain = email.partition("@")
@@ -345,6 +493,9 @@ class _Item:
     base_obj: str = ""  # the object to write (Lead for contact_else_lead); "": obj
     contact_first: bool = False  # contact_else_lead: a Contact with the email wins
     rule_obj: str = ""  # the object the rule named (its fields are for it); "": obj
+    policies: dict[str, WritePolicy] = field(default_factory=dict)
+    create: bool = True  # False: update an existing record only
+    held: dict[str, str] = field(default_factory=dict)  # fields left out, and why
 
     def __post_init__(self) -> None:
         self.base_obj = self.base_obj or self.obj
@@ -360,20 +511,32 @@ class _Item:
     def by_email(self) -> bool:
         return self.id_property.lower() == "email"
 
+    def guarded(self) -> list[str]:
+        """Fields whose write policy needs the record's current value."""
+        fields = self.record_fields()
+        return [k for k, p in self.policies.items() if p.mode != "always" and k in fields]
+
+    def hold_back(self, current: dict[str, Any] | None) -> None:
+        """Apply the write policies to the record's `current` values (None: it is new)."""
+        probe = LeadUpsert(id_value=self.id_value, fields=self.fields, policies=self.policies)
+        self.fields, held = apply_policies(probe, current)
+        self.held.update(held)
+
     @property
     def email_key(self) -> str:
         return self.id_value.strip().lower()
 
 
-def _items(leads: list[LeadUpsert], target: str = "rule") -> list[_Item]:
-    """One item per record, in first-seen order.
+def _items(leads: Iterable[tuple[int, LeadUpsert]], target: str = "rule") -> list[_Item]:
+    """One item per record, in first-seen order, from (position, lead) pairs.
 
     The caller sends one input per record; if it does not, the duplicates are merged in order
-    (later fields win, as two upserts in a row would leave them) and all get one outcome:
-    a Collections request naming one record twice would fail both.
+    (later fields win, as two upserts in a row would leave them, but monotonic fields never
+    move back) and all get one outcome: a Collections request naming one record twice would
+    fail both.
     """
-    merged: dict[tuple[str, str, str], _Item] = {}
-    for position, lead in enumerate(leads):
+    merged: dict[tuple[str, str, str], tuple[_Item, LeadUpsert]] = {}
+    for position, lead in leads:
         id_property = lead.id_property or "Email"
         email_mode = id_property.lower() == "email"
         wanted = lead.object if target == "rule" or not email_mode else target
@@ -384,7 +547,7 @@ def _items(leads: list[LeadUpsert], target: str = "rule") -> list[_Item]:
         if key not in merged:
             contact_first = wanted == "contact_else_lead"
             rule_obj = "Contact" if lead.object == "contact" else "Lead"
-            merged[key] = _Item(
+            item = _Item(
                 obj,
                 id_property,
                 lead.id_value,
@@ -393,16 +556,23 @@ def _items(leads: list[LeadUpsert], target: str = "rule") -> list[_Item]:
                 contact_first=contact_first,
                 rule_obj=rule_obj,
             )
-        item = merged[key]
-        item.fields.update(lead.fields)
-        if email_mode:
-            item.fields.setdefault("Email", lead.id_value)
+            merged[key] = (item, lead)
+        else:
+            item, earlier = merged[key]
+            merged[key] = (item, combine(earlier, lead))
+        item.positions.append(position)
         hint = lead.record_id
         # A hint of another object than the one written is no hint (contact_else_lead: either).
         if hint and (item.contact_first or hint.startswith(WHO_PREFIXES[obj])):
             item.hint = item.hint or hint
-        item.positions.append(position)
-    return list(merged.values())
+    items = []
+    for item, lead in merged.values():
+        item.fields = dict(lead.fields)
+        if item.by_email:
+            item.fields.setdefault("Email", lead.id_value)
+        item.policies, item.create = dict(lead.policies), lead.create
+        items.append(item)
+    return items
 
 
 def _soql_chunks(obj: str, emails: list[str], order: str = TIE_BREAK_ORDER["oldest"]) -> list[str]:
@@ -543,6 +713,10 @@ def _query(sf: Any, soql: str) -> Any:
     return sf.query(soql)
 
 
+def _describe(sf: Any, sobject: str) -> Any:
+    return getattr(sf, sobject).describe()
+
+
 def _query_more(sf: Any, url: str) -> Any:
     return sf.query_more(url, identifier_is_url=True)
 
@@ -607,8 +781,15 @@ class SalesforceConnector(Connector):
         self._paused_until = 0.0  # time.monotonic() before which no call goes out
         self._pause_reason = ""
         self._unsure: dict[str, None] = {}  # insertion-ordered set (UNSURE_KEYS_MAX)
+        # sObject -> (its fields as describe lists them, when loaded: time.monotonic()).
+        self._described: dict[str, tuple[dict[str, FieldInfo], float]] = {}
+        self._describe_lock = asyncio.Lock()
+
+    def forget_schema(self) -> None:
+        self._described = {}
 
     async def open(self) -> None:
+        self.forget_schema()  # a start reads the org's describe data again
         verify: str | bool = str(self.config.ca_bundle) if self.config.ca_bundle else True
         self._session = _Session(self.config.timeout, verify)
         self._login_lock = threading.Lock()
@@ -815,11 +996,118 @@ class SalesforceConnector(Connector):
         """
 
         async def send(outcomes: Outcomes) -> None:
-            items = _items(leads, self.config.target)
+            ready = await self._check(leads, outcomes)
+            items = _items(ready, self.config.target)
             for start in range(0, len(items), self.max_batch):
                 await self._upsert_batch(items[start : start + self.max_batch], outcomes)
 
         return await per_record(len(leads), "Salesforce", send)
+
+    # -- describe ------------------------------------------------------------------------------
+    async def describe(self, object: str, reload: bool = False) -> dict[str, FieldInfo]:
+        sobject = SOBJECTS.get(object, object)
+        async with self._describe_lock:
+            cached = self._described.get(sobject)
+            age = time.monotonic() - cached[1] if cached else math.inf
+            if reload or age >= self.config.describe_cache_seconds:
+                started = time.monotonic()
+                raw = await self._call(_describe, sobject)
+                fields = {f["name"]: _field_info(f) for f in raw.get("fields") or []}
+                self._described[sobject] = (fields, started)
+            return self._described[sobject][0]
+
+    def _describe_stale(self, sobject: str) -> bool:
+        cached = self._described.get(sobject)
+        return cached is None or time.monotonic() - cached[1] >= DESCRIBE_RECHECK_SECONDS
+
+    async def _check(
+        self, leads: list[LeadUpsert], outcomes: Outcomes
+    ) -> list[tuple[int, LeadUpsert]]:
+        """Each lead's fields checked and coerced against its object's describe data; a lead
+        with a field it refuses gets its PermanentDelivery now and is not sent."""
+        if not self.config.validate_fields:
+            return list(enumerate(leads))
+        ready: list[tuple[int, LeadUpsert]] = []
+        for position, lead in enumerate(leads):
+            if not lead.fields:
+                ready.append((position, lead))
+                continue
+            # The rule's object: its fields are for it (a Lead rule's record written to a
+            # Contact loses the Lead-only ones later).
+            wanted = lead.object
+            sobject = SOBJECTS[wanted]
+            described = await self.describe(wanted)
+            coerced, problems = _coerce_fields(sobject, described, lead.fields)
+            if problems and self._describe_stale(sobject):
+                # The org may have gained the field or the picklist value since.
+                described = await self.describe(wanted, reload=True)
+                coerced, problems = _coerce_fields(sobject, described, lead.fields)
+            if problems:
+                outcomes[position] = PermanentDelivery(
+                    "; ".join(str(p) for p in problems),
+                    detail={"invalid_fields": [p.detail for p in problems]},
+                )
+                continue
+            ready.append((position, lead.model_copy(update={"fields": coerced})))
+        return ready
+
+    # -- write policies --------------------------------------------------------------------------
+    async def current(self, lead: LeadUpsert, names: list[str]) -> dict[str, Any] | None:
+        (item,) = _items([(0, lead)], self.config.target)
+        if item.by_email:
+            await self._look_up([item])
+        else:
+            found = await self._current_by(item.obj, item.id_property, [item.id_value], [])
+            item.target = next(iter(found.values()), {}).get("Id")
+        if item.target is None:
+            return None
+        known = set(await self.describe(item.obj.lower()))
+        wanted = [n for n in names if n in known and n != "Id"]
+        found = await self._current_by(item.obj, "Id", [item.target], wanted)
+        record = found.get(item.target) or {}
+        return {n: record.get(n) for n in names if n in known}
+
+    async def _current_by(
+        self, obj: str, key: str, values: list[str], names: list[str]
+    ) -> dict[str, dict[str, Any]]:
+        """Records of `obj` whose `key` is one of `values`, with `names`, by key value."""
+        from simple_salesforce.format import format_soql
+
+        select = ", ".join(dict.fromkeys(["Id", key, *names]))
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(values), 200):
+            soql = format_soql(CURRENT_SOQL, select, obj, key, values[start : start + 200])
+            page = await self._call(_query, soql)
+            for record in page.get("records", []):
+                found.setdefault(str(record.get(key)), record)
+        return found
+
+    async def _guard(self, items: list[_Item], outcomes: Outcomes) -> list[_Item]:
+        """Apply write policies and `create: false` to items whose target is known (None: a
+        create); the current values are read in one query per object. Returns the items
+        still to write; the others have their outcome."""
+        out: list[_Item] = []
+        by_obj: dict[str, list[_Item]] = {}
+        for item in items:
+            if item.target is None:
+                if not item.create:
+                    skipped = DeliveryResult(
+                        skipped=f"no {item.obj} with {item.id_property} {item.id_value!r} "
+                        "to update, and the rule does not create one"
+                    )
+                    self._settle(item, skipped, outcomes)
+                    continue
+            elif item.guarded():
+                by_obj.setdefault(item.obj, []).append(item)
+            out.append(item)
+        for obj, group in by_obj.items():
+            names = sorted({n for i in group for n in i.guarded()})
+            found = await self._current_by(obj, "Id", [str(i.target) for i in group], names)
+            for item in group:
+                # A hinted record that is gone keeps its fields: the update fails as stale.
+                if str(item.target) in found:
+                    item.hold_back(found[str(item.target)])
+        return out
 
     async def _upsert_batch(self, items: list[_Item], outcomes: Outcomes) -> None:
         by_external_id: dict[tuple[str, str], list[_Item]] = {}
@@ -827,7 +1115,15 @@ class SalesforceConnector(Connector):
             if not item.by_email:
                 by_external_id.setdefault((item.obj, item.id_property), []).append(item)
         for (obj, id_field), group in by_external_id.items():
-            await self._upsert_by_external_id(obj, id_field, group, outcomes)
+            if any(i.guarded() or not i.create for i in group):
+                # Salesforce decides create versus update, but a policy needs to know first.
+                values = [i.id_value for i in group]
+                found = await self._current_by(obj, id_field, values, [])
+                for item in group:
+                    item.target = (found.get(item.id_value) or {}).get("Id")
+                group = await self._guard(group, outcomes)
+            if group:
+                await self._upsert_by_external_id(obj, id_field, group, outcomes)
 
         # Email is not unique in Salesforce: update one record with it (`tie_break`), or create.
         by_email = [i for i in items if i.by_email]
@@ -836,10 +1132,10 @@ class SalesforceConnector(Connector):
             if item.hint and item.contact_first:
                 item.obj = "Contact" if item.hint.startswith(WHO_PREFIXES["Contact"]) else "Lead"
         await self._look_up([i for i in by_email if not i.by_hint])
-        stale = await self._save(by_email, outcomes)
+        stale = await self._save(await self._guard(by_email, outcomes), outcomes)
         if stale:  # hinted records that are gone: find them by email after all
             await self._look_up(stale)
-            await self._save(stale, outcomes)
+            await self._save(await self._guard(stale, outcomes), outcomes)
 
     async def _look_up(self, items: list[_Item]) -> None:
         """Set each item's object and target: the record with its email that `tie_break`
@@ -1074,5 +1370,8 @@ class SalesforceConnector(Connector):
 
     @staticmethod
     def _settle(item: _Item, outcome: Outcome, outcomes: Outcomes) -> None:
+        if item.held and isinstance(outcome, DeliveryResult):
+            detail = {**outcome.detail, "held_back": dict(item.held)}
+            outcome = outcome.model_copy(update={"detail": detail})
         for position in item.positions:
             outcomes[position] = outcome

@@ -187,6 +187,30 @@ def test_sighup_applies_a_new_rule_to_the_next_event(
     assert daemon.stop() == 0
 
 
+def definition_reads(emulator) -> int:
+    """GETs of the portal's contact property definitions (not of one property)."""
+    with emulator.lock:
+        return sum(c.path == "/crm/v3/properties/contacts" for c in emulator.calls)
+
+
+def test_sighup_makes_connectors_read_the_crm_fields_again(
+    tmp_path, daemon_factory, hubspot_emulator, notify
+):
+    config = write_config(tmp_path / "config.yaml", hubspot_emulator, REPLY_RULE)
+    daemon = daemon_factory(config, notify.env())
+    notify.expect("READY")
+    first = daemon.post(sample(type="reply", email="first@example.com")).json()["event_id"]
+    wait_for(lambda: daemon.settled(first))
+    assert definition_reads(hubspot_emulator) == 1
+
+    reload(daemon, notify)  # the same config: the connector is kept, its cache is not
+    second = daemon.post(sample(type="reply", email="second@example.com")).json()["event_id"]
+
+    assert [d["status"] for d in wait_for(lambda: daemon.settled(second))] == ["done"]
+    assert definition_reads(hubspot_emulator) == 2
+    assert daemon.stop() == 0
+
+
 def test_sighup_with_a_broken_config_keeps_the_old_rules(
     tmp_path, daemon_factory, hubspot_emulator, notify
 ):

@@ -40,12 +40,16 @@ DEFAULT_PROPERTIES = "createdate email firstname hs_object_id lastmodifieddate l
 SYSTEM_PROPERTIES = ["createdate", "hs_object_id", "lastmodifieddate"]
 NOTE_TO_CONTACT, CONTACT_TO_NOTE = 202, 201
 TASK_TO_CONTACT, CONTACT_TO_TASK = 204, 203
+LEAD_TO_PRIMARY_CONTACT, CONTACT_TO_LEAD = 578, 579
+LEAD_TYPES = "NEW_BUSINESS UPSELL RE_ATTEMPTING".split()
 # HUBSPOT_DEFINED association type ids by (from, to) object type.
 ASSOCIATION_TYPES = {
     ("notes", "contacts"): NOTE_TO_CONTACT,
     ("contacts", "notes"): CONTACT_TO_NOTE,
     ("tasks", "contacts"): TASK_TO_CONTACT,
     ("contacts", "tasks"): CONTACT_TO_TASK,
+    ("leads", "contacts"): LEAD_TO_PRIMARY_CONTACT,
+    ("contacts", "leads"): CONTACT_TO_LEAD,
 }
 ENGAGEMENTS = ("notes", "tasks")
 # What a read of a note or task returns besides the properties asked for.
@@ -183,10 +187,22 @@ def default_properties() -> dict[str, dict[str, PropertyDef]]:
         PropertyDef("hs_createdate", "Create Date", "datetime", "date", **ro),
         PropertyDef("hs_lastmodifieddate", "Last Modified Date", "datetime", "date", **ro),
     ]
+    leads = [
+        PropertyDef("hs_lead_name", "Lead name"),
+        PropertyDef("hs_lead_type", "Lead type", "enumeration", "select", LEAD_TYPES),
+        PropertyDef(
+            "hs_lead_label", "Lead label", "enumeration", "select", ["COLD", "WARM", "HOT"]
+        ),
+        PropertyDef("hubspot_owner_id", "Lead owner"),
+        PropertyDef("hs_object_id", "Record ID", "number", "number", unique=True, **ro),
+        PropertyDef("hs_createdate", "Create Date", "datetime", "date", **ro),
+        PropertyDef("hs_lastmodifieddate", "Last Modified Date", "datetime", "date", **ro),
+    ]
     return {
         "contacts": {p.name: p for p in contacts},
         "notes": {p.name: p for p in notes},
         "tasks": {p.name: p for p in tasks},
+        "leads": {p.name: p for p in leads},
     }
 
 
@@ -300,6 +316,8 @@ class HubSpotEmulator(EmulatorBase):
         self.tasks: dict[str, HubSpotRecord] = {}
         self.associations: set[tuple[str, str]] = set()  # (note id, contact id)
         self.task_associations: set[tuple[str, str]] = set()  # (task id, contact id)
+        self.leads: dict[str, HubSpotRecord] = {}  # the Leads object (crm/v3/objects/leads)
+        self.lead_associations: set[tuple[str, str]] = set()  # (lead id, contact id)
         self.properties = default_properties()
         self.oauth_clients: dict[str, str] = {}  # client id -> client secret
         self.refresh_tokens: dict[str, str] = {}  # refresh token -> client id
@@ -310,16 +328,17 @@ class HubSpotEmulator(EmulatorBase):
         self._search_window: collections.deque[float] = collections.deque()
         contact, engagement, props = (
             "/crm/v3/objects/contacts",
-            "/crm/v3/objects/(?P<object_type>notes|tasks)",
+            "/crm/v3/objects/(?P<object_type>notes|tasks|leads)",
             "/crm/v3/properties",
         )
         # v4 paths take the object type in the singular or the plural.
-        v4_type = "(?P<{}>notes?|tasks?|contacts?)"
+        v4_type = "(?P<{}>notes?|tasks?|leads?|contacts?)"
         assoc_of = "/crm/v4/objects/" + v4_type.format("from_type") + "/(?P<from_id>[^/]+)"
         assoc_default = assoc_of + "/associations/default/" + v4_type.format("to_type")
         routes: list[tuple[str, str, Callable[..., Reply]]] = [
             ("POST", contact + "/?", self._create_contact),
             ("POST", contact + "/batch/upsert", self._batch_upsert),
+            ("POST", contact + "/batch/read", self._batch_read_contacts),
             ("POST", contact + "/search", self._search),
             ("GET", contact + "/(?P<object_id>[^/]+)", self._get_contact),
             ("PATCH", contact + "/(?P<object_id>[^/]+)", self._update_contact),
@@ -805,20 +824,26 @@ class HubSpotEmulator(EmulatorBase):
 
     # -- notes, tasks and associations -----------------------------------------------------------
     def _table(self, object_type: str) -> dict[str, HubSpotRecord]:
-        return {"notes": self.notes, "tasks": self.tasks, "contacts": self.contacts}[object_type]
+        tables = {"notes": self.notes, "tasks": self.tasks, "leads": self.leads}
+        return {**tables, "contacts": self.contacts}[object_type]
 
     def _links(self, object_type: str) -> set[tuple[str, str]]:
-        """(engagement id, contact id) pairs of the notes or the tasks."""
-        return self.associations if object_type == "notes" else self.task_associations
+        """(engagement or lead id, contact id) pairs of the notes, the tasks or the leads."""
+        links = {"notes": self.associations, "leads": self.lead_associations}
+        return links.get(object_type, self.task_associations)
 
     def _create_engagement(self, call: Call, object_type: str) -> Reply:
-        """A note or a task, created with its associations in the same call (or none)."""
+        """A note, a task or a lead, created with its associations in the same call (a lead
+        must have one: its contact)."""
         body = _body(call, "properties")
         props = self._validate(object_type, body["properties"])
-        if not props.get("hs_timestamp"):
+        required = "hs_lead_name" if object_type == "leads" else "hs_timestamp"
+        if not props.get(required):
             raise ValidationFailure(
-                invalid("hs_timestamp", "REQUIRED_PROPERTY", 'Property "hs_timestamp" is required')
+                invalid(required, "REQUIRED_PROPERTY", f'Property "{required}" is required')
             )
+        if object_type == "leads" and not body.get("associations"):
+            return bad_request("A lead must be associated with a contact or a company")
         expected = ASSOCIATION_TYPES[(object_type, "contacts")]
         singular = object_type[:-1]
         links: list[str] = []
@@ -840,26 +865,43 @@ class HubSpotEmulator(EmulatorBase):
         self._links(object_type).update((record.id, contact_id) for contact_id in links)
         return Reply(201, record.to_json())
 
+    def _batch_read_contacts(self, call: Call) -> Reply:
+        return self._batch_read(call, "contacts")
+
     def _batch_read(self, call: Call, object_type: str) -> Reply:
-        """``{properties, inputs: [{id}]}``: the live records; ids not found make it a 207."""
+        """``{properties, idProperty?, inputs: [{id}]}``: the live records, by id (contacts also
+        by email, their unique property); ids not found make it a 207 naming them."""
         body = _body(call, "inputs")
         inputs = body["inputs"]
         if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
             return bad_request("inputs must be a list of objects")
         if len(inputs) > 100:
             return bad_request(f"Too many inputs: {len(inputs)}. The limit is 100.")
-        if body.get("idProperty") not in (None, "hs_object_id"):
-            return bad_request(f"{body['idProperty']} is not a unique property of {object_type}")
+        contacts = object_type == "contacts"
+        id_property = body.get("idProperty") or "hs_object_id"
+        if id_property not in ("hs_object_id", "email") or (
+            id_property != "hs_object_id" and not contacts
+        ):
+            return bad_request(f"{id_property} is not a unique property of {object_type}")
         archived = (call.param("archived") or "").lower() == "true"  # nothing is ever archived
         names = body.get("properties") or []
         if not isinstance(names, list):
             return bad_request("properties must be a list of property names")
-        names = list(dict.fromkeys([*names, *ENGAGEMENT_SYSTEM_PROPERTIES]))
+        if contacts:
+            names = _requested(names or None)
+        else:
+            names = list(dict.fromkeys([*names, *ENGAGEMENT_SYSTEM_PROPERTIES]))
         table = self._table(object_type)
+
+        def find(object_id: str) -> HubSpotRecord | None:
+            if archived:
+                return None
+            return self._find_contact(id_property, object_id) if contacts else table.get(object_id)
+
         started = iso_now()
         results, missing = [], []
         for item in inputs:
-            record = None if archived else table.get(str(item.get("id", "")))
+            record = find(str(item.get("id", "")))
             if record is None:
                 missing.append(str(item.get("id", "")))
             else:

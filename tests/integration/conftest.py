@@ -53,3 +53,13 @@ async def salesforce_of(salesforce_emulator):
     yield make
     for connector in opened:
         await connector.close()
+
+
+@pytest.fixture
+async def salesforce(salesforce_of) -> SalesforceConnector:
+    return await salesforce_of()
+
+
+@pytest.fixture
+async def hubspot(hubspot_of) -> HubSpotConnector:
+    return await hubspot_of()

@@ -10,13 +10,16 @@ from __future__ import annotations
 import pytest
 
 from bridge.errors import PermanentDelivery, RetryableDelivery
-from connectors.base import Connector, LeadUpsert
+from connectors.base import Connector, DeliveryResult, LeadUpsert, WritePolicy
 from connectors.hubspot import HubSpotConfig, HubSpotConnector
 from connectors.salesforce import SalesforceConfig, SalesforceConnector
 
 
 class HubSpotCase:
     email_field = "email"
+    title = "jobtitle"
+    status = "hs_lead_status"
+    statuses = ("NEW", "OPEN", "IN_PROGRESS", "CONNECTED")
 
     def __init__(self, emulator):
         self.emulator = emulator
@@ -53,6 +56,9 @@ class HubSpotCase:
 
 class SalesforceCase:
     email_field = "Email"
+    title = "Title"
+    status = "Status"
+    statuses = ("Open - Not Contacted", "Working - Contacted", "Closed - Converted")
 
     def __init__(self, emulator):
         self.emulator = emulator
@@ -300,3 +306,104 @@ async def test_hubspot_over_tls_trusts_the_configured_ca(tls_ca):
             assert (await connector.upsert_lead(case.lead("ada@example.com"))).created is True
         finally:
             await connector.close()
+
+
+# -- write policies ------------------------------------------------------------------------------
+def guarded(case, email: str, policies: dict[str, WritePolicy], create: bool = True, **fields):
+    lead = case.lead(email, **fields)
+    return lead.model_copy(update={"policies": policies, "create": create})
+
+
+async def test_if_empty_never_overwrites_what_a_rep_typed(case, connector_of):
+    connector = await connector_of()
+    await connector.upsert_lead(case.lead("ada@example.com", **{case.title: "CTO"}))
+    policies = {case.title: WritePolicy(mode="if_empty"), "phone": WritePolicy(mode="if_empty")}
+    phone = "phone" if case.email_field == "email" else "Phone"
+    policies[phone] = policies.pop("phone")
+
+    result = await connector.upsert_lead(
+        guarded(case, "ada@example.com", policies, **{case.title: "Engineer", phone: "+1 555"})
+    )
+
+    (record,) = case.records("ada@example.com")
+    assert (record[case.title], record[phone]) == ("CTO", "+1 555")
+    assert result.detail["held_back"] == {case.title: "if_empty: the CRM holds 'CTO'"}
+
+
+async def test_on_create_fields_are_written_only_into_a_new_record(case, connector_of):
+    connector = await connector_of()
+    policies = {case.title: WritePolicy(mode="on_create")}
+
+    created = await connector.upsert_lead(
+        guarded(case, "ada@example.com", policies, **{case.title: "First"})
+    )
+    updated = await connector.upsert_lead(
+        guarded(case, "ada@example.com", policies, **{case.title: "Second"})
+    )
+
+    assert (created.created, updated.created) == (True, False)
+    (record,) = case.records("ada@example.com")
+    assert record[case.title] == "First"
+
+
+async def test_a_monotonic_status_only_moves_forward(case, connector_of):
+    connector = await connector_of()
+    policies = {case.status: WritePolicy(mode="monotonic", order=case.statuses)}
+    first, second, third = case.statuses[0], case.statuses[1], case.statuses[2]
+
+    for status in (second, first, third, second):  # a late `open` after a `reply`, and so on
+        await connector.upsert_lead(
+            guarded(case, "ada@example.com", policies, **{case.status: status})
+        )
+
+    (record,) = case.records("ada@example.com")
+    assert record[case.status] == third
+
+
+async def test_monotonic_fields_merged_in_one_batch_keep_the_furthest(case, connector_of):
+    connector = await connector_of()
+    policies = {case.status: WritePolicy(mode="monotonic", order=case.statuses)}
+    later, earlier = case.statuses[2], case.statuses[0]
+
+    outcomes = await connector.upsert_leads(
+        [
+            guarded(case, "ada@example.com", policies, **{case.status: later}),
+            guarded(case, "ada@example.com", policies, **{case.status: earlier}),
+        ]
+    )
+
+    assert [o.created for o in outcomes] == [True, True]
+    (record,) = case.records("ada@example.com")
+    assert record[case.status] == later
+
+
+async def test_an_update_only_write_skips_a_missing_record(case, connector_of):
+    connector = await connector_of()
+    status = case.statuses[1]
+    write = guarded(case, "ghost@example.com", {}, create=False, **{case.status: status})
+
+    (missing,) = await connector.upsert_leads([write])
+    await connector.upsert_lead(case.lead("ada@example.com"))
+    existing = await connector.upsert_lead(write.model_copy(update={"id_value": "ada@example.com"}))
+
+    assert isinstance(missing, DeliveryResult) and missing.record_id is None
+    assert missing.skipped == (
+        f"no {'contact' if case.email_field == 'email' else 'Lead'} with "
+        f"{case.email_field if case.email_field == 'email' else 'Email'} 'ghost@example.com' "
+        "to update, and the rule does not create one"
+    )
+    assert case.records("ghost@example.com") == []
+    assert existing.created is False
+    (record,) = case.records("ada@example.com")
+    assert record[case.status] == status
+
+
+async def test_current_reads_the_record_or_none(case, connector_of):
+    connector = await connector_of()
+    await connector.upsert_lead(case.lead("ada@example.com", **{case.title: "CTO"}))
+
+    found = await connector.current(case.lead("ADA@example.com"), [case.title])
+    missing = await connector.current(case.lead("nobody@example.com"), [case.title])
+
+    assert found == {case.title: "CTO"}
+    assert missing is None

@@ -23,7 +23,7 @@ from bridge.config import parse_config
 from bridge.errors import AuthenticationFailed, PermanentDelivery, RetryableDelivery
 from bridge.server import create_app
 from connectors import registry
-from connectors.base import Activity, DeliveryResult, LeadUpsert
+from connectors.base import Activity, DeliveryResult, LeadUpsert, WritePolicy
 from connectors.http import HttpConfig, HttpConnector
 from tests.acceptance.conftest import Daemon
 from tests.emulators.tls import LocalCA
@@ -510,3 +510,21 @@ def test_the_docs_show_the_example_plugin_as_it_is():
     docs = (ROOT / "docs" / "connectors.md").read_text()
     for source in ("pyproject.toml", "src/crm_bridge_jsonfile/__init__.py"):
         assert (PLUGIN / source).read_text() in docs, f"docs/connectors.md: {source} differs"
+
+
+async def test_writes_that_need_the_record_first_are_refused_alone(connect, service):
+    crm = await connect(url=service.url + "/batch", batch_body=BATCH_BODY, max_batch=5)
+    guarded = lead("b@x.io", title="CTO").model_copy(
+        update={"policies": {"title": WritePolicy(mode="if_empty")}}
+    )
+    update_only = lead("c@x.io").model_copy(update={"create": False})
+
+    outcomes = await crm.upsert_leads([lead("a@x.io"), guarded, update_only])
+
+    assert outcomes[0] == DeliveryResult(record_id="rec-a@x.io", created=True)
+    for refused in outcomes[1:]:
+        assert isinstance(refused, PermanentDelivery)
+        assert "cannot honour write policies" in str(refused)
+    assert sorted(service.store) == ["a@x.io"]
+    with pytest.raises(PermanentDelivery, match="it cannot read the record first"):
+        await crm.upsert_lead(update_only)

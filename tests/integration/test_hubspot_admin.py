@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from bridge.errors import AuthenticationFailed, PermanentDelivery, RetryableDelivery
-from connectors.base import Activity, DeliveryResult, LeadUpsert
+from connectors.base import Activity, DeliveryResult, LeadUpsert, WritePolicy
 from connectors.hubspot import HubSpotConfig
 
 UPSERT = "/crm/v3/objects/contacts/batch/upsert"
@@ -37,7 +37,7 @@ def paths(emulator, method: str, path: str) -> int:
 
 # -- property validation -------------------------------------------------------------------------
 async def test_an_unknown_property_is_refused_before_sending(hubspot_emulator, hubspot_of):
-    connector = await hubspot_of(validate_properties=True)
+    connector = await hubspot_of()
     with pytest.raises(PermanentDelivery) as info:
         await connector.upsert_lead(contact("ada@example.com", no_such_property="x"))
     assert "'no_such_property'" in str(info.value) and "'x'" in str(info.value)
@@ -46,7 +46,7 @@ async def test_an_unknown_property_is_refused_before_sending(hubspot_emulator, h
 
 
 async def test_an_invalid_option_names_field_value_and_allowed_values(hubspot_emulator, hubspot_of):
-    connector = await hubspot_of(validate_properties=True)
+    connector = await hubspot_of()
     leads = [
         contact("a@example.com", hs_lead_status="NEW"),
         contact("b@example.com", hs_lead_status="HOT"),
@@ -68,7 +68,7 @@ async def test_an_invalid_option_names_field_value_and_allowed_values(hubspot_em
 async def test_custom_enumerations_and_option_case(hubspot_emulator, hubspot_of):
     hubspot_emulator.add_property("tier", "enumeration", "select", ["gold", "silver"])
     hubspot_emulator.add_property("tags", "enumeration", "checkbox", ["a", "b", "c"])
-    connector = await hubspot_of(validate_properties=True)
+    connector = await hubspot_of()
     await connector.upsert_lead(
         contact("ada@example.com", tier="GOLD", tags=["a", "c"], hs_lead_status="new")
     )
@@ -80,7 +80,7 @@ async def test_custom_enumerations_and_option_case(hubspot_emulator, hubspot_of)
 
 async def test_definitions_are_cached_and_read_again_on_open(hubspot_emulator, hubspot_of):
     hubspot_emulator.add_property("tier", "enumeration", "select", ["gold"])
-    connector = await hubspot_of(validate_properties=True)
+    connector = await hubspot_of()
     await connector.upsert_lead(contact("ada@example.com", tier="gold"))
     hubspot_emulator.set_property_options("tier", ["gold", "platinum"])
     # Loaded just now: trusted (no reload within a minute), so the new option is not known yet.
@@ -94,7 +94,7 @@ async def test_definitions_are_cached_and_read_again_on_open(hubspot_emulator, h
 
 
 async def test_an_old_cache_is_reloaded_once_before_refusing(hubspot_emulator, hubspot_of):
-    connector = await hubspot_of(validate_properties=True)
+    connector = await hubspot_of()
     await connector.upsert_lead(contact("ada@example.com", firstname="Ada"))
     hubspot_emulator.add_property("tier", "enumeration", "select", ["gold"])
     connector._definitions_at = time.monotonic() - 61  # loaded over a minute ago
@@ -146,7 +146,7 @@ async def test_values_of_the_wrong_type_name_field_value_and_type(
     hubspot_emulator, hubspot_of, name, kind, value, expected
 ):
     hubspot_emulator.add_property(name, kind, "text")
-    connector = await hubspot_of(validate_properties=True)
+    connector = await hubspot_of()
     with pytest.raises(PermanentDelivery) as info:
         await connector.upsert_lead(contact("ada@example.com", **{name: value}))
     message = str(info.value)
@@ -157,7 +157,7 @@ async def test_values_of_the_wrong_type_name_field_value_and_type(
 
 
 async def test_a_read_only_property_is_refused(hubspot_emulator, hubspot_of):
-    connector = await hubspot_of(validate_properties=True)
+    connector = await hubspot_of()
     with pytest.raises(PermanentDelivery, match="'createdate' is read-only"):
         await connector.upsert_lead(contact("ada@example.com", createdate="2024-01-01"))
 
@@ -165,7 +165,7 @@ async def test_a_read_only_property_is_refused(hubspot_emulator, hubspot_of):
 async def test_the_emulator_refuses_a_date_that_is_not_midnight(hubspot_emulator, hubspot_of):
     # Without validation the record goes out as given, and HubSpot refuses it.
     hubspot_emulator.add_property("birthday", "date", "date")
-    connector = await hubspot_of()
+    connector = await hubspot_of(validate_properties=False)
     with pytest.raises(PermanentDelivery, match="not midnight"):
         await connector.upsert_lead(contact("ada@example.com", birthday="1714564800001"))
 
@@ -201,6 +201,26 @@ async def test_demotion_clears_then_sets_the_stage(hubspot_emulator, hubspot_of)
     assert writes[0] == ("PATCH", {"lifecyclestage": ""})
     assert writes[1][0] == "POST" and writes[1][1][0]["properties"]["lifecyclestage"] == "lead"
     assert len(writes) == 2
+
+
+async def test_a_rule_writing_the_stage_always_demotes_it_alone(hubspot_emulator, hubspot):
+    hubspot_emulator.add_contact({"email": "ada@example.com", "lifecyclestage": "customer"})
+    hubspot_emulator.add_contact({"email": "bob@example.com", "lifecyclestage": "customer"})
+    always = contact("ada@example.com", lifecyclestage="lead").model_copy(
+        update={"policies": {"lifecyclestage": WritePolicy(mode="always")}}
+    )
+
+    demoted, kept = await hubspot.upsert_leads(
+        [always, contact("bob@example.com", lifecyclestage="lead")]
+    )
+
+    assert demoted.detail["lifecyclestage_demoted"] == {"from": "customer", "to": "lead"}
+    assert kept.detail["lifecyclestage_skipped"] == {"current": "customer", "requested": "lead"}
+    stages = {
+        email: hubspot_emulator.contact_by_email(email).properties["lifecyclestage"]
+        for email in ("ada@example.com", "bob@example.com")
+    }
+    assert stages == {"ada@example.com": "lead", "bob@example.com": "customer"}
 
 
 async def test_a_forward_stage_and_a_new_contact_need_no_clear(hubspot_emulator, hubspot_of):
@@ -300,3 +320,71 @@ def test_oauth_config_is_secret_and_exclusive():
     assert "refresh-1" not in repr(config)
     with pytest.raises(ValidationError, match="either access_token or oauth"):
         HubSpotConfig.model_validate({"type": "hubspot", "access_token": "pat", "oauth": OAUTH})
+
+
+# -- the Leads object ---------------------------------------------------------------------------
+def wanting_a_lead(email: str, lead: dict | None = None, **fields) -> LeadUpsert:
+    return contact(email, **fields).model_copy(update={"hubspot_lead": lead or {}})
+
+
+async def test_a_rule_can_open_a_lead_associated_with_the_contact(hubspot_emulator, hubspot):
+    result = await hubspot.upsert_lead(
+        wanting_a_lead(
+            "ada@example.com", {"hs_lead_type": "new_business"}, firstname="Ada", lastname="L"
+        )
+    )
+
+    (lead,) = hubspot_emulator.engagements_of("leads", result.record_id)
+    assert lead.properties["hs_lead_name"] == "Ada L"
+    assert lead.properties["hs_lead_type"] == "NEW_BUSINESS"  # the option, in any case
+    assert result.detail["hubspot_lead"] == {"id": lead.id, "created": True}
+    (create,) = hubspot_emulator.calls_to("POST", "/crm/v3/objects/leads")
+    (association,) = create.json["associations"]
+    assert association["types"] == [
+        {"associationCategory": "HUBSPOT_DEFINED", "associationTypeId": 578}
+    ]
+
+
+async def test_a_contact_gets_one_lead_however_often_it_is_delivered(hubspot_emulator, hubspot):
+    first = await hubspot.upsert_lead(wanting_a_lead("ada@example.com"))
+    again = await hubspot.upsert_leads(
+        [wanting_a_lead("ada@example.com"), wanting_a_lead("ADA@example.com")]
+    )
+
+    (lead,) = hubspot_emulator.engagements_of("leads", first.record_id)
+    assert lead.properties["hs_lead_name"] == "ada@example.com"  # no name: the email
+    assert [o.detail["hubspot_lead"] for o in again] == [{"id": lead.id, "created": False}] * 2
+
+
+async def test_a_contact_that_has_a_lead_gets_no_other(hubspot_emulator, hubspot):
+    existing = hubspot_emulator.add_contact({"email": "ada@example.com"})
+    hubspot_emulator.add_engagement("leads", {"hs_lead_name": "From a rep"}, existing.id)
+
+    result = await hubspot.upsert_lead(wanting_a_lead("ada@example.com"))
+
+    assert len(hubspot_emulator.engagements_of("leads", existing.id)) == 1
+    assert result.detail["hubspot_lead"]["created"] is False
+
+
+async def test_a_lead_property_the_portal_refuses_names_the_allowed_values(
+    hubspot_emulator, hubspot
+):
+    with pytest.raises(PermanentDelivery) as info:
+        await hubspot.upsert_lead(wanting_a_lead("ada@example.com", {"hs_lead_type": "Hot"}))
+
+    assert str(info.value) == (
+        "HubSpot Lead: HubSpot property 'hs_lead_type': 'Hot' is not one of the allowed values: "
+        "[NEW_BUSINESS, UPSELL, RE_ATTEMPTING]"
+    )
+    assert hubspot_emulator.contact_by_email("ada@example.com") is not None
+    assert hubspot_emulator.calls_to("POST", "/crm/v3/objects/leads") == []
+
+
+async def test_describe_reads_the_portal_property_definitions(hubspot):
+    contacts = await hubspot.describe("contact")
+    leads = await hubspot.describe("leads")
+
+    assert contacts["hs_lead_status"].type == "enumeration"
+    assert "CONNECTED" in (contacts["hs_lead_status"].options or ())
+    assert contacts["hs_object_id"].writable is False
+    assert leads["hs_lead_type"].options == ("NEW_BUSINESS", "UPSELL", "RE_ATTEMPTING")

@@ -46,7 +46,7 @@ def test_a_monotonic_field_keeps_the_furthest_value_of_a_burst():
     assert merged.record_id == "rec-1"
 
 
-def test_a_later_policy_applies_and_the_merge_may_create_if_one_part_may():
+def test_policies_join_and_the_merge_may_create_if_one_part_may():
     merged = merge(
         [
             delivery(
@@ -56,4 +56,5 @@ def test_a_later_policy_applies_and_the_merge_may_create_if_one_part_may():
         ],
         None,
     )
-    assert (merged.fields, merged.policies, merged.create) == ({"company": "Acme Inc"}, {}, True)
+    assert (merged.fields, merged.create) == ({"company": "Acme Inc"}, True)
+    assert merged.policies == {"company": WritePolicy(mode="if_empty")}  # policies join
