@@ -18,6 +18,7 @@ from bridge.config import Config, FieldMapping, RuleConfig
 from bridge.errors import BridgeError, ConfigProblem
 from bridge.expressions import is_template
 from connectors.base import Connector, FieldInfo
+from connectors.values import allowed_list, moment, number, option, truth
 
 NUMBER_TYPES = {"double", "int", "integer", "long", "currency", "percent", "number"}
 BOOLEAN_TYPES = {"boolean", "bool"}
@@ -42,32 +43,32 @@ def _kind(info: FieldInfo) -> str:
 
 
 def _value_problem(value: Any, info: FieldInfo) -> str | None:
-    """Why the CRM field `info` would refuse `value`, or None."""
+    """Why the CRM field `info` would refuse `value`, or None: the connectors' own parsing
+    (connectors.values), so `check --online` and a delivery agree."""
     kind = _kind(info)
-    if info.options is not None and kind == "text":
-        if str(value) not in info.options:
-            hint = difflib.get_close_matches(str(value), list(info.options), n=1)
-            shown = ", ".join(info.options[:12]) + (", ..." if len(info.options) > 12 else "")
-            return f"{value!r} is not an option of {info.name} ({info.type}: {shown})" + (
-                f" (did you mean `{hint[0]}`?)" if hint else ""
-            )
+    # A Salesforce combobox offers options but takes any text.
+    if info.options is not None and kind == "text" and info.type != "combobox":
+        choices = [str(v) for v in value] if isinstance(value, list | tuple) else [str(value)]
+        if info.type == "multipicklist" and len(choices) == 1:
+            choices = [c for c in choices[0].split(";") if c]
+        for choice in choices:
+            if option(info.options, choice) is None:
+                hint = difflib.get_close_matches(choice, list(info.options), n=1)
+                return (
+                    f"{choice!r} is not an option of {info.name}"
+                    f" ({info.type}: {allowed_list(info.options, 12)})"
+                    + (f" (did you mean `{hint[0]}`?)" if hint else "")
+                )
         return None
-    if kind == "boolean" and not isinstance(value, bool):
-        if str(value).lower() not in ("true", "false"):
-            return f"{value!r} is not a boolean, which {info.name} ({info.type}) holds"
-    if kind == "number" and (isinstance(value, bool) or not _is_number(value)):
+    if kind == "boolean" and truth(value) is None:
+        return f"{value!r} is not a boolean, which {info.name} ({info.type}) holds"
+    if kind == "number" and number(value) is None:
         return f"{value!r} is not a number, which {info.name} ({info.type}) holds"
+    if kind in ("date", "datetime") and moment(value) is None:
+        return f"{value!r} is not a {kind}, which {info.name} ({info.type}) holds"
     if kind == "text" and info.max_length and len(str(value)) > info.max_length:
         return f"{value!r} is longer than {info.name}'s {info.max_length} characters"
     return None
-
-
-def _is_number(value: Any) -> bool:
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def _candidates(mapping: FieldMapping) -> list[tuple[tuple[str | int, ...], Any]]:

@@ -111,7 +111,9 @@ class FieldMapping(_Strict):
     default: Any = None  # when the value renders empty or the map does not name it
     type: Literal["string", "number", "integer", "boolean", "date", "datetime"] | None = None
     max_length: int | None = Field(default=None, ge=1, description="cut longer text to this")
-    policy: Literal["always", "if_empty", "on_create", "monotonic"] = "always"
+    # Not given: written always. Given as `always`, the connector is told so explicitly (HubSpot
+    # then lets the rule move lifecyclestage backwards).
+    policy: Literal["always", "if_empty", "on_create", "monotonic"] | None = None
     order: list[str] = Field(default_factory=list, description="monotonic: first to last")
 
     @model_validator(mode="before")
@@ -124,7 +126,9 @@ class FieldMapping(_Strict):
         if self.policy == "monotonic" and len(self.order) < 2:
             raise ValueError("policy monotonic needs an `order:` of at least two values")
         if self.policy != "monotonic" and self.order:
-            raise ValueError(f"`order:` is only for policy monotonic, not {self.policy}")
+            raise ValueError(
+                f"`order:` is only for policy monotonic, not {self.policy or 'always'}"
+            )
         return self
 
 
@@ -141,6 +145,9 @@ class RuleConfig(_Strict):
     id_value: str = "{{ contact.email }}"
     fields: dict[str, FieldMapping] = Field(default_factory=dict)
     activity: ActivityConfig | None = None
+    # HubSpot: also open a Lead object for the contact (once), with these properties (constants
+    # or templates); `{}` for the defaults (hs_lead_name: the contact's name, else its email).
+    hubspot_lead: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _settings_go_with_the_action(self) -> RuleConfig:
@@ -152,6 +159,8 @@ class RuleConfig(_Strict):
             raise ValueError("action update_status needs `fields:` (the status to set)")
         if self.action == "stop" and (self.fields or self.connector):
             raise ValueError("action stop takes no `connector:` nor `fields:`")
+        if self.hubspot_lead is not None and self.action not in ("upsert_lead", "upsert_contact"):
+            raise ValueError(f"`hubspot_lead:` goes with an upsert action, not {self.action}")
         if self.object is not None and self.action != "update_status":
             raise ValueError(f"`object:` is only for action update_status, not {self.action}")
         return self

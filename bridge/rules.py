@@ -50,6 +50,9 @@ def compile_problems(rule: RuleConfig) -> Iterator[tuple[tuple[str, ...], str]]:
     if rule.activity is not None:
         templates[("activity", "subject")] = rule.activity.subject
         templates[("activity", "body")] = rule.activity.body
+    for name, value in (rule.hubspot_lead or {}).items():
+        if is_template(value):
+            templates[("hubspot_lead", name)] = value
     for where, source in templates.items():
         problem = check_source(source, expression=False)
         if problem:
@@ -133,7 +136,7 @@ class CompiledField:
 
     @functools.cached_property
     def policy(self) -> WritePolicy | None:
-        if self.config.policy == "always":
+        if self.config.policy is None:
             return None
         return WritePolicy(mode=self.config.policy, order=tuple(self.config.order))
 
@@ -150,6 +153,7 @@ class CompiledRule:
     types: frozenset[str] | None = None  # None: any event type may match
     subject: Template | None = None
     body: Template | None = None
+    hubspot_lead: dict[str, Template | Any] | None = None
 
     @classmethod
     def build(cls, rule: RuleConfig) -> CompiledRule:
@@ -162,6 +166,9 @@ class CompiledRule:
             fields=[CompiledField.build(k, v) for k, v in rule.fields.items()],
             subject=Template(rule.activity.subject) if rule.activity else None,
             body=Template(rule.activity.body) if rule.activity else None,
+            hubspot_lead=None
+            if rule.hubspot_lead is None
+            else {k: Template(v) if is_template(v) else v for k, v in rule.hubspot_lead.items()},
         )
 
     def matches(self, scope: Scope) -> bool:
@@ -220,7 +227,17 @@ class CompiledRule:
             fields=values,
             policies=policies,
             create=self.config.action != "update_status",
+            hubspot_lead=self._hubspot_lead(scope),
         )
+
+    def _hubspot_lead(self, scope: Scope) -> dict[str, Any] | None:
+        if self.hubspot_lead is None:
+            return None
+        rendered = {
+            k: scope.render(v).strip() if isinstance(v, Template) else v
+            for k, v in self.hubspot_lead.items()
+        }
+        return {k: v for k, v in rendered.items() if v not in ("", None)}
 
 
 @dataclass

@@ -280,3 +280,30 @@ def test_the_received_time_and_the_source_are_visible():
     data = event("interest")
     result = ruleset.evaluate(RuleSet.context("supersend", data, data["contact"], 1700000000.0))
     assert result.deliveries[0].operation.fields == {"at": "2023-11-14T22:13:20.000Z"}
+
+
+def test_an_explicit_always_policy_is_passed_on_and_an_unstated_one_is_not():
+    rule = {
+        **INTERESTED,
+        "fields": {
+            "lifecyclestage": {"value": "lead", "policy": "always"},
+            "firstname": "{{ contact.first_name }}",
+        },
+    }
+    (delivery,) = evaluate([rule], event("interest", first_name="Ada")).deliveries
+    assert {k: p.mode for k, p in delivery.operation.policies.items()} == {
+        "lifecyclestage": "always"
+    }
+
+
+def test_a_rule_may_open_a_hubspot_lead_object():
+    rule = {
+        **INTERESTED,
+        "hubspot_lead": {"hs_lead_name": "{{ contact.first_name }} (Supersend)", "x": "{{ no }}"},
+    }
+    (delivery,) = evaluate([rule], event("interest", first_name="Ada")).deliveries
+    assert delivery.operation.hubspot_lead == {"hs_lead_name": "Ada (Supersend)"}
+    (plain,) = evaluate([INTERESTED], event("interest")).deliveries
+    assert plain.operation.hubspot_lead is None
+    with pytest.raises(ValueError, match="`hubspot_lead:` goes with an upsert action"):
+        RuleConfig.model_validate({**REPLY_NOTE, "hubspot_lead": {}})

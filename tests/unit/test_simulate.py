@@ -181,11 +181,11 @@ async def test_check_online_finds_missing_fields_bad_options_and_read_only_ones(
     assert "rules[1].fields.phone: phone is read-only in the CRM" in lines
     assert (
         "rules[1].fields.hs_lead_status.order[3]: 'CONNECTED' is not an option of hs_lead_status"
-        " (enumeration: NEW, OPEN, IN_PROGRESS)"
+        " (enumeration: [NEW, OPEN, IN_PROGRESS])"
     ) in lines
     assert (
         "rules[3].fields.hs_lead_status.map.not_interested: 'UNQUALIFIED' is not an option of"
-        " hs_lead_status (enumeration: NEW, OPEN, IN_PROGRESS)"
+        " hs_lead_status (enumeration: [NEW, OPEN, IN_PROGRESS])"
     ) in lines
     assert all(f.fatal for f in findings)
     assert salesforce.opened == 0  # not asked
