@@ -302,7 +302,9 @@ def _compare(
     changes: list[FieldChange] = []
     for name, value in op.fields.items():
         before = current.get(name)
-        if name in held:
+        if _same(before, value):
+            changes.append(FieldChange(name, before, value, "="))
+        elif name in held:
             changes.append(FieldChange(name, before, value, "!", held[name]))
         elif _same(before, write[name]):
             changes.append(FieldChange(name, before, value, "="))

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support import sample
+from tests.support import config_yaml, hubspot_settings, salesforce_settings, sample
 
 ROOT = Path(__file__).parent.parent.parent
 EXAMPLE = ROOT / "config.example.yaml"
@@ -84,3 +84,94 @@ def test_check_reports_every_problem_with_its_place(tmp_path):
         "rules[2].connector: no connector named 'salesfroce' (did you mean `salesforce`?)"
         in problems[2]
     )
+
+
+ONLINE_RULES = """
+  - name: hubspot-interested
+    when: type == 'interest'
+    connector: hubspot
+    action: upsert_contact
+    fields:
+      firstname: "{{ contact.first_name }}"
+      hs_lead_status: {value: OPEN, policy: monotonic, order: [NEW, OPEN, IN_PROGRESS]}
+  - name: salesforce-interested
+    when: type == 'interest'
+    connector: salesforce
+    action: upsert_lead
+    fields:
+      LastName: "{{ contact.last_name }}"
+      Status: {value: Open - Not Contacted, policy: if_empty}
+"""
+
+
+def online_config(tmp_path, hubspot_emulator, salesforce_emulator, rules: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        config_yaml(
+            tmp_path / "bridge.db",
+            hubspot=hubspot_settings(hubspot_emulator),
+            salesforce=salesforce_settings(salesforce_emulator),
+            rules=rules,
+        )
+    )
+    return path
+
+
+def test_check_online_against_the_crms(tmp_path, hubspot_emulator, salesforce_emulator):
+    config = online_config(tmp_path, hubspot_emulator, salesforce_emulator, ONLINE_RULES)
+    good = cli("check", "--online", "--config", str(config))
+    assert good.returncode == 0, good.stderr
+    assert (
+        good.stdout.splitlines()[-1] == "online: every mapped field exists and accepts its values"
+    )
+
+    bad = online_config(
+        tmp_path,
+        hubspot_emulator,
+        salesforce_emulator,
+        ONLINE_RULES.replace("hs_lead_status:", "hs_lead_statuss:").replace(
+            "value: Open - Not Contacted", "value: Open"
+        ),
+    )
+    done = cli("check", "--online", "--config", str(bad))
+    assert done.returncode == 1
+    lines = bad.read_text().splitlines()
+    at = lines.index(
+        "      hs_lead_statuss: {value: OPEN, policy: monotonic, order: [NEW, OPEN, IN_PROGRESS]}"
+    )
+    assert done.stderr.splitlines() == [
+        f"  {bad}:{at + 1}:7: rules[0].fields.hs_lead_statuss: hubspot has no field"
+        " 'hs_lead_statuss' on contact (did you mean `hs_lead_status`?)",
+        f"  {bad}:{at + 8}:16: rules[1].fields.Status.value: 'Open' is not an option of Status"
+        " (picklist: [Open - Not Contacted, Working - Contacted, Closed - Converted, Closed - Not"
+        " Converted])",
+        "crm-bridge: 2 problem(s) found online",
+    ]
+
+
+def test_simulate_online_prints_a_plan(tmp_path, hubspot_emulator, salesforce_emulator):
+    hubspot_emulator.add_contact(
+        {"email": "andrew@xoxo.capital", "firstname": "Andy", "hs_lead_status": "IN_PROGRESS"}
+    )
+    salesforce_emulator.seed(
+        "Lead", {"Email": "andrew@xoxo.capital", "LastName": "Pierno", "Company": "XOXO"}
+    )
+    config = online_config(tmp_path, hubspot_emulator, salesforce_emulator, ONLINE_RULES)
+    event = tmp_path / "interest.json"
+    event.write_text(json.dumps(sample(type="interest", first_name="Andrew", last_name="Pierno")))
+    done = cli("simulate", str(event), "--online", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    plan = done.stdout.split("Plan (read from the CRMs):\n", 1)[1]
+    assert plan == (
+        "  [hubspot-interested] ~ hubspot: contact email=andrew@xoxo.capital: updated\n"
+        '    ~ firstname: "Andy" -> "Andrew"\n'
+        '    ! hs_lead_status: "IN_PROGRESS" kept, not "OPEN" (monotonic: \'OPEN\' is not after'
+        " 'IN_PROGRESS')\n"
+        "  [salesforce-interested] = salesforce: lead email=andrew@xoxo.capital: nothing would"
+        " change\n"
+        '    = LastName: "Pierno"\n'
+        '    = Status: "Open - Not Contacted"\n'
+        "\n"
+        "Plan: 0 to create or log, 1 to change, 1 unchanged.\n"
+    )
+    assert salesforce_emulator.records("Lead")[0]["LastName"] == "Pierno"
