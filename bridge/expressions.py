@@ -273,6 +273,22 @@ def _walk(variables: dict[str, Any], path: tuple[str, ...]) -> Any:
     return value
 
 
+def _getter(path: tuple[str, ...]) -> _Compiled:
+    """`_walk` for `path`; a path of two names through a dict, the usual `contact.email`,
+    without the loop."""
+    if len(path) == 2 and path[1] not in _DICT_ATTRIBUTES:
+        top, name = path
+
+        def get(variables: dict[str, Any]) -> Any:
+            value = variables.get(top)
+            if type(value) is dict:
+                return value[name] if name in value else ENV.undefined(obj=value, name=name)
+            return _walk(variables, path)
+
+        return get
+    return lambda variables: _walk(variables, path)
+
+
 def _path(node: nodes.Node) -> tuple[str, ...] | None:
     names: list[str] = []
     while isinstance(node, nodes.Getattr):
@@ -287,7 +303,7 @@ def _compile(node: nodes.Node) -> _Compiled | None:  # noqa: C901  # one branch 
     """`node` as a Python function of the variables, or None if Jinja2 must run it."""
     if isinstance(node, nodes.Name | nodes.Getattr):
         path = _path(node)
-        return None if path is None else (lambda v, p=path: _walk(v, p))  # type: ignore[misc]
+        return None if path is None else _getter(path)
     if isinstance(node, nodes.Const):
         return lambda v, c=node.value: c  # type: ignore[misc]
     if isinstance(node, nodes.Tuple | nodes.List):
@@ -307,21 +323,7 @@ def _compile(node: nodes.Node) -> _Compiled | None:  # noqa: C901  # one branch 
             return lambda v: left(v) and right(v)
         return lambda v: left(v) or right(v)
     if isinstance(node, nodes.Compare):
-        first = _compile(node.expr)
-        ops = [(_COMPARE.get(o.op), _compile(o.expr)) for o in node.ops]
-        if first is None or any(fn is None or arg is None for fn, arg in ops):
-            return None
-
-        def compare(v: dict[str, Any]) -> Any:
-            left = first(v)
-            for fn, arg in ops:
-                right = arg(v)  # type: ignore[misc]
-                if not fn(left, right):  # type: ignore[misc]
-                    return False
-                left = right
-            return True
-
-        return compare
+        return _compile_compare(node)
     if isinstance(node, nodes.Test | nodes.Filter) and node.node is not None:
         known = ENV.tests if isinstance(node, nodes.Test) else ENV.filters
         fn: Any = known.get(node.name)
@@ -337,6 +339,35 @@ def _compile(node: nodes.Node) -> _Compiled | None:  # noqa: C901  # one branch 
             return None
         return lambda v: fn(subject(v), *(a(v) for a in args))
     return None
+
+
+def _compile_compare(node: nodes.Compare) -> _Compiled | None:
+    first = _compile(node.expr)
+    ops: list[tuple[Callable[[Any, Any], Any], _Compiled]] = []
+    for operand in node.ops:
+        fn, arg = _COMPARE.get(operand.op), _compile(operand.expr)
+        if fn is None or arg is None:
+            return None
+        ops.append((fn, arg))
+    if first is None:
+        return None
+    if len(ops) == 1:  # the usual `contact.interest == 'interested'`, without a loop
+        (fn, arg), right = ops[0], node.ops[0].expr
+        if isinstance(right, nodes.Const | nodes.Tuple | nodes.List):
+            constant = arg({})
+            return lambda v: fn(first(v), constant)
+        return lambda v: fn(first(v), arg(v))
+
+    def compare(v: dict[str, Any]) -> Any:
+        left = first(v)
+        for fn, arg in ops:
+            right = arg(v)
+            if not fn(left, right):
+                return False
+            left = right
+        return True
+
+    return compare
 
 
 class Condition:
