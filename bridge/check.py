@@ -165,6 +165,12 @@ async def check_online(config: Config, connectors: dict[str, Connector]) -> list
             await connector.close()
         for i, rule in rules:
             fields = described[rule.record_object]
+            if rule.id_property is not None and rule.id_property not in fields:
+                hint = difflib.get_close_matches(rule.id_property, list(fields), n=1)
+                message = f"{name} has no field {rule.id_property!r} on {rule.record_object}" + (
+                    f" (did you mean `{hint[0]}`?)" if hint else ""
+                )
+                findings.append(Finding(config.problem(("rules", i, "id_property"), message)))
             for field_name, mapping in rule.fields.items():
                 loc: tuple[str | int, ...] = ("rules", i, "fields", field_name)
                 info = fields.get(field_name)

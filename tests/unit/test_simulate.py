@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from bridge.check import check_online
-from bridge.config import load_config
+from bridge.config import load_config, parse_config
 from bridge.simulate import plan, render, simulate
 from connectors.base import Connector, DeliveryResult, FieldInfo, LeadUpsert
 from tests.support import sample
@@ -194,3 +194,21 @@ async def test_check_online_finds_missing_fields_bad_options_and_read_only_ones(
 async def test_check_online_passes_when_the_crm_has_every_field(with_credentials):
     findings = await check_online(CONFIG, {"hubspot": MemoryConnector(fields=HUBSPOT_FIELDS)})
     assert [str(f.problem) for f in findings] == []
+
+
+async def test_check_online_finds_an_unknown_record_key(with_credentials):
+    text = (
+        (ROOT / "config.example.yaml")
+        .read_text()
+        .replace(
+            "    action: upsert_contact          # HubSpot",
+            "    id_property: linkedin_url\n    id_value: '{{ contact.linkedin_url }}'\n"
+            "    action: upsert_contact          # HubSpot",
+            1,
+        )
+    )
+    config = parse_config(text, "config.yaml")
+    findings = await check_online(config, {"hubspot": MemoryConnector(fields=HUBSPOT_FIELDS)})
+    assert [str(f.problem).split(": ", 1)[1] for f in findings] == [
+        "rules[1].id_property: hubspot has no field 'linkedin_url' on contact"
+    ]
