@@ -134,21 +134,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"crm-bridge: no source named {source!r}", file=sys.stderr)
         return 2
     result = simulate.simulate(config, data, source)
-    planned = None
-    if args.online:
-        used = {o.delivery.connector for o in result.rules if o.delivery is not None}
-        connectors = simulate.open_connectors(config, used)
-
-        async def read() -> list[simulate.PlannedOperation]:
-            try:
-                for connector in connectors.values():
-                    await connector.open()
-                return await simulate.plan(result, config, connectors)
-            finally:
-                for connector in connectors.values():
-                    await connector.close()
-
-        planned = asyncio.run(read())
+    planned = asyncio.run(simulate.plan_online(result, config)) if args.online else None
     print(simulate.render(result, planned))
     return 0
 

@@ -258,6 +258,30 @@ def open_connectors(config: Config, names: set[str]) -> dict[str, Connector]:
     return built
 
 
+async def plan_online(simulation: Simulation, config: Config) -> list[PlannedOperation]:
+    """Log in to the connectors the operations use (those with credentials), plan, log out.
+    A connector that cannot log in gets its reason on each of its operations."""
+    used = {o.delivery.connector for o in simulation.rules if o.delivery is not None}
+    usable = {n for n in used if config.connector_settings[n].has_credentials()}
+    connectors = open_connectors(config, usable)
+    failed: dict[str, str] = {}
+    try:
+        for name, connector in connectors.items():
+            try:
+                await connector.open()
+            except Exception as exc:  # noqa: BLE001  # shown in the plan, the others go on
+                failed[name] = f"cannot log in: {exc}"
+        live = {n: c for n, c in connectors.items() if n not in failed}
+        planned = await plan(simulation, config, live)
+    finally:
+        for connector in connectors.values():
+            await connector.close()
+    for item in planned:
+        if item.connector in failed:
+            item.error = failed[item.connector]
+    return planned
+
+
 async def plan(
     simulation: Simulation, config: Config, connectors: dict[str, Connector]
 ) -> list[PlannedOperation]:

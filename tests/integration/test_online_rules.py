@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bridge.check import check_online
 from bridge.config import parse_config
-from bridge.simulate import open_connectors, plan, render, simulate
+from bridge.simulate import open_connectors, plan, plan_online, render, simulate
 from tests.support import config_yaml, hubspot_settings, salesforce_settings, sample
 
 GOOD = """
@@ -175,3 +175,15 @@ async def test_simulate_online_shows_a_status_that_only_moves_forward(
     assert (change.change, change.before, change.after) == ("~", "OPEN", "IN_PROGRESS")
     (item,) = again
     assert item.headline == "= hubspot: contact email=andrew@xoxo.capital: nothing would change"
+
+
+async def test_simulate_online_says_when_a_crm_refuses_the_login(
+    tmp_path, hubspot_emulator, salesforce_emulator
+):
+    hubspot_emulator.token = "pat-na1-rotated"  # the configured token is refused
+    config = configured(tmp_path, hubspot_emulator, salesforce_emulator, GOOD)
+    result = simulate(config, sample(type="reply"), "supersend")
+    (item,) = await plan_online(result, config)
+    assert item.connector == "hubspot" and item.error is not None
+    assert item.error.startswith(("cannot log in:", "cannot read the record:")), item.error
+    assert "Plan: 0 to create or log, 0 to change, 0 unchanged." in render(result, [item])
