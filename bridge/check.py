@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.config import Config, FieldMapping, RuleConfig
-from bridge.errors import BridgeError, ConfigProblem
+from bridge.errors import ConfigProblem
 from bridge.expressions import is_template
 from connectors.base import Connector, FieldInfo
 from connectors.values import allowed_list, moment, number, option, truth
@@ -158,7 +158,7 @@ async def check_online(config: Config, connectors: dict[str, Connector]) -> list
                 obj = rule.record_object
                 if obj not in described:
                     described[obj] = await connector.describe(obj)
-        except BridgeError as exc:
+        except Exception as exc:  # noqa: BLE001  # any failure to log in or describe is reported
             findings.append(Finding(config.problem(("connectors", name), f"{exc}")))
             continue
         finally:

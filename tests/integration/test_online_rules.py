@@ -187,3 +187,14 @@ async def test_simulate_online_says_when_a_crm_refuses_the_login(
     assert item.connector == "hubspot" and item.error is not None
     assert item.error.startswith(("cannot log in:", "cannot read the record:")), item.error
     assert "Plan: 0 to create or log, 0 to change, 0 unchanged." in render(result, [item])
+
+
+async def test_check_online_reports_a_refused_login_at_the_connector(
+    tmp_path, hubspot_emulator, salesforce_emulator
+):
+    hubspot_emulator.token = "pat-na1-rotated"
+    config = configured(tmp_path, hubspot_emulator, salesforce_emulator, GOOD)
+    found = await findings_of(config)
+    hubspot = [(m, fatal) for m, fatal in found if m.startswith("connectors.hubspot: ")]
+    assert len(hubspot) == 1 and hubspot[0][1], found
+    assert [f for f in found if f[1] and not f[0].startswith("connectors.hubspot")] == []
