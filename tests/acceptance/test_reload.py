@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from datetime import datetime
 
 from tests.support import config_yaml, sample, wait_for
 
@@ -33,7 +34,7 @@ V2 = """
 """
 BROKEN = V2.replace("connector: salesforce", "connector: salesfroce")
 # Deliveries wait in the queue a little, so that many made before a reload are sent after it.
-HOLD = "coalesce_window: 0.3"
+HOLD = "coalesce_window: 1.0"
 
 
 def test_reloads_under_a_stream_of_events_lose_nothing(tmp_path, daemon_factory):
@@ -83,6 +84,10 @@ def test_reloads_under_a_stream_of_events_lose_nothing(tmp_path, daemon_factory)
     assert failures == []
     assert len(acknowledged) == len(set(acknowledged)) >= 240
     seen: dict[tuple[str, ...], int] = {}
+    reloads = [
+        datetime.fromisoformat(r["ts"]).timestamp() for r in daemon.actions("config.reloaded")
+    ]
+    crossed = 0  # deliveries made before a reload and sent after it
     for event_id in acknowledged:
         deliveries = wait_for(lambda e=event_id: daemon.settled(e), timeout=60)
         rules = tuple(d["rule"] for d in deliveries)
@@ -94,7 +99,9 @@ def test_reloads_under_a_stream_of_events_lose_nothing(tmp_path, daemon_factory)
             written = d["result"]["detail"]["would_write"]["fields"]
             assert written == d["operation"]["fields"]
             assert set(written.values()) == {"v1" if d["rule"] == "v1" else "v2"}
+            crossed += any(d["created_at"] < t < d["updated_at"] for t in reloads)
     assert set(seen) == {("v1",), ("v2-hubspot", "v2-salesforce")}
+    assert crossed > 0, crossed
     (failed,) = daemon.actions("config.reload_failed")
     assert "no connector named 'salesfroce' (did you mean `salesforce`?)" in failed["problems"][0]
     assert len(daemon.actions("config.reloaded")) == len(versions) - 1
