@@ -310,6 +310,8 @@ class _Problems:
                 siblings = _known_fields(model, tuple(err["loc"][:-1]))
                 hint = difflib.get_close_matches(str(err["loc"][-1]), siblings, n=1)
                 message = "unknown key" + (f" (did you mean `{hint[0]}`?)" if hint else "")
+            elif err["type"] == "missing":
+                message = f"required key `{err['loc'][-1]}` is missing"
             elif err["type"] == "literal_error":
                 allowed = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
                 hint = difflib.get_close_matches(str(err["input"]), allowed, n=1)

@@ -220,6 +220,11 @@ def test_common_rule_mistakes_are_reported_word_for_word(monkeypatch, mistake, m
     assert problems(text) == [message]
 
 
+def test_a_missing_key_is_named_where_it_belongs():
+    text = RULE.format(**FINE).replace("    when: type == 'reply'\n", "")
+    assert problems(text) == ["config.yaml:5:5: rules[0].when: required key `when` is missing"]
+
+
 def test_a_misspelt_rule_key_names_the_right_one():
     text = RULE.format(**FINE).replace("    connector:", "    conector:")
     assert problems(text) == [
