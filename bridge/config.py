@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bridge.errors import ConfigError, ConfigProblem
 from connectors import registry
@@ -33,12 +42,78 @@ class ServerConfig(_Strict):
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     shutdown_timeout: float = Field(default=20.0, gt=0)
+    # Hostile input: JSON shape, slow clients, too many requests at once.
+    max_json_depth: int = Field(default=32, ge=2, le=512)
+    max_json_fields: int = Field(default=5000, ge=10, description="keys and items, all levels")
+    header_timeout: float = Field(default=15.0, gt=0, description="to send the request headers")
+    read_timeout: float = Field(default=15.0, gt=0, description="to send the body, once headers")
+    max_concurrent_requests: int = Field(default=256, ge=1, description="webhooks in progress")
+    # Proxies whose X-Forwarded-For is believed (for sources' allow_ips); nobody else's is.
+    trusted_proxies: list[IPvAnyNetwork] = Field(default_factory=list)
+
+
+class SignatureConfig(_Strict):
+    """A signed source: Standard Webhooks (`webhook-id/-timestamp/-signature`) or a generic
+    HMAC of the body in one header."""
+
+    scheme: Literal["standard_webhooks", "hmac"] = "standard_webhooks"
+    # Several may be active at once (rotation). standard_webhooks: `whsec_<base64>`.
+    secrets: list[SecretStr] = Field(min_length=1)
+    tolerance: float = Field(default=300.0, gt=0, description="seconds of clock skew, both ways")
+    # Senders retry for up to three days: ids are remembered longer than that.
+    replay_window: float = Field(default=96 * 3600.0, ge=96 * 3600.0)
+    # hmac only: where the signature travels and how it is written.
+    header: str = "X-Signature"
+    algorithm: Literal["sha256", "sha1", "sha512"] = "sha256"
+    encoding: Literal["hex", "base64"] = "hex"
+    prefix: str = Field(default="", description="e.g. sha256= (GitHub style)")
+
+    @model_validator(mode="after")
+    def _secrets_decode(self) -> SignatureConfig:
+        from bridge.ingress.signatures import decode_secret
+
+        if self.scheme == "standard_webhooks":
+            for secret in self.secrets:
+                decode_secret(secret.get_secret_value())  # ValueError names no secret
+        elif any(len(s.get_secret_value()) < 16 for s in self.secrets):
+            raise ValueError("an HMAC secret needs at least 16 characters")
+        return self
+
+
+class RateLimitConfig(_Strict):
+    """A token bucket per source: `rate` webhooks a second on average, bursts up to `burst`."""
+
+    rate: float = Field(gt=0)
+    burst: int = Field(ge=1)
+
+
+TokenPlace = Literal["path", "query", "header"]
+
+
+def _everywhere() -> list[TokenPlace]:
+    return ["path", "query", "header"]
 
 
 class SourceConfig(_Strict):
     kind: Literal["supersend"] = "supersend"
     # Several tokens may be active at once, so one can be rotated without downtime.
     tokens: list[SecretStr] = Field(default_factory=list)
+    # Where a token may travel: the URL (path segment, ?token=; Supersend can do nothing
+    # else) or a header (X-Webhook-Token, Authorization: Bearer).
+    token_in: list[TokenPlace] = Field(default_factory=_everywhere, min_length=1)
+    signature: SignatureConfig | None = None
+    allow_ips: list[IPvAnyNetwork] = Field(default_factory=list, description="CIDRs; empty: any")
+    rate_limit: RateLimitConfig | None = None
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens_are_long(cls, tokens: list[SecretStr]) -> list[SecretStr]:
+        if any(0 < len(t.get_secret_value()) < 16 for t in tokens):
+            raise ValueError("a token needs at least 16 characters")
+        return tokens
+
+    def active_tokens(self) -> list[str]:
+        return [t.get_secret_value() for t in self.tokens if t.get_secret_value()]
 
 
 class SqliteStoreConfig(_Strict):
@@ -107,6 +182,16 @@ class RuleConfig(_Strict):
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text", "auto"] = "auto"
+    # Emails (j***@example.com) and names are masked in every log line unless this is false.
+    mask_personal_data: bool = True
+    # Each request as one line (`http.access`), tokens in its URL redacted.
+    access_log: bool = False
+
+
+class PrivacyConfig(_Strict):
+    # Delivered (or skipped) events older than this are deleted from the store; None: kept.
+    retention_days: float | None = Field(default=None, gt=0)
+    purge_interval: float = Field(default=3600.0, gt=0, description="seconds between purges")
 
 
 class Config(_Strict):
@@ -117,6 +202,7 @@ class Config(_Strict):
     connectors: dict[str, ConnectorEntry] = Field(default_factory=dict)
     rules: list[RuleConfig] = Field(default_factory=list)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     # Filled by the loader: each connector's settings, validated by its own class's model.
     connector_settings: dict[str, ConnectorConfig] = Field(default_factory=dict, exclude=True)
@@ -330,8 +416,9 @@ def _check_sources(config: Config, problems: _Problems) -> None:
     if _is_loopback(config.server.host):
         return
     for name, source in config.sources.items():
-        if not [t for t in source.tokens if t.get_secret_value()]:
+        if not source.active_tokens() and source.signature is None:
             problems.add(
                 ("sources", name, "tokens"),
-                f"a token is required when listening on {config.server.host} (not loopback)",
+                f"a token or a signature is required when listening on {config.server.host}"
+                " (not loopback)",
             )

@@ -8,7 +8,6 @@ do the rest.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import logging
 import time
@@ -20,9 +19,19 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from bridge.breaker import CircuitBreaker
-from bridge.config import Config
+from bridge.config import Config, ServerConfig
 from bridge.delivery import DeliveryWorker
 from bridge.errors import FieldIssue, PayloadError, StoreUnavailable
+from bridge.ingress.auth import (
+    check_address,
+    check_signature,
+    check_token,
+    client_address,
+    presented_token,
+    replayed,
+)
+from bridge.ingress.limits import RateLimits, check_json_shape, overloaded
+from bridge.ingress.signatures import SignedMessage
 from bridge.metrics import CONTENT_TYPE, UNKNOWN, Metrics
 from bridge.models import NewEvent, WebhookPayload, idempotency_key
 from bridge.retry import RetryPolicy
@@ -79,35 +88,16 @@ class IngestLoad:
 
 
 LOAD = web.AppKey("load", IngestLoad)
+RATE_LIMITS = web.AppKey("rate_limits", RateLimits)
 
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def _error(exc: PayloadError, headers: dict[str, str] | None = None) -> web.Response:
+def _error(exc: PayloadError) -> web.Response:
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
     return web.json_response(exc.to_json(), status=exc.status, headers=headers)
-
-
-def _token(request: web.Request) -> str | None:
-    """The shared secret, from the path, `?token=`, `X-Webhook-Token` or a bearer header."""
-    token = request.match_info.get("token") or request.query.get("token")
-    if token:
-        return token
-    if "X-Webhook-Token" in request.headers:
-        return request.headers["X-Webhook-Token"]
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    return value if scheme.lower() == "bearer" and value else None
-
-
-def _authenticate(request: web.Request, config: Config, source: str) -> None:
-    tokens = [t.get_secret_value() for t in config.sources[source].tokens if t.get_secret_value()]
-    if not tokens:
-        return  # no token configured: the config loader allows this on loopback only
-    given = (_token(request) or "").encode()
-    # Compare against every active token, always, so timing tells nothing about which matched.
-    if not any([hmac.compare_digest(given, t.encode()) for t in tokens]):
-        raise PayloadError(401, "unauthorized", "missing or wrong webhook token")
 
 
 def _field_issues(exc: ValidationError) -> list[FieldIssue]:
@@ -117,26 +107,35 @@ def _field_issues(exc: ValidationError) -> list[FieldIssue]:
     ]
 
 
-async def _read_payload(
-    request: web.Request, limit: int
-) -> tuple[str, dict[str, Any], WebhookPayload]:
+async def _read_body(request: web.Request, server: ServerConfig) -> bytes:
     if request.content_type != "application/json" and not request.content_type.endswith("+json"):
         raise PayloadError(
             415,
             "unsupported_media_type",
-            f"Content-Type must be application/json, not {request.content_type!r}",
+            f"Content-Type must be application/json, not {request.content_type[:100]!r}",
         )
+    limit = server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadError(413, "payload_too_large", f"body is larger than {limit} bytes")
     try:
-        body = await request.read()
+        # A slow client holds a slot of max_concurrent_requests: it gets read_timeout, no more.
+        async with asyncio.timeout(server.read_timeout):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadError(413, "payload_too_large", f"body is larger than {limit} bytes") from None
+    except TimeoutError:
+        raise PayloadError(
+            408, "request_timeout", f"body not received within {server.read_timeout:g} seconds"
+        ) from None
+
+
+def _parse_payload(body: bytes, server: ServerConfig) -> tuple[str, dict[str, Any], WebhookPayload]:
     try:
         text = body.decode()
         data = orjson.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise PayloadError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+    check_json_shape(data, server.max_json_depth, server.max_json_fields)
     if not isinstance(data, dict):
         raise PayloadError(
             422,
@@ -157,12 +156,67 @@ async def _read_payload(
 def _check_backlog(backlog: int, limit: int) -> None:
     if backlog >= limit:
         raise PayloadError(
-            503, "backlog_full", f"{backlog} events and deliveries are waiting; try again later"
+            503,
+            "backlog_full",
+            f"{backlog} events and deliveries are waiting; try again later",
+            retry_after=30,
         )
+
+
+class _AlreadyStored(Exception):
+    """A replayed signed message whose event is stored: answered as a duplicate."""
+
+
+async def _admit(
+    request: web.Request, config: Config, source: str
+) -> tuple[str, dict[str, Any], WebhookPayload, SignedMessage | None]:
+    """Every check before the store, cheapest and least revealing first: address, token,
+    backlog, body, signature, rate, JSON shape, schema."""
+    settings = config.sources[source]
+    server = config.server
+    peer = client_address(
+        request.remote, request.headers.get("X-Forwarded-For"), server.trusted_proxies
+    )
+    check_address(peer, settings.allow_ips)
+    given = presented_token(
+        settings.token_in, request.match_info.get("token"), request.query, request.headers
+    )
+    check_token(settings, given)
+    _check_backlog(request.app[BACKLOG].value, config.delivery.max_backlog)
+    body = await _read_body(request, server)
+    signed = None
+    if settings.signature is not None:
+        signed = check_signature(settings.signature, request.headers, body, request.app[CLOCK]())
+    if settings.rate_limit is not None:
+        # Counted once the sender is known: a stranger's flood cannot spend a source's budget.
+        request.app[RATE_LIMITS].check(source, settings.rate_limit.rate, settings.rate_limit.burst)
+    text, data, payload = _parse_payload(body, server)
+    return text, data, payload, signed
+
+
+async def _check_replay(
+    request: web.Request, source: str, signed: SignedMessage, event_id: str
+) -> None:
+    """A webhook-id seen within the replay window is refused, unless its event is stored: then
+    it is the sender retrying an answer it lost, and gets its 202 again."""
+    app = request.app
+    signature = app[CONFIG].sources[source].signature
+    assert signature is not None
+    new = await app[STORE].seen_message(
+        source, signed.message_id, app[CLOCK](), signature.replay_window
+    )
+    if new:
+        return
+    if await app[STORE].event(event_id) is not None:
+        raise _AlreadyStored
+    raise replayed()
 
 
 async def receive_webhook(request: web.Request) -> web.Response:
     load = request.app[LOAD]
+    if load.inflight >= request.app[CONFIG].server.max_concurrent_requests:
+        request.app[METRICS].received(UNKNOWN, None, "refused:503")
+        return _error(overloaded())
     load.inflight += 1
     try:
         return await _receive(request)
@@ -178,23 +232,35 @@ async def _receive(request: web.Request) -> web.Response:
         app[METRICS].received(UNKNOWN, None, "refused:404")  # any name: not a label value
         return _error(PayloadError(404, "unknown_source", f"no source named {source!r}"))
     try:
-        _authenticate(request, config, source)
-        _check_backlog(app[BACKLOG].value, config.delivery.max_backlog)
-        text, data, payload = await _read_payload(request, config.server.max_body_bytes)
+        text, data, payload, signed = await _admit(request, config, source)
+        event_id = idempotency_key(source, data)
+        if signed is not None:
+            await _check_replay(request, source, signed, event_id)
     except PayloadError as exc:
         log.info(
             "webhook refused: %s %s",
             exc.status,
             exc,
-            extra={"action": "webhook.refused", "source": source, "status": exc.status},
+            extra={
+                "action": "webhook.refused",
+                "source": source,
+                "status": exc.status,
+                "error": exc.code,
+            },
         )
         app[METRICS].received(source, None, f"refused:{exc.status}")
-        return _error(exc, {"Retry-After": "30"} if exc.status == 503 else None)
+        return _error(exc)
+    except _AlreadyStored:
+        app[METRICS].received(source, payload.type, "duplicate")
+        return web.json_response({"event_id": event_id, "duplicate": True}, status=202)
+    except StoreUnavailable as exc:
+        app[METRICS].received(source, None, "refused:503")
+        return _error(PayloadError(503, "store_unavailable", str(exc), retry_after=5))
 
     received_at = app[CLOCK]()
     updated = payload.contact.updatedAt
     event = NewEvent(
-        id=idempotency_key(source, data),
+        id=event_id,
         source=source,
         type=payload.type,
         email=payload.contact.email,
@@ -206,7 +272,7 @@ async def _receive(request: web.Request) -> web.Response:
         stored = await store.ingest(event)
     except StoreUnavailable as exc:
         app[METRICS].received(source, payload.type, "refused:503")
-        return _error(PayloadError(503, "store_unavailable", str(exc)), {"Retry-After": "5"})
+        return _error(PayloadError(503, "store_unavailable", str(exc), retry_after=5))
     app[METRICS].received(source, payload.type, "duplicate" if stored.duplicate else "stored")
     if not stored.duplicate:
         app[BACKLOG].value += 1
@@ -369,6 +435,7 @@ def create_app(
     app[CLOCK] = clock
     app[BACKLOG] = Backlog()
     app[LOAD] = IngestLoad()
+    app[RATE_LIMITS] = RateLimits(clock)
     app[STORE] = store or open_store(config.store)
     app[WORKERS] = {}
 
