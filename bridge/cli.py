@@ -20,11 +20,11 @@ from typing import TypeVar
 from aiohttp import web
 
 from bridge import backfill, dlq, status
-from bridge.config import Config, load_config
+from bridge.config import Config, load_config, secret_values
 from bridge.errors import ConfigError, StoreUnavailable
 from bridge.logs import setup_logging
 from bridge.reload import Reloader
-from bridge.server import STORE, create_app
+from bridge.server import STORE, create_app, runner_options
 from bridge.store import Store, open_store
 from bridge.systemd import Notifier, watchdog, watchdog_interval
 
@@ -52,7 +52,7 @@ async def _serve(config: Config, host: str, port: int, config_path: Path) -> Non
     loop = asyncio.get_running_loop()
     # SIGHUP reloads the config (systemctl reload); one that comes while starting waits.
     loop.add_signal_handler(signal.SIGHUP, reloader.request)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_timeout)
+    runner = web.AppRunner(app, **runner_options(config))
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -89,7 +89,12 @@ async def _serve(config: Config, host: str, port: int, config_path: Path) -> Non
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    setup_logging(config.logging.level, config.logging.format)
+    setup_logging(
+        config.logging.level,
+        config.logging.format,
+        mask_personal_data=config.logging.mask_personal_data,
+        secrets=secret_values(config),
+    )
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     try:

@@ -350,6 +350,26 @@ def parse_config(text: str, file: str = "<memory>") -> Config:
     return config
 
 
+def secret_values(model: Any) -> list[str]:
+    """Every secret a config holds (tokens, signing secrets, connector credentials), so that
+    the log redactor can hide them wherever they would appear."""
+    found: list[str] = []
+    if isinstance(model, SecretStr):
+        found.append(model.get_secret_value())
+    elif isinstance(model, BaseModel):
+        for name in type(model).model_fields:
+            found += secret_values(getattr(model, name))
+        if isinstance(model, Config):
+            found += secret_values(model.connector_settings)
+    elif isinstance(model, dict):
+        for value in model.values():
+            found += secret_values(value)
+    elif isinstance(model, list | tuple):
+        for value in model:
+            found += secret_values(value)
+    return [s for s in found if s]
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file."""
     path = Path(path)

@@ -11,7 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -32,6 +32,7 @@ from bridge.ingress.auth import (
 )
 from bridge.ingress.limits import RateLimits, check_json_shape, overloaded
 from bridge.ingress.signatures import SignedMessage
+from bridge.logs import RedactingAccessLogger
 from bridge.metrics import CONTENT_TYPE, UNKNOWN, Metrics
 from bridge.models import NewEvent, WebhookPayload, idempotency_key
 from bridge.retry import RetryPolicy
@@ -289,6 +290,52 @@ async def _receive(request: web.Request) -> web.Response:
     )
 
 
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every refusal is JSON with a stable `error` code, aiohttp's own (404, 405) included;
+    an unexpected failure is a 500 that says nothing about its cause (the log has it)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        return web.json_response(
+            {"error": _HTTP_CODES.get(exc.status, f"http_{exc.status}"), "message": exc.reason},
+            status=exc.status,
+            headers=headers,
+        )
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("request failed", extra={"action": "http.error", "path": request.path})
+        return web.json_response(
+            {"error": "internal_error", "message": "internal error"}, status=500
+        )
+
+
+def runner_options(config: Config) -> dict[str, Any]:
+    """How the HTTP server treats connections (the daemon's and the tests' runners)."""
+    return {
+        # Also the time a new connection gets to send its first request's headers: a client
+        # trickling headers (slowloris) is closed after it.
+        "keepalive_timeout": config.server.header_timeout,
+        "shutdown_timeout": config.server.shutdown_timeout,
+        "access_log_class": RedactingAccessLogger,
+        "access_log": logging.getLogger("crm_bridge.access") if config.logging.access_log else None,
+    }
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -430,7 +477,7 @@ def create_app(
 
     `clock` (wall-clock seconds) dates events and schedules retries; tests pass a manual one.
     """
-    app = web.Application(client_max_size=config.server.max_body_bytes)
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[json_errors])
     app[CONFIG] = config
     app[CLOCK] = clock
     app[BACKLOG] = Backlog()
