@@ -244,6 +244,8 @@ def _forward(order: tuple[str, ...], now: Any, new: Any) -> bool:
     if _empty(now) or str(now) not in order:
         return True
     return order.index(str(new)) > order.index(str(now))
+
+
 Outcomes = list[Outcome | None]
 
 

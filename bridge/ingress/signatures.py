@@ -30,7 +30,8 @@ DIGESTS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha
 def decode_secret(secret: str) -> bytes:
     """The key bytes of a `whsec_<base64>` secret (the prefix is optional). Raises ValueError
     without repeating the secret."""
-    raw = secret.removeprefix(SECRET_PREFIX)
+    raw = secret.strip().removeprefix(SECRET_PREFIX)
+    raw += "=" * (-len(raw) % 4)  # accepted unpadded too, as the reference libraries do
     try:
         key = base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
@@ -67,9 +68,10 @@ def verify_standard(
 ) -> SignedMessage:
     """Check a Standard Webhooks signature; the message id and timestamp, or a 401 PayloadError
     (`signature_missing`, `signature_expired`, `signature_invalid`)."""
-    message_id = headers.get("webhook-id", "")
-    stamp = headers.get("webhook-timestamp", "")
-    signatures = headers.get("webhook-signature", "")
+    # Svix, the scheme's origin, still sends the same headers named svix-*.
+    message_id = headers.get("webhook-id") or headers.get("svix-id") or ""
+    stamp = headers.get("webhook-timestamp") or headers.get("svix-timestamp") or ""
+    signatures = headers.get("webhook-signature") or headers.get("svix-signature") or ""
     if not message_id or not stamp or not signatures:
         raise _refuse(
             "signature_missing",
