@@ -144,7 +144,7 @@ def signed_requests(draw):
             max_size=3,
         )
     )
-    sigs = noise + [real] if draw(st.booleans()) else [real, *noise]
+    sigs = [*noise, real] if draw(st.booleans()) else [real, *noise]
     hdrs = {
         "webhook-id": message_id,
         "webhook-timestamp": str(timestamp),
