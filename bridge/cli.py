@@ -22,7 +22,7 @@ from aiohttp import web
 from bridge import backfill, dlq, status
 from bridge.config import Config, load_config, secret_values
 from bridge.errors import ConfigError, StoreUnavailable
-from bridge.logs import setup_logging
+from bridge.logs import mask_address, setup_logging
 from bridge.reload import Reloader
 from bridge.server import STORE, create_app, runner_options
 from bridge.store import Store, open_store
@@ -33,9 +33,9 @@ T = TypeVar("T")
 log = logging.getLogger("crm_bridge")
 
 
-def _load(path: Path) -> Config:
+def _load(path: Path, *, warn: bool = True) -> Config:
     try:
-        return load_config(path)
+        config = load_config(path)
     except ConfigError as exc:
         print(
             f"crm-bridge: invalid configuration ({len(exc.problems)} problem(s)):", file=sys.stderr
@@ -43,6 +43,10 @@ def _load(path: Path) -> Config:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         raise SystemExit(2) from None
+    if warn:
+        for warning in config.warnings:
+            print(f"crm-bridge: warning: {warning}", file=sys.stderr)
+    return config
 
 
 async def _serve(config: Config, host: str, port: int, config_path: Path) -> None:
@@ -88,13 +92,15 @@ async def _serve(config: Config, host: str, port: int, config_path: Path) -> Non
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, warn=False)
     setup_logging(
         config.logging.level,
         config.logging.format,
         mask_personal_data=config.logging.mask_personal_data,
         secrets=secret_values(config),
     )
+    for warning in config.warnings:
+        log.warning("%s", warning, extra={"action": "config.readable_secret"})
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     try:
@@ -181,6 +187,18 @@ def cmd_dlq_purge(args: argparse.Namespace) -> int:
     print(
         f"purged {purged} dead deliver{'y' if purged == 1 else 'ies'}"
         f" last touched before {dlq.iso(before)}"
+    )
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    config = _existing_store(_load(args.config))
+    events, deliveries = _on_store(config, lambda store: store.forget(args.email))
+    # The address is the operator's own input: echoing it masked keeps terminals and
+    # scrollback free of it too.
+    print(
+        f"forgot {mask_address(args.email)}: {events} event(s) and {deliveries} deliver"
+        f"{'y' if deliveries == 1 else 'ies'} deleted from {config.store.path}"
     )
     return 0
 
@@ -307,6 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
     _add_dlq(sub)
     _add_backfill(sub)
+    forget = sub.add_parser(
+        "forget",
+        help="delete a person's events and deliveries (dead letters too) from the store",
+        description=(
+            "Delete every stored event whose contact email is EMAIL (case-insensitive) and all "
+            "their deliveries, whatever their status; works with the daemon running or not. "
+            "What was already written to a CRM stays there: erase it in the CRM."
+        ),
+    )
+    forget.add_argument("email")
+    forget.add_argument("--config", "-c", type=Path, default=Path("config.yaml"))
+    forget.set_defaults(func=cmd_forget)
     status_parser = sub.add_parser(
         "status",
         help="queue, dead letters and connector states (daemon running or not)",

@@ -207,7 +207,13 @@ class Config(_Strict):
     # Filled by the loader: each connector's settings, validated by its own class's model.
     connector_settings: dict[str, ConnectorConfig] = Field(default_factory=dict, exclude=True)
     source_file: str = Field(default="<memory>", exclude=True)
+    # Filled by the loader: things to fix that do not stop the daemon (a secret readable by
+    # others). `check` prints them, `serve` logs them.
+    warnings: list[str] = Field(default_factory=list, exclude=True)
 
+
+# Credential files (${file:...}) read by the current load that others may read.
+_READABLE_CREDENTIALS: list[str] = []
 
 # ${VAR}, ${VAR:-default}, ${file:/path}
 _INTERPOLATION = re.compile(
@@ -219,7 +225,11 @@ def _interpolate(value: str, loc: Loc, problems: list[tuple[Loc, str]]) -> str:
     def replace(m: re.Match[str]) -> str:
         if m.group("file"):
             try:
-                return Path(m.group("path")).read_text().strip()
+                path = Path(m.group("path"))
+                text = path.read_text().strip()
+                if path.stat().st_mode & 0o077:
+                    _READABLE_CREDENTIALS.append(str(path))
+                return text
             except OSError as exc:
                 problems.append((loc, f"cannot read {m.group('path')}: {exc.strerror}"))
                 return ""
@@ -379,7 +389,29 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(
             [ConfigProblem(str(path), None, None, "(file)", exc.strerror or str(exc))]
         ) from None
-    return parse_config(text, str(path))
+    _READABLE_CREDENTIALS.clear()
+    config = parse_config(text, str(path))
+    config.warnings += _secret_warnings(path, text, config)
+    return config
+
+
+def _secret_warnings(path: Path, text: str, config: Config) -> list[str]:
+    """A file holding a secret that group or others may read: the config itself when a
+    secret is written in it (not read from ${VAR} or ${file:...}), or a credential file."""
+    found: list[str] = []
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077 and any(s in text for s in secret_values(config)):
+        found.append(
+            f"{path} holds a secret and is readable by others (mode {mode:04o}): "
+            f"chmod 600 {path}, or read the secret from ${{VAR}} or ${{file:...}}"
+        )
+    for credential in dict.fromkeys(_READABLE_CREDENTIALS):
+        mode = Path(credential).stat().st_mode & 0o777
+        found.append(
+            f"{credential} holds a secret and is readable by others (mode {mode:04o}): "
+            f"chmod 600 {credential}"
+        )
+    return found
 
 
 def _check_connectors(config: Config, data: dict[str, Any], problems: _Problems) -> None:

@@ -63,6 +63,11 @@ def mask_email(match: re.Match[str]) -> str:
     return f"{match.group(1)}{MASK}@{match.group(2)}"
 
 
+def mask_address(text: str) -> str:
+    """`jane@example.com` as `j***@example.com` (any email inside `text`)."""
+    return _EMAIL.sub(mask_email, text)
+
+
 class Redactor:
     """Takes secrets and personal data out of log text; one per process (`REDACTOR`)."""
 

@@ -437,6 +437,26 @@ def build_worker(
     )
 
 
+async def purge_forever(app: web.Application) -> None:
+    """Retention: delete delivered (or skipped) events older than `privacy.retention_days`."""
+    while True:
+        privacy = app[CONFIG].privacy
+        if privacy.retention_days is not None:
+            before = app[CLOCK]() - privacy.retention_days * 86400
+            try:
+                purged = await app[STORE].purge_delivered(before)
+            except StoreUnavailable as exc:
+                log.warning("retention purge failed: %s", exc, extra={"action": "retention.failed"})
+            else:
+                if purged:
+                    log.info(
+                        "retention: deleted %d delivered events",
+                        purged,
+                        extra={"action": "retention.purged", "events": purged},
+                    )
+        await asyncio.sleep(privacy.purge_interval)
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = app[STORE]
@@ -445,6 +465,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     workers: dict[str, DeliveryWorker] = {}
     delivery = config.delivery
     refresher = asyncio.create_task(app[BACKLOG].refresh_forever(store, delivery.poll_interval))
+    purger = asyncio.create_task(purge_forever(app))
     started = False
     try:
         for name, connector in connectors.items():
@@ -458,13 +479,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         refresher.cancel()
+        purger.cancel()
         await app[ROUTER].stop()
         if started:  # a reload (bridge.reload) may have replaced some: stop the current ones
             workers = app[WORKERS].copy()
             connectors = {name: w.connector for name, w in workers.items()}
         # All workers wait for their calls in flight at once, within one shutdown timeout.
         await asyncio.gather(*(w.stop(config.server.shutdown_timeout) for w in workers.values()))
-        await asyncio.gather(refresher, return_exceptions=True)
+        await asyncio.gather(refresher, purger, return_exceptions=True)
         for connector in connectors.values():
             await connector.close()
         await store.close()

@@ -10,6 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.config import parse_config
 from bridge.server import create_app, runner_options
+from tests.acceptance.conftest import daemon_factory  # noqa: F401  (the daemon as a process)
 from tests.support import config_yaml
 
 SECRET_KEY = bytes(range(32))
@@ -28,9 +29,13 @@ class Clock:
         return self.now
 
 
-def source_config(tmp_path, source: str = "", server: str = "", rules: str | None = None):
+def source_config(
+    tmp_path, source: str = "", server: str = "", rules: str | None = None, privacy: str = ""
+):
     """The test config with `sources:` replaced by the given YAML (indented under it)."""
     text = config_yaml(tmp_path / "bridge.db", server=server, rules=rules)
+    if privacy:
+        text += f"privacy:\n{privacy}\n"
     if source:
         head, _, rest = text.partition("sources:\n")
         _, _, tail = rest.partition("store:\n")
