@@ -72,6 +72,7 @@ from connectors.base import (
     fit_text,
     per_record,
 )
+from connectors.outbound import guard_sdk_apis
 
 # HubSpot's burst limit is per app and rolling over ten seconds.
 RATE_WINDOW_SECONDS = 10.0
@@ -662,6 +663,8 @@ class HubSpotConnector(Connector):
                 for api in (basic, batch)
             ),
         ]
+        # No other host, no redirects (connectors/outbound.py).
+        guard_sdk_apis([*self._apis, self._oauth], self.config.base_url)
         if self._token is not None:
             self._set_token(self._token)
 

@@ -63,6 +63,7 @@ from connectors.base import (
     fit_text,
     per_record,
 )
+from connectors.outbound import guard_session, instance_belongs
 
 T = TypeVar("T")
 log = logging.getLogger("crm_bridge.connectors.salesforce")
@@ -611,6 +612,9 @@ class SalesforceConnector(Connector):
     async def open(self) -> None:
         verify: str | bool = str(self.config.ca_bundle) if self.config.ca_bundle else True
         self._session = _Session(self.config.timeout, verify)
+        self._guard = guard_session(
+            self._session, [self.config.login_url, self.config.instance_url]
+        )
         self._login_lock = threading.Lock()
         self._sf: Any = None
         self._login_error: DeliveryError | None = None
@@ -668,6 +672,14 @@ class SalesforceConnector(Connector):
                     sf_version=cfg.api_version,
                     session=self._session,
                 )
+            # A login names the instance: it must be in the login's domain (connectors/outbound.py).
+            if flow != "session" and not instance_belongs(instance, cfg.login_url):
+                from simple_salesforce.exceptions import SalesforceAuthenticationFailed
+
+                raise SalesforceAuthenticationFailed(
+                    "instance_url", f"the login named an instance outside {cfg.login_url}"
+                )
+            self._guard.allow(instance)
             self._sf = Salesforce(
                 session_id=session_id,
                 instance=instance,
