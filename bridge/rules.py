@@ -15,11 +15,11 @@ from typing import Any
 
 import jinja2
 from jinja2 import nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from bridge.config import RuleConfig
 from bridge.errors import RuleError
 from bridge.models import NewDelivery
+from bridge.sandbox import BoundedSandbox
 from connectors.base import Activity, LeadUpsert
 
 log = logging.getLogger("crm_bridge.rules")
@@ -32,8 +32,18 @@ def _finalize(value: Any) -> Any:
     return "" if value is None else value
 
 
-ENV = ImmutableSandboxedEnvironment(
-    undefined=jinja2.ChainableUndefined, finalize=_finalize, autoescape=False
+# Jinja2's immutable sandbox with bounded arithmetic (bridge/sandbox.py).
+ENV = BoundedSandbox(undefined=jinja2.ChainableUndefined, finalize=_finalize, autoescape=False)
+
+
+# What an expression over a sender's data may raise: a note on the event, never a crash.
+EVALUATION_ERRORS = (
+    jinja2.TemplateError,
+    TypeError,
+    ValueError,
+    ArithmeticError,
+    LookupError,
+    AttributeError,
 )
 
 
@@ -205,7 +215,7 @@ class RuleSet:
                 continue
             try:
                 matched = bool(rule.when(**context))
-            except jinja2.TemplateError as exc:
+            except EVALUATION_ERRORS as exc:  # e.g. `contact.custom.score > 5` on a string
                 result.notes.append(f"rule {rule.config.name!r} could not be evaluated: {exc}")
                 continue
             if not matched:
@@ -218,6 +228,9 @@ class RuleSet:
                     op = rule.operation(context)
             except RuleError as exc:
                 result.notes.append(str(exc))
+                continue
+            except EVALUATION_ERRORS as exc:
+                result.notes.append(f"rule {rule.config.name!r} could not be rendered: {exc}")
                 continue
             if op is None:
                 result.notes.append(
