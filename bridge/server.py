@@ -35,6 +35,7 @@ from bridge.ingress.signatures import SignedMessage
 from bridge.logs import RedactingAccessLogger
 from bridge.metrics import CONTENT_TYPE, UNKNOWN, Metrics
 from bridge.models import NewEvent, WebhookPayload, idempotency_key
+from bridge.openapi import document
 from bridge.retry import RetryPolicy
 from bridge.router import Router
 from bridge.rules import RuleSet
@@ -396,6 +397,11 @@ async def show_event(request: web.Request) -> web.Response:
     return web.json_response(event)
 
 
+async def openapi(request: web.Request) -> web.Response:
+    """The API's OpenAPI document, naming the configured sources."""
+    return web.json_response(document(sorted(request.app[CONFIG].sources)))
+
+
 def build_connector(name: str, config: Config) -> Connector:
     """The configured connector, or a dry-run stand-in when it has no credentials."""
     settings = config.connector_settings[name]
@@ -533,5 +539,6 @@ def create_app(
     app.router.add_get("/events/{event_id}", show_event)
     app.router.add_get("/status", show_status)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
     app.cleanup_ctx.append(_lifecycle)
     return app
