@@ -27,8 +27,10 @@ from aiohttp.web import BaseRequest, StreamResponse
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 MASK = "***"
+# The local part's characters are RFC 5322's `atext` and dots.
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
 _EMAIL = re.compile(
-    r"(?<![A-Za-z0-9._%+-])([A-Za-z0-9_%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)"
+    rf"(?<![{_ATEXT}.])([{_ATEXT}])[{_ATEXT}.]*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)"
 )
 _CREDENTIAL = re.compile(
     r"(?i)\b(token|access_token|refresh_token|id_token|password|passwd|secret|client_secret|"
