@@ -33,7 +33,7 @@ T = TypeVar("T")
 log = logging.getLogger("crm_bridge")
 
 
-def _load(path: Path, *, warn: bool = True) -> Config:
+def _load(path: Path, *, warn: bool = False) -> Config:
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -92,7 +92,7 @@ async def _serve(config: Config, host: str, port: int, config_path: Path) -> Non
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = _load(args.config, warn=False)
+    config = _load(args.config)  # the warnings go to the log, once it is set up
     setup_logging(
         config.logging.level,
         config.logging.format,
@@ -112,7 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, warn=True)
     print(f"{args.config}: OK ({len(config.connectors)} connector(s), {len(config.rules)} rule(s))")
     for name, settings in config.connector_settings.items():
         mode = "live" if settings.has_credentials() else "dry run (no credentials)"
