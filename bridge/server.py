@@ -165,6 +165,29 @@ def _check_backlog(backlog: int, limit: int) -> None:
         )
 
 
+class Unconfirmed:
+    """Signed message ids remembered by the store whose event then failed to commit: the
+    sender's retry is not a replay. In memory and bounded: the window is a store failure."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._ids: dict[tuple[str, str], None] = {}
+        self._limit = limit
+
+    def remember(self, source: str, message_id: str) -> None:
+        self._ids[(source, message_id)] = None
+        if len(self._ids) > self._limit:
+            del self._ids[next(iter(self._ids))]
+
+    def holds(self, source: str, message_id: str) -> bool:
+        return (source, message_id) in self._ids
+
+    def discard(self, source: str, message_id: str) -> None:
+        self._ids.pop((source, message_id), None)
+
+
+UNCONFIRMED = web.AppKey("unconfirmed", Unconfirmed)
+
+
 class _AlreadyStored(Exception):
     """A replayed signed message whose event is stored: answered as a duplicate."""
 
@@ -207,7 +230,7 @@ async def _check_replay(
     new = await app[STORE].seen_message(
         source, signed.message_id, app[CLOCK](), signature.replay_window
     )
-    if new:
+    if new or app[UNCONFIRMED].holds(source, signed.message_id):
         return
     if await app[STORE].event(event_id) is not None:
         raise _AlreadyStored
@@ -273,8 +296,12 @@ async def _receive(request: web.Request) -> web.Response:
     try:
         stored = await store.ingest(event)
     except StoreUnavailable as exc:
+        if signed is not None:
+            app[UNCONFIRMED].remember(source, signed.message_id)
         app[METRICS].received(source, payload.type, "refused:503")
         return _error(PayloadError(503, "store_unavailable", str(exc), retry_after=5))
+    if signed is not None:
+        app[UNCONFIRMED].discard(source, signed.message_id)
     app[METRICS].received(source, payload.type, "duplicate" if stored.duplicate else "stored")
     if not stored.duplicate:
         app[BACKLOG].value += 1
@@ -511,6 +538,7 @@ def create_app(
     app[BACKLOG] = Backlog()
     app[LOAD] = IngestLoad()
     app[RATE_LIMITS] = RateLimits(clock)
+    app[UNCONFIRMED] = Unconfirmed()
     app[STORE] = store or open_store(config.store)
     app[WORKERS] = {}
 

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from bridge.errors import StoreUnavailable
 from bridge.ingress.signatures import decode_secret, sign
 from bridge.server import LOAD, STORE
 from tests.security.conftest import JSON, NOW, OLD_SECRET, SECRET, Clock, answer
@@ -140,6 +141,23 @@ async def test_a_replay_is_refused_once_its_event_is_gone(client_for):
             "message": "this webhook-id was already received and its event is not stored",
         },
     )
+
+
+async def test_a_retry_after_a_failed_commit_is_not_a_replay(client_for, monkeypatch):
+    client = await client_for(SIGNED)
+    store = client.server.app[STORE]
+    ingest = store.ingest
+
+    async def failing(event):
+        monkeypatch.setattr(store, "ingest", ingest)  # once
+        raise StoreUnavailable("the store could not commit: disk I/O error")
+
+    monkeypatch.setattr(store, "ingest", failing)
+    status, body = await post(client, headers=signed_headers())
+    assert (status, body["error"]) == (503, "store_unavailable")
+    # The id was remembered before the event failed to commit; the sender's retry goes through.
+    status, body = await post(client, headers=signed_headers())
+    assert (status, body["duplicate"]) == (202, False)
 
 
 async def test_a_generic_hmac_source(client_for):

@@ -212,3 +212,15 @@ def test_secrets_and_emails_in_a_url_are_redacted_from_a_refusal_log(daemon_fact
     daemon.stop()
     text = "\n".join(json.dumps(r) for r in daemon.logs)
     assert TOKEN not in text and "someone@example.com" not in text
+
+
+def test_serve_logs_the_readable_secret_warning(daemon_factory, tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(tmp_path / "bridge.db"))
+    path.chmod(0o640)
+    daemon = daemon_factory(path)
+    assert daemon.stop() == 0
+    (warning,) = daemon.actions("config.readable_secret")
+    assert warning["level"] == "warning"
+    assert warning["message"].startswith(f"{path} holds a secret and is readable by others")
+    assert TOKEN not in json.dumps(daemon.logs)
