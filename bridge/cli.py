@@ -56,6 +56,10 @@ async def _serve(config: Config, host: str, port: int, config_path: Path) -> Non
     loop = asyncio.get_running_loop()
     # SIGHUP reloads the config (systemctl reload); one that comes while starting waits.
     loop.add_signal_handler(signal.SIGHUP, reloader.request)
+    # Before "listening" is logged: a SIGTERM sent as soon as that line shows stops cleanly.
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     runner = web.AppRunner(app, **runner_options(config))
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -66,9 +70,6 @@ async def _serve(config: Config, host: str, port: int, config_path: Path) -> Non
             *address[:2],
             extra={"action": "server.listening", "url": f"http://{address[0]}:{address[1]}"},
         )
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     reloader.prefix = "".join(f"http://{a[0]}:{a[1]}; " for a in runner.addresses)
     # Listening, workers and router running (the app's startup did that): ready.
     notifier.ready(reloader.status())
