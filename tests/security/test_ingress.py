@@ -375,3 +375,27 @@ async def test_a_failing_handler_is_a_500_that_says_nothing(client_for, monkeypa
         500,
         {"error": "internal_error", "message": "internal error"},
     )
+
+
+@pytest.mark.parametrize("path", ["/status", "/events/abc"])
+async def test_operator_endpoints_answer_the_machine_itself_only(client_for, path):
+    from unittest import mock
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from bridge.server import show_event, show_status
+
+    client = await client_for()
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda name, default=None: (
+        ("203.0.113.9", 40000) if name == "peername" else default
+    )
+    request = make_mocked_request(
+        "GET", path, app=client.server.app, transport=transport, match_info={"event_id": "abc"}
+    )
+    handler = show_status if path == "/status" else show_event
+    response = await handler(request)
+    assert (response.status, json.loads(response.body)) == (
+        403,
+        {"error": "forbidden", "message": "loopback only"},
+    )
