@@ -207,3 +207,42 @@ def test_body_hmac_accepts_any_active_secret(algorithm, encoding, prefix):
     with pytest.raises(PayloadError) as refused:
         verify_body_hmac(None, body, [secret], **options)
     assert refused.value.code == "signature_missing"
+
+
+header_text = st.text(max_size=60) | st.from_regex(
+    r"v1,[A-Za-z0-9+/=]{0,50}( v1,[A-Za-z0-9+/=]{0,50})*"
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["webhook-id", "webhook-timestamp", "webhook-signature", "svix-id"]),
+        header_text | st.integers(0, 2**40).map(str),
+    ),
+    st.binary(max_size=100),
+)
+def test_any_header_garbage_is_a_401_never_a_crash(hdrs, body):
+    key = decode_secret(VECTOR_SECRET)
+    try:
+        verify_standard(hdrs, body, [key], VECTOR_TIMESTAMP, 300.0)
+    except PayloadError as exc:
+        assert exc.status == 401
+    else:  # only with a real signature, which random text does not make
+        raise AssertionError(f"accepted {hdrs!r}")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80), st.sampled_from(["127.0.0.1", "10.0.0.1", "::1", "", "x"]))
+def test_any_forwarded_for_yields_an_address_or_none(forwarded, peer):
+    import ipaddress
+
+    from bridge.ingress.auth import check_address, client_address
+
+    proxies = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
+    address = client_address(peer, forwarded, proxies)
+    assert address is None or isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address)
+    try:
+        check_address(address, [ipaddress.ip_network("10.0.0.0/8")])
+    except PayloadError as exc:
+        assert exc.code == "ip_forbidden"
