@@ -1,4 +1,4 @@
-"""`crm-bridge`: thin commands over the core (serve, check, status, dlq, backfill).
+"""`crm-bridge`: thin commands over the core (serve, check, status, dlq, backfill, forget).
 
 Exit codes: 0 done, 1 failed or not found (`dlq`) or some lines invalid (`backfill`), 2 bad usage
 or configuration.
