@@ -1,4 +1,5 @@
-"""`crm-bridge`: thin commands over the core (serve, check, simulate, status, dlq, backfill).
+"""`crm-bridge`: thin commands over the core (serve, check, simulate, status, dlq, backfill,
+forget).
 
 Exit codes: 0 done, 1 failed or not found (`dlq`) or some lines invalid (`backfill`) or a CRM
 refuses the rules (`check --online`), 2 bad usage or configuration.
@@ -21,11 +22,11 @@ from aiohttp import web
 
 from bridge import backfill, dlq, simulate, status
 from bridge.check import check_online
-from bridge.config import Config, load_config
+from bridge.config import Config, load_config, secret_values
 from bridge.errors import ConfigError, StoreUnavailable
-from bridge.logs import setup_logging
+from bridge.logs import mask_address, setup_logging
 from bridge.reload import Reloader
-from bridge.server import STORE, create_app
+from bridge.server import STORE, create_app, runner_options
 from bridge.store import Store, open_store
 from bridge.systemd import Notifier, watchdog, watchdog_interval
 
@@ -34,9 +35,9 @@ T = TypeVar("T")
 log = logging.getLogger("crm_bridge")
 
 
-def _load(path: Path) -> Config:
+def _load(path: Path, *, warn: bool = False) -> Config:
     try:
-        return load_config(path)
+        config = load_config(path)
     except ConfigError as exc:
         print(
             f"crm-bridge: invalid configuration ({len(exc.problems)} problem(s)):", file=sys.stderr
@@ -44,6 +45,10 @@ def _load(path: Path) -> Config:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         raise SystemExit(2) from None
+    if warn:
+        for warning in config.warnings:
+            print(f"crm-bridge: warning: {warning}", file=sys.stderr)
+    return config
 
 
 async def _serve(config: Config, host: str, port: int, config_path: Path) -> None:
@@ -53,7 +58,11 @@ async def _serve(config: Config, host: str, port: int, config_path: Path) -> Non
     loop = asyncio.get_running_loop()
     # SIGHUP reloads the config (systemctl reload); one that comes while starting waits.
     loop.add_signal_handler(signal.SIGHUP, reloader.request)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_timeout)
+    # Before "listening" is logged: a SIGTERM sent as soon as that line shows stops cleanly.
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(app, **runner_options(config))
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -63,9 +72,6 @@ async def _serve(config: Config, host: str, port: int, config_path: Path) -> Non
             *address[:2],
             extra={"action": "server.listening", "url": f"http://{address[0]}:{address[1]}"},
         )
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     reloader.prefix = "".join(f"http://{a[0]}:{a[1]}; " for a in runner.addresses)
     # Listening, workers and router running (the app's startup did that): ready.
     notifier.ready(reloader.status())
@@ -89,8 +95,15 @@ async def _serve(config: Config, host: str, port: int, config_path: Path) -> Non
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    setup_logging(config.logging.level, config.logging.format)
+    config = _load(args.config)  # the warnings go to the log, once it is set up
+    setup_logging(
+        config.logging.level,
+        config.logging.format,
+        mask_personal_data=config.logging.mask_personal_data,
+        secrets=secret_values(config),
+    )
+    for warning in config.warnings:
+        log.warning("%s", warning, extra={"action": "config.readable_secret"})
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     try:
@@ -102,7 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, warn=True)
     print(f"{args.config}: OK ({len(config.connectors)} connector(s), {len(config.rules)} rule(s))")
     for name, settings in config.connector_settings.items():
         mode = "live" if settings.has_credentials() else "dry run (no credentials)"
@@ -206,6 +219,18 @@ def cmd_dlq_purge(args: argparse.Namespace) -> int:
     print(
         f"purged {purged} dead deliver{'y' if purged == 1 else 'ies'}"
         f" last touched before {dlq.iso(before)}"
+    )
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    config = _existing_store(_load(args.config))
+    events, deliveries = _on_store(config, lambda store: store.forget(args.email))
+    # The address is the operator's own input: echoing it masked keeps terminals and
+    # scrollback free of it too.
+    print(
+        f"forgot {mask_address(args.email)}: {events} event(s) and {deliveries} deliver"
+        f"{'y' if deliveries == 1 else 'ies'} deleted from {config.store.path}"
     )
     return 0
 
@@ -352,6 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
     _add_dlq(sub)
     _add_backfill(sub)
+    forget = sub.add_parser(
+        "forget",
+        help="delete a person's events and deliveries (dead letters too) from the store",
+        description=(
+            "Delete every stored event whose contact email is EMAIL (case-insensitive) and all "
+            "their deliveries, whatever their status; works with the daemon running or not. "
+            "What was already written to a CRM stays there: erase it in the CRM."
+        ),
+    )
+    forget.add_argument("email")
+    forget.add_argument("--config", "-c", type=Path, default=Path("config.yaml"))
+    forget.set_defaults(func=cmd_forget)
     status_parser = sub.add_parser(
         "status",
         help="queue, dead letters and connector states (daemon running or not)",

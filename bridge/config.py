@@ -20,9 +20,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     PrivateAttr,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -42,12 +44,78 @@ class ServerConfig(_Strict):
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     shutdown_timeout: float = Field(default=20.0, gt=0)
+    # Hostile input: JSON shape, slow clients, too many requests at once.
+    max_json_depth: int = Field(default=32, ge=2, le=512)
+    max_json_fields: int = Field(default=5000, ge=10, description="keys and items, all levels")
+    header_timeout: float = Field(default=15.0, gt=0, description="to send the request headers")
+    read_timeout: float = Field(default=15.0, gt=0, description="to send the body, once headers")
+    max_concurrent_requests: int = Field(default=256, ge=1, description="webhooks in progress")
+    # Proxies whose X-Forwarded-For is believed (for sources' allow_ips); nobody else's is.
+    trusted_proxies: list[IPvAnyNetwork] = Field(default_factory=list)
+
+
+class SignatureConfig(_Strict):
+    """A signed source: Standard Webhooks (`webhook-id/-timestamp/-signature`) or a generic
+    HMAC of the body in one header."""
+
+    scheme: Literal["standard_webhooks", "hmac"] = "standard_webhooks"
+    # Several may be active at once (rotation). standard_webhooks: `whsec_<base64>`.
+    secrets: list[SecretStr] = Field(min_length=1)
+    tolerance: float = Field(default=300.0, gt=0, description="seconds of clock skew, both ways")
+    # Senders retry for up to three days: ids are remembered longer than that.
+    replay_window: float = Field(default=96 * 3600.0, ge=96 * 3600.0)
+    # hmac only: where the signature travels and how it is written.
+    header: str = "X-Signature"
+    algorithm: Literal["sha256", "sha1", "sha512"] = "sha256"
+    encoding: Literal["hex", "base64"] = "hex"
+    prefix: str = Field(default="", description="e.g. sha256= (GitHub style)")
+
+    @model_validator(mode="after")
+    def _secrets_decode(self) -> SignatureConfig:
+        from bridge.ingress.signatures import decode_secret
+
+        if self.scheme == "standard_webhooks":
+            for secret in self.secrets:
+                decode_secret(secret.get_secret_value())  # ValueError names no secret
+        elif any(len(s.get_secret_value()) < 16 for s in self.secrets):
+            raise ValueError("an HMAC secret needs at least 16 characters")
+        return self
+
+
+class RateLimitConfig(_Strict):
+    """A token bucket per source: `rate` webhooks a second on average, bursts up to `burst`."""
+
+    rate: float = Field(gt=0)
+    burst: int = Field(ge=1)
+
+
+TokenPlace = Literal["path", "query", "header"]
+
+
+def _everywhere() -> list[TokenPlace]:
+    return ["path", "query", "header"]
 
 
 class SourceConfig(_Strict):
     kind: Literal["supersend"] = "supersend"
     # Several tokens may be active at once, so one can be rotated without downtime.
     tokens: list[SecretStr] = Field(default_factory=list)
+    # Where a token may travel: the URL (path segment, ?token=; Supersend can do nothing
+    # else) or a header (X-Webhook-Token, Authorization: Bearer).
+    token_in: list[TokenPlace] = Field(default_factory=_everywhere, min_length=1)
+    signature: SignatureConfig | None = None
+    allow_ips: list[IPvAnyNetwork] = Field(default_factory=list, description="CIDRs; empty: any")
+    rate_limit: RateLimitConfig | None = None
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens_are_long(cls, tokens: list[SecretStr]) -> list[SecretStr]:
+        if any(0 < len(t.get_secret_value()) < 16 for t in tokens):
+            raise ValueError("a token needs at least 16 characters")
+        return tokens
+
+    def active_tokens(self) -> list[str]:
+        return [t.get_secret_value() for t in self.tokens if t.get_secret_value()]
 
 
 class SqliteStoreConfig(_Strict):
@@ -176,6 +244,16 @@ class RuleConfig(_Strict):
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text", "auto"] = "auto"
+    # Emails (j***@example.com) and names are masked in every log line unless this is false.
+    mask_personal_data: bool = True
+    # Each request as one line (`http.access`), tokens in its URL redacted.
+    access_log: bool = False
+
+
+class PrivacyConfig(_Strict):
+    # Delivered (or skipped) events older than this are deleted from the store; None: kept.
+    retention_days: float | None = Field(default=None, gt=0)
+    purge_interval: float = Field(default=3600.0, gt=0, description="seconds between purges")
 
 
 class Config(_Strict):
@@ -186,10 +264,14 @@ class Config(_Strict):
     connectors: dict[str, ConnectorEntry] = Field(default_factory=dict)
     rules: list[RuleConfig] = Field(default_factory=list)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     # Filled by the loader: each connector's settings, validated by its own class's model.
     connector_settings: dict[str, ConnectorConfig] = Field(default_factory=dict, exclude=True)
     source_file: str = Field(default="<memory>", exclude=True)
+    # Filled by the loader: things to fix that do not stop the daemon (a secret readable by
+    # others). `check` prints them, `serve` logs them.
+    warnings: list[str] = Field(default_factory=list, exclude=True)
     _marks: dict[Loc, yaml.Mark] = PrivateAttr(default_factory=dict)
 
     def problem(self, loc: Loc, message: str) -> ConfigProblem:
@@ -198,6 +280,9 @@ class Config(_Strict):
         problems.add(loc, message)
         return problems.items[0]
 
+
+# Credential files (${file:...}) read by the current load that others may read.
+_READABLE_CREDENTIALS: list[str] = []
 
 # ${VAR}, ${VAR:-default}, ${file:/path}
 _INTERPOLATION = re.compile(
@@ -209,7 +294,11 @@ def _interpolate(value: str, loc: Loc, problems: list[tuple[Loc, str]]) -> str:
     def replace(m: re.Match[str]) -> str:
         if m.group("file"):
             try:
-                return Path(m.group("path")).read_text().strip()
+                path = Path(m.group("path"))
+                text = path.read_text().strip()
+                if path.stat().st_mode & 0o077:
+                    _READABLE_CREDENTIALS.append(str(path))
+                return text
             except OSError as exc:
                 problems.append((loc, f"cannot read {m.group('path')}: {exc.strerror}"))
                 return ""
@@ -377,6 +466,26 @@ def parse_config(text: str, file: str = "<memory>") -> Config:
     return config
 
 
+def secret_values(model: Any) -> list[str]:
+    """Every secret a config holds (tokens, signing secrets, connector credentials), so that
+    the log redactor can hide them wherever they would appear."""
+    found: list[str] = []
+    if isinstance(model, SecretStr):
+        found.append(model.get_secret_value())
+    elif isinstance(model, BaseModel):
+        for name in type(model).model_fields:
+            found += secret_values(getattr(model, name))
+        if isinstance(model, Config):
+            found += secret_values(model.connector_settings)
+    elif isinstance(model, dict):
+        for value in model.values():
+            found += secret_values(value)
+    elif isinstance(model, list | tuple):
+        for value in model:
+            found += secret_values(value)
+    return [s for s in found if s]
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file."""
     path = Path(path)
@@ -386,7 +495,29 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(
             [ConfigProblem(str(path), None, None, "(file)", exc.strerror or str(exc))]
         ) from None
-    return parse_config(text, str(path))
+    _READABLE_CREDENTIALS.clear()
+    config = parse_config(text, str(path))
+    config.warnings += _secret_warnings(path, text, config)
+    return config
+
+
+def _secret_warnings(path: Path, text: str, config: Config) -> list[str]:
+    """A file holding a secret that group or others may read: the config itself when a
+    secret is written in it (not read from ${VAR} or ${file:...}), or a credential file."""
+    found: list[str] = []
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077 and any(s in text for s in secret_values(config)):
+        found.append(
+            f"{path} holds a secret and is readable by others (mode {mode:04o}): "
+            f"chmod 600 {path}, or read the secret from ${{VAR}} or ${{file:...}}"
+        )
+    for credential in dict.fromkeys(_READABLE_CREDENTIALS):
+        mode = Path(credential).stat().st_mode & 0o777
+        found.append(
+            f"{credential} holds a secret and is readable by others (mode {mode:04o}): "
+            f"chmod 600 {credential}"
+        )
+    return found
 
 
 def _check_connectors(config: Config, data: dict[str, Any], problems: _Problems) -> None:
@@ -486,8 +617,9 @@ def _check_sources(config: Config, problems: _Problems) -> None:
     if _is_loopback(config.server.host):
         return
     for name, source in config.sources.items():
-        if not [t for t in source.tokens if t.get_secret_value()]:
+        if not source.active_tokens() and source.signature is None:
             problems.add(
                 ("sources", name, "tokens"),
-                f"a token is required when listening on {config.server.host} (not loopback)",
+                f"a token or a signature is required when listening on {config.server.host}"
+                " (not loopback)",
             )

@@ -63,11 +63,18 @@ class PayloadError(BridgeError):
     """The webhook request was refused; nothing was stored."""
 
     def __init__(
-        self, status: int, code: str, message: str, issues: list[FieldIssue] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        issues: list[FieldIssue] | None = None,
+        *,
+        retry_after: int | None = None,
     ) -> None:
         self.status = status
         self.code = code
         self.issues = issues or []
+        self.retry_after = retry_after  # seconds, sent as Retry-After (429, 503)
         super().__init__(message)
 
     def to_json(self) -> dict[str, Any]:

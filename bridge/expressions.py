@@ -23,7 +23,14 @@ from bridge import filters
 MAX_SIZE = 100_000  # the longest string or list `*` may build
 # What a user's expression or template may raise besides Jinja2's errors (range too big, a
 # division by zero, comparing a number with text): the event gets a note, the router goes on.
-RULE_FAILURES = (jinja2.TemplateError, ArithmeticError, TypeError, ValueError, LookupError)
+RULE_FAILURES = (
+    jinja2.TemplateError,
+    ArithmeticError,
+    TypeError,
+    ValueError,
+    LookupError,
+    AttributeError,
+)
 
 
 def _finalize(value: Any) -> Any:

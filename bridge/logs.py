@@ -1,23 +1,139 @@
-"""Logging set-up: JSON lines for machines, plain lines on a terminal.
+"""Logging set-up: JSON lines for machines, plain lines on a terminal; nothing secret in them.
 
 Every record may carry an `action` (a stable name such as `delivery.done`) and ids in `extra`;
 the JSON form keeps them as fields, so a user can follow one contact from webhook to CRM.
+
+Every line, whatever its level and whichever library wrote it, passes through one `Redactor`
+before it leaves the process: the configured secrets and anything that looks like a credential
+(`token=`, `Bearer ...`, a token in a webhook URL, a SOAP `<sessionId>`) become `***`, and,
+unless `logging.mask_personal_data` is false, emails become `j***@example.com` and names in
+field maps (`firstname`, `LastName`, ...) keep their first letter only.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web import BaseRequest, StreamResponse
 
 # Attributes every LogRecord has; anything else came from `extra`.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
+MASK = "***"
+# The local part's characters are RFC 5322's `atext` and dots.
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
+_EMAIL = re.compile(
+    rf"(?<![{_ATEXT}.])([{_ATEXT}])[{_ATEXT}.]*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)"
+)
+_CREDENTIAL = re.compile(
+    r"(?i)\b(token|access_token|refresh_token|id_token|password|passwd|secret|client_secret|"
+    r"consumer_secret|security_token|session_id|sessionid|api_?key|hapikey|signature|"
+    r"authorization|x-webhook-token|webhook-signature)"
+    r"(\\?[\"']?\s*[:=]\s*\\?[\"']?)(?:Bearer\s+)?([^\s\"'\\&,;}<]+)"
+)
+# Substrings every _CREDENTIAL match contains (lower-case).
+_CREDENTIAL_WORDS = ("token", "passw", "secret", "session", "key", "signature", "authorization")
+_BEARER = re.compile(r"(?i)\b(Bearer|Basic|OAuth)\s+[A-Za-z0-9._~+/=-]{6,}")
+_XML_SECRET = re.compile(
+    r"(?i)<((?:\w+:)?(?:sessionId|password|access_token|client_secret))>[^<]*</"
+)
+_QUERY_SECRET = re.compile(r"(?i)(^|&)(token|access_token|key|secret|signature)=[^&]*")
+_WEBHOOK_PATH = re.compile(r"(/webhooks/[^/\s?\"']+/)[^/\s?\"'#]+")
+# Keys whose values name a person, in the field maps of CRM writes (HubSpot, Salesforce, ours).
+PERSONAL_KEYS = frozenset(
+    {
+        "firstname",
+        "lastname",
+        "first_name",
+        "last_name",
+        "fullname",
+        "full_name",
+        "name",
+        "phone",
+        "mobilephone",
+        "mobile_phone",
+    }
+)
+
+
+def mask_email(match: re.Match[str]) -> str:
+    return f"{match.group(1)}{MASK}@{match.group(2)}"
+
+
+def mask_address(text: str) -> str:
+    """`jane@example.com` as `j***@example.com` (any email inside `text`)."""
+    return _EMAIL.sub(mask_email, text)
+
+
+class Redactor:
+    """Takes secrets and personal data out of log text; one per process (`REDACTOR`)."""
+
+    def __init__(self) -> None:
+        self.mask_personal = True
+        self._secrets: list[str] = []  # longest first
+
+    def add_secrets(self, secrets: Iterable[str]) -> None:
+        """Values to hide wherever they appear (short ones would mask ordinary words)."""
+        found = {s for s in secrets if len(s) >= 6}
+        # JSON escapes a secret holding quotes or backslashes: hide that form too.
+        found |= {orjson.dumps(s).decode()[1:-1] for s in found}
+        self._secrets = sorted(set(self._secrets) | found, key=len, reverse=True)
+
+    def text(self, text: str) -> str:
+        # Every line of the daemon passes here: each pattern runs only when a cheap substring
+        # test says it could match (a routed event's line costs a few microseconds, not 50).
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        lower = text.lower()
+        if "</" in text:
+            text = _XML_SECRET.sub(rf"<\1>{MASK}</", text)
+        if any(word in lower for word in _CREDENTIAL_WORDS):
+            text = _CREDENTIAL.sub(rf"\1\2{MASK}", text)
+        if "bearer" in lower or "basic" in lower or "oauth" in lower:
+            text = _BEARER.sub(rf"\1 {MASK}", text)
+        if "/webhooks/" in text:
+            text = _WEBHOOK_PATH.sub(rf"\1{MASK}", text)
+        if self.mask_personal and "@" in text:
+            text = _EMAIL.sub(mask_email, text)
+        return text
+
+    def value(self, value: Any, depth: int = 0) -> Any:
+        """A structured `extra` value with personal fields masked (nested maps only: the top
+        level holds our own fields, such as a connector's `name`)."""
+        if isinstance(value, dict):
+            return {
+                k: self._personal(v)
+                if depth and self.mask_personal and str(k).lower() in PERSONAL_KEYS
+                else self.value(v, depth + 1)
+                for k, v in value.items()
+            }
+        if isinstance(value, list | tuple):
+            return [self.value(v, depth + 1) for v in value]
+        return value
+
+    @staticmethod
+    def _personal(value: Any) -> Any:
+        if isinstance(value, str) and value:
+            return value[0] + MASK
+        return value if value is None else MASK
+
+
+REDACTOR = Redactor()
+
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, redactor: Redactor = REDACTOR) -> None:
+        super().__init__()
+        self.redactor = redactor
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
@@ -25,20 +141,69 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        out.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        out.update(
+            {k: self.redactor.value(v) for k, v in vars(record).items() if k not in _STANDARD}
+        )
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
+        return self.redactor.text(orjson.dumps(out, default=str).decode())
 
 
-def setup_logging(level: str = "INFO", fmt: str = "auto") -> None:
+class TextFormatter(logging.Formatter):
+    def __init__(self, redactor: Redactor = REDACTOR) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        self.redactor = redactor
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.redactor.text(super().format(record))
+
+
+class RedactingAccessLogger(AbstractAccessLogger):
+    """One line per request (`http.access`): method, path, status, time; a token in the path
+    or the query is replaced by `***` (the formatter would catch it too; this is explicit)."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        self.logger.info(
+            "%s %s %s",
+            request.method,
+            redact_url(request.path_qs),
+            response.status,
+            extra={
+                "action": "http.access",
+                "method": request.method,
+                "path": redact_url(request.path_qs),
+                "status": response.status,
+                "duration_ms": round(time * 1000, 1),
+                "remote": request.remote,
+            },
+        )
+
+
+def redact_url(path_qs: str) -> str:
+    path, sep, query = path_qs.partition("?")
+    path = _WEBHOOK_PATH.sub(rf"\1{MASK}", path)
+    query = re.sub(
+        r"(?i)(^|&)(token|access_token|key|secret|signature)=[^&]*", rf"\1\2={MASK}", query
+    )
+    return path + sep + query
+
+
+def setup_logging(
+    level: str = "INFO",
+    fmt: str = "auto",
+    *,
+    mask_personal_data: bool = True,
+    secrets: Iterable[str] = (),
+) -> None:
+    REDACTOR.mask_personal = mask_personal_data
+    REDACTOR.add_secrets(secrets)
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json" or (fmt == "auto" and not sys.stderr.isatty()):
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # Access logs would print tokens that travel in URLs; the bridge logs each request itself.
+    # aiohttp's own access log prints URLs whole; ours (logging.access_log) redacts them.
     logging.getLogger("aiohttp.access").disabled = True

@@ -31,8 +31,9 @@ from typing import Any
 from aiohttp import web
 
 from bridge.breaker import BreakerState
-from bridge.config import Config, load_config
+from bridge.config import Config, load_config, secret_values
 from bridge.errors import ConfigError, StoreUnavailable
+from bridge.logs import REDACTOR
 from bridge.rules import RuleSet
 from bridge.server import CLOCK, CONFIG, ROUTER, STORE, WORKERS, build_connector, build_worker
 from bridge.systemd import Notifier
@@ -74,6 +75,7 @@ async def reload_config(app: web.Application, path: Path) -> dict[str, Any]:
         rules = RuleSet(new.rules)
     except ConfigError as exc:
         raise ReloadFailed([str(p) for p in exc.problems]) from None
+    REDACTOR.add_secrets(secret_values(new))  # new tokens are hidden from the first line on
     config, workers, store = app[CONFIG], app[WORKERS], app[STORE]
     added = [n for n in new.connector_settings if n not in workers]
     removed = [n for n in workers if n not in new.connector_settings]

@@ -8,11 +8,10 @@ do the rest.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -20,11 +19,23 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from bridge.breaker import CircuitBreaker
-from bridge.config import Config
+from bridge.config import Config, ServerConfig
 from bridge.delivery import DeliveryWorker
 from bridge.errors import FieldIssue, PayloadError, StoreUnavailable
+from bridge.ingress.auth import (
+    check_address,
+    check_signature,
+    check_token,
+    client_address,
+    presented_token,
+    replayed,
+)
+from bridge.ingress.limits import RateLimits, check_json_shape, overloaded
+from bridge.ingress.signatures import SignedMessage
+from bridge.logs import RedactingAccessLogger
 from bridge.metrics import CONTENT_TYPE, UNKNOWN, Metrics
 from bridge.models import NewEvent, WebhookPayload, idempotency_key
+from bridge.openapi import document
 from bridge.retry import RetryPolicy
 from bridge.router import Router
 from bridge.rules import RuleSet
@@ -79,35 +90,16 @@ class IngestLoad:
 
 
 LOAD = web.AppKey("load", IngestLoad)
+RATE_LIMITS = web.AppKey("rate_limits", RateLimits)
 
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def _error(exc: PayloadError, headers: dict[str, str] | None = None) -> web.Response:
+def _error(exc: PayloadError) -> web.Response:
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
     return web.json_response(exc.to_json(), status=exc.status, headers=headers)
-
-
-def _token(request: web.Request) -> str | None:
-    """The shared secret, from the path, `?token=`, `X-Webhook-Token` or a bearer header."""
-    token = request.match_info.get("token") or request.query.get("token")
-    if token:
-        return token
-    if "X-Webhook-Token" in request.headers:
-        return request.headers["X-Webhook-Token"]
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    return value if scheme.lower() == "bearer" and value else None
-
-
-def _authenticate(request: web.Request, config: Config, source: str) -> None:
-    tokens = [t.get_secret_value() for t in config.sources[source].tokens if t.get_secret_value()]
-    if not tokens:
-        return  # no token configured: the config loader allows this on loopback only
-    given = (_token(request) or "").encode()
-    # Compare against every active token, always, so timing tells nothing about which matched.
-    if not any([hmac.compare_digest(given, t.encode()) for t in tokens]):
-        raise PayloadError(401, "unauthorized", "missing or wrong webhook token")
 
 
 def _field_issues(exc: ValidationError) -> list[FieldIssue]:
@@ -117,26 +109,35 @@ def _field_issues(exc: ValidationError) -> list[FieldIssue]:
     ]
 
 
-async def _read_payload(
-    request: web.Request, limit: int
-) -> tuple[str, dict[str, Any], WebhookPayload]:
+async def _read_body(request: web.Request, server: ServerConfig) -> bytes:
     if request.content_type != "application/json" and not request.content_type.endswith("+json"):
         raise PayloadError(
             415,
             "unsupported_media_type",
-            f"Content-Type must be application/json, not {request.content_type!r}",
+            f"Content-Type must be application/json, not {request.content_type[:100]!r}",
         )
+    limit = server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadError(413, "payload_too_large", f"body is larger than {limit} bytes")
     try:
-        body = await request.read()
+        # A slow client holds a slot of max_concurrent_requests: it gets read_timeout, no more.
+        async with asyncio.timeout(server.read_timeout):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadError(413, "payload_too_large", f"body is larger than {limit} bytes") from None
+    except TimeoutError:
+        raise PayloadError(
+            408, "request_timeout", f"body not received within {server.read_timeout:g} seconds"
+        ) from None
+
+
+def _parse_payload(body: bytes, server: ServerConfig) -> tuple[str, dict[str, Any], WebhookPayload]:
     try:
         text = body.decode()
         data = orjson.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise PayloadError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+    check_json_shape(data, server.max_json_depth, server.max_json_fields)
     if not isinstance(data, dict):
         raise PayloadError(
             422,
@@ -157,12 +158,90 @@ async def _read_payload(
 def _check_backlog(backlog: int, limit: int) -> None:
     if backlog >= limit:
         raise PayloadError(
-            503, "backlog_full", f"{backlog} events and deliveries are waiting; try again later"
+            503,
+            "backlog_full",
+            f"{backlog} events and deliveries are waiting; try again later",
+            retry_after=30,
         )
+
+
+class Unconfirmed:
+    """Signed message ids remembered by the store whose event then failed to commit: the
+    sender's retry is not a replay. In memory and bounded: the window is a store failure."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._ids: dict[tuple[str, str], None] = {}
+        self._limit = limit
+
+    def remember(self, source: str, message_id: str) -> None:
+        self._ids[(source, message_id)] = None
+        if len(self._ids) > self._limit:
+            del self._ids[next(iter(self._ids))]
+
+    def holds(self, source: str, message_id: str) -> bool:
+        return (source, message_id) in self._ids
+
+    def discard(self, source: str, message_id: str) -> None:
+        self._ids.pop((source, message_id), None)
+
+
+UNCONFIRMED = web.AppKey("unconfirmed", Unconfirmed)
+
+
+class _AlreadyStored(Exception):
+    """A replayed signed message whose event is stored: answered as a duplicate."""
+
+
+async def _admit(
+    request: web.Request, config: Config, source: str
+) -> tuple[str, dict[str, Any], WebhookPayload, SignedMessage | None]:
+    """Every check before the store, cheapest and least revealing first: address, token,
+    backlog, body, signature, rate, JSON shape, schema."""
+    settings = config.sources[source]
+    server = config.server
+    peer = client_address(
+        request.remote, request.headers.get("X-Forwarded-For"), server.trusted_proxies
+    )
+    check_address(peer, settings.allow_ips)
+    given = presented_token(
+        settings.token_in, request.match_info.get("token"), request.query, request.headers
+    )
+    check_token(settings, given)
+    _check_backlog(request.app[BACKLOG].value, config.delivery.max_backlog)
+    body = await _read_body(request, server)
+    signed = None
+    if settings.signature is not None:
+        signed = check_signature(settings.signature, request.headers, body, request.app[CLOCK]())
+    if settings.rate_limit is not None:
+        # Counted once the sender is known: a stranger's flood cannot spend a source's budget.
+        request.app[RATE_LIMITS].check(source, settings.rate_limit.rate, settings.rate_limit.burst)
+    text, data, payload = _parse_payload(body, server)
+    return text, data, payload, signed
+
+
+async def _check_replay(
+    request: web.Request, source: str, signed: SignedMessage, event_id: str
+) -> None:
+    """A webhook-id seen within the replay window is refused, unless its event is stored: then
+    it is the sender retrying an answer it lost, and gets its 202 again."""
+    app = request.app
+    signature = app[CONFIG].sources[source].signature
+    assert signature is not None
+    new = await app[STORE].seen_message(
+        source, signed.message_id, app[CLOCK](), signature.replay_window
+    )
+    if new or app[UNCONFIRMED].holds(source, signed.message_id):
+        return
+    if await app[STORE].event(event_id) is not None:
+        raise _AlreadyStored
+    raise replayed()
 
 
 async def receive_webhook(request: web.Request) -> web.Response:
     load = request.app[LOAD]
+    if load.inflight >= request.app[CONFIG].server.max_concurrent_requests:
+        request.app[METRICS].received(UNKNOWN, None, "refused:503")
+        return _error(overloaded())
     load.inflight += 1
     try:
         return await _receive(request)
@@ -178,23 +257,35 @@ async def _receive(request: web.Request) -> web.Response:
         app[METRICS].received(UNKNOWN, None, "refused:404")  # any name: not a label value
         return _error(PayloadError(404, "unknown_source", f"no source named {source!r}"))
     try:
-        _authenticate(request, config, source)
-        _check_backlog(app[BACKLOG].value, config.delivery.max_backlog)
-        text, data, payload = await _read_payload(request, config.server.max_body_bytes)
+        text, data, payload, signed = await _admit(request, config, source)
+        event_id = idempotency_key(source, data)
+        if signed is not None:
+            await _check_replay(request, source, signed, event_id)
     except PayloadError as exc:
         log.info(
             "webhook refused: %s %s",
             exc.status,
             exc,
-            extra={"action": "webhook.refused", "source": source, "status": exc.status},
+            extra={
+                "action": "webhook.refused",
+                "source": source,
+                "status": exc.status,
+                "error": exc.code,
+            },
         )
         app[METRICS].received(source, None, f"refused:{exc.status}")
-        return _error(exc, {"Retry-After": "30"} if exc.status == 503 else None)
+        return _error(exc)
+    except _AlreadyStored:
+        app[METRICS].received(source, payload.type, "duplicate")
+        return web.json_response({"event_id": event_id, "duplicate": True}, status=202)
+    except StoreUnavailable as exc:
+        app[METRICS].received(source, None, "refused:503")
+        return _error(PayloadError(503, "store_unavailable", str(exc), retry_after=5))
 
     received_at = app[CLOCK]()
     updated = payload.contact.updatedAt
     event = NewEvent(
-        id=idempotency_key(source, data),
+        id=event_id,
         source=source,
         type=payload.type,
         email=payload.contact.email,
@@ -205,8 +296,12 @@ async def _receive(request: web.Request) -> web.Response:
     try:
         stored = await store.ingest(event)
     except StoreUnavailable as exc:
+        if signed is not None:
+            app[UNCONFIRMED].remember(source, signed.message_id)
         app[METRICS].received(source, payload.type, "refused:503")
-        return _error(PayloadError(503, "store_unavailable", str(exc)), {"Retry-After": "5"})
+        return _error(PayloadError(503, "store_unavailable", str(exc), retry_after=5))
+    if signed is not None:
+        app[UNCONFIRMED].discard(source, signed.message_id)
     app[METRICS].received(source, payload.type, "duplicate" if stored.duplicate else "stored")
     if not stored.duplicate:
         app[BACKLOG].value += 1
@@ -221,6 +316,52 @@ async def _receive(request: web.Request) -> web.Response:
     return web.json_response(
         {"event_id": stored.event_id, "duplicate": stored.duplicate}, status=202, dumps=_dumps
     )
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every refusal is JSON with a stable `error` code, aiohttp's own (404, 405) included;
+    an unexpected failure is a 500 that says nothing about its cause (the log has it)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        return web.json_response(
+            {"error": _HTTP_CODES.get(exc.status, f"http_{exc.status}"), "message": exc.reason},
+            status=exc.status,
+            headers=headers,
+        )
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("request failed", extra={"action": "http.error", "path": request.path})
+        return web.json_response(
+            {"error": "internal_error", "message": "internal error"}, status=500
+        )
+
+
+def runner_options(config: Config) -> dict[str, Any]:
+    """How the HTTP server treats connections (the daemon's and the tests' runners)."""
+    return {
+        # Also the time a new connection gets to send its first request's headers: a client
+        # trickling headers (slowloris) is closed after it.
+        "keepalive_timeout": config.server.header_timeout,
+        "shutdown_timeout": config.server.shutdown_timeout,
+        "access_log_class": RedactingAccessLogger,
+        "access_log": logging.getLogger("crm_bridge.access") if config.logging.access_log else None,
+    }
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -283,6 +424,11 @@ async def show_event(request: web.Request) -> web.Response:
     return web.json_response(event)
 
 
+async def openapi(request: web.Request) -> web.Response:
+    """The API's OpenAPI document, naming the configured sources."""
+    return web.json_response(document(sorted(request.app[CONFIG].sources)))
+
+
 def build_connector(name: str, config: Config) -> Connector:
     """The configured connector, or a dry-run stand-in when it has no credentials."""
     settings = config.connector_settings[name]
@@ -324,6 +470,26 @@ def build_worker(
     )
 
 
+async def purge_forever(app: web.Application) -> None:
+    """Retention: delete delivered (or skipped) events older than `privacy.retention_days`."""
+    while True:
+        privacy = app[CONFIG].privacy
+        if privacy.retention_days is not None:
+            before = app[CLOCK]() - privacy.retention_days * 86400
+            try:
+                purged = await app[STORE].purge_delivered(before)
+            except StoreUnavailable as exc:
+                log.warning("retention purge failed: %s", exc, extra={"action": "retention.failed"})
+            else:
+                if purged:
+                    log.info(
+                        "retention: deleted %d delivered events",
+                        purged,
+                        extra={"action": "retention.purged", "events": purged},
+                    )
+        await asyncio.sleep(privacy.purge_interval)
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = app[STORE]
@@ -332,6 +498,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     workers: dict[str, DeliveryWorker] = {}
     delivery = config.delivery
     refresher = asyncio.create_task(app[BACKLOG].refresh_forever(store, delivery.poll_interval))
+    purger = asyncio.create_task(purge_forever(app))
     started = False
     try:
         for name, connector in connectors.items():
@@ -345,13 +512,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         refresher.cancel()
+        purger.cancel()
         await app[ROUTER].stop()
         if started:  # a reload (bridge.reload) may have replaced some: stop the current ones
             workers = app[WORKERS].copy()
             connectors = {name: w.connector for name, w in workers.items()}
         # All workers wait for their calls in flight at once, within one shutdown timeout.
         await asyncio.gather(*(w.stop(config.server.shutdown_timeout) for w in workers.values()))
-        await asyncio.gather(refresher, return_exceptions=True)
+        await asyncio.gather(refresher, purger, return_exceptions=True)
         for connector in connectors.values():
             await connector.close()
         await store.close()
@@ -364,11 +532,13 @@ def create_app(
 
     `clock` (wall-clock seconds) dates events and schedules retries; tests pass a manual one.
     """
-    app = web.Application(client_max_size=config.server.max_body_bytes)
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[json_errors])
     app[CONFIG] = config
     app[CLOCK] = clock
     app[BACKLOG] = Backlog()
     app[LOAD] = IngestLoad()
+    app[RATE_LIMITS] = RateLimits(clock)
+    app[UNCONFIRMED] = Unconfirmed()
     app[STORE] = store or open_store(config.store)
     app[WORKERS] = {}
 
@@ -397,5 +567,6 @@ def create_app(
     app.router.add_get("/events/{event_id}", show_event)
     app.router.add_get("/status", show_status)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
     app.cleanup_ctx.append(_lifecycle)
     return app

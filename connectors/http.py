@@ -47,6 +47,7 @@ from connectors.base import (
     Outcomes,
     per_record,
 )
+from connectors.outbound import OutboundRefused, template_guard
 
 # The most records one request may carry; the delivery engine hands out at most this many.
 MAX_BATCH = 100
@@ -209,6 +210,8 @@ class HttpConnector(Connector):
         self._body = ENV.from_string(config.body)
         self._batch_body = ENV.from_string(config.batch_body) if config.batch_body else None
         self._activity_url = ENV.from_string(config.activity_url or config.url)
+        # Rendered URLs stay on the hosts the templates name (connectors/outbound.py).
+        self._guard = template_guard([config.url, config.activity_url])
         self._activity_body = (
             ENV.from_string(config.activity_body) if config.activity_body else None
         )
@@ -343,6 +346,11 @@ class HttpConnector(Connector):
     ) -> Any:
         """Send one request under the limiter; the parsed JSON answer, or a classified error."""
         target, headers, payload = self._render(url, body, context)
+        if self._guard is not None:
+            try:
+                self._guard.check(target)
+            except OutboundRefused as exc:
+                raise PermanentDelivery(f"{self.instance}: {exc}") from exc
         if self.limiter is not None:
             await self.limiter.acquire()
         try:

@@ -75,6 +75,7 @@ from connectors.base import (
     fit_text,
     per_record,
 )
+from connectors.outbound import guard_sdk_apis
 from connectors.values import (
     FieldProblem,
     allowed_list,
@@ -649,6 +650,8 @@ class HubSpotConnector(Connector):
                 for api in (basic, batch)
             ),
         ]
+        # No other host, no redirects (connectors/outbound.py).
+        guard_sdk_apis([*self._apis, self._oauth], self.config.base_url)
         if self._token is not None:
             self._set_token(self._token)
 
@@ -674,7 +677,7 @@ class HubSpotConnector(Connector):
 
         async def send(outcomes: Outcomes) -> None:
             ready = await self._check(leads, outcomes)
-            items = await self._guard(_inputs(ready), outcomes)
+            items = await self._policies(_inputs(ready), outcomes)
             items = await self._lifecycle(items, outcomes)
             by_property: dict[str, list[_Input]] = {}
             for item in items:
@@ -878,7 +881,7 @@ class HubSpotConnector(Connector):
                     found[_key(id_property, str(value))] = {n: properties.get(n) for n in names}
         return found
 
-    async def _guard(self, items: list[_Input], outcomes: Outcomes) -> list[_Input]:
+    async def _policies(self, items: list[_Input], outcomes: Outcomes) -> list[_Input]:
         """Apply write policies and `create: false`: the contacts that need it are read first
         (one batch read per 100); held-back properties are left out and noted in the result.
         Returns the inputs still to write; the others have their outcome."""

@@ -68,6 +68,7 @@ from connectors.base import (
     fit_text,
     per_record,
 )
+from connectors.outbound import guard_session, instance_belongs
 from connectors.values import (
     FieldProblem,
     allowed_list,
@@ -792,6 +793,9 @@ class SalesforceConnector(Connector):
         self.forget_schema()  # a start reads the org's describe data again
         verify: str | bool = str(self.config.ca_bundle) if self.config.ca_bundle else True
         self._session = _Session(self.config.timeout, verify)
+        self._guard = guard_session(
+            self._session, [self.config.login_url, self.config.instance_url]
+        )
         self._login_lock = threading.Lock()
         self._sf: Any = None
         self._login_error: DeliveryError | None = None
@@ -849,6 +853,14 @@ class SalesforceConnector(Connector):
                     sf_version=cfg.api_version,
                     session=self._session,
                 )
+            # A login names the instance: it must be in the login's domain (connectors/outbound.py).
+            if flow != "session" and not instance_belongs(instance, cfg.login_url):
+                from simple_salesforce.exceptions import SalesforceAuthenticationFailed
+
+                raise SalesforceAuthenticationFailed(
+                    "instance_url", f"the login named an instance outside {cfg.login_url}"
+                )
+            self._guard.allow(instance)
             self._sf = Salesforce(
                 session_id=session_id,
                 instance=instance,
@@ -1082,7 +1094,7 @@ class SalesforceConnector(Connector):
                 found.setdefault(str(record.get(key)), record)
         return found
 
-    async def _guard(self, items: list[_Item], outcomes: Outcomes) -> list[_Item]:
+    async def _policies(self, items: list[_Item], outcomes: Outcomes) -> list[_Item]:
         """Apply write policies and `create: false` to items whose target is known (None: a
         create); the current values are read in one query per object. Returns the items
         still to write; the others have their outcome."""
@@ -1121,7 +1133,7 @@ class SalesforceConnector(Connector):
                 found = await self._current_by(obj, id_field, values, [])
                 for item in group:
                     item.target = (found.get(item.id_value) or {}).get("Id")
-                group = await self._guard(group, outcomes)
+                group = await self._policies(group, outcomes)
             if group:
                 await self._upsert_by_external_id(obj, id_field, group, outcomes)
 
@@ -1132,10 +1144,10 @@ class SalesforceConnector(Connector):
             if item.hint and item.contact_first:
                 item.obj = "Contact" if item.hint.startswith(WHO_PREFIXES["Contact"]) else "Lead"
         await self._look_up([i for i in by_email if not i.by_hint])
-        stale = await self._save(await self._guard(by_email, outcomes), outcomes)
+        stale = await self._save(await self._policies(by_email, outcomes), outcomes)
         if stale:  # hinted records that are gone: find them by email after all
             await self._look_up(stale)
-            await self._save(await self._guard(stale, outcomes), outcomes)
+            await self._save(await self._policies(stale, outcomes), outcomes)
 
     async def _look_up(self, items: list[_Item]) -> None:
         """Set each item's object and target: the record with its email that `tie_break`

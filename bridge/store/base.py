@@ -121,6 +121,26 @@ class Store(abc.ABC):
         """Make a connector's pending deliveries that failed before (waiting out a backoff or
         an authentication pause) due now: a reload changed its settings or reset its breaker."""
 
+    # Personal data and replay protection (issue 6). Not abstract, so a store written before
+    # them still loads; each implementation overrides them.
+
+    async def forget(self, email: str) -> tuple[int, int]:
+        """Delete every event whose stored contact email (normalised lower-case) is `email`,
+        and all their deliveries, whatever their status (dead letters included); the numbers
+        of events and deliveries deleted."""
+        raise NotImplementedError
+
+    async def purge_delivered(self, before: float) -> int:
+        """Delete the events received before `before` (epoch seconds) that are routed and
+        whose deliveries all ended delivered or skipped (none pending, in flight or dead),
+        with those deliveries; the number of events deleted."""
+        raise NotImplementedError
+
+    async def seen_message(self, source: str, message_id: str, now: float, keep: float) -> bool:
+        """Remember a signed webhook's message id durably for `keep` seconds: True if it is
+        new, False if it was seen within `keep` (a replay). Expired ids may be purged."""
+        raise NotImplementedError
+
 
 @cache
 def queries(dialect: str) -> dict[str, str]:

@@ -36,6 +36,7 @@ T = TypeVar("T")
 log = logging.getLogger("crm_bridge.store")
 SQL = queries("sqlite")
 MAX_GROUP = 512  # calls committed together at most
+PURGE_MESSAGES_EVERY = 1000  # seen_message calls between purges of expired message ids
 # Actions whose queued burst for one contact merges into one write (activities never merge).
 COALESCED_ACTIONS = ("upsert_lead", "upsert_contact")
 
@@ -82,15 +83,16 @@ class _Writer:
         return fut
 
     def _connect(self) -> sqlite3.Connection:
-        new = not self._path.exists()
+        # People's emails and names: owner only, from the first byte (created here with 0600
+        # rather than chmod-ed afterwards); SQLite gives -wal and -shm the database's mode.
+        os.close(os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600))
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        if new:
-            os.chmod(self._path, 0o600)  # people's emails and names: owner only
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA secure_delete=ON")  # a forgotten person leaves no bytes behind
         conn.executescript(SQL["schema"])  # executescript commits: run it before any group
         return conn
 
@@ -209,6 +211,7 @@ class SqliteStore(Store):
         self.exclusive = exclusive
         self._writer = _Writer(self.path)
         self._lock_fd: int | None = None
+        self._messages_seen = 0
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -451,3 +454,47 @@ class SqliteStore(Store):
     async def retry_now(self, connector: str, now: float) -> int:
         params = {"connector": connector, "now": now}
         return await self._run(lambda c: c.execute(SQL["retry_now"], params).rowcount)
+
+    async def forget(self, email: str) -> tuple[int, int]:
+        email = email.strip().lower()
+
+        def delete(conn: sqlite3.Connection) -> tuple[int, int]:
+            ids = [r[0] for r in conn.execute(SQL["forget_events"], {"email": email})]
+            deliveries = _delete_events(conn, ids)
+            conn.execute(SQL["forget_contact_state"], {"email": email})
+            return len(ids), deliveries
+
+        return await self._run(delete)
+
+    async def purge_delivered(self, before: float) -> int:
+        def delete(conn: sqlite3.Connection) -> int:
+            ids = [r[0] for r in conn.execute(SQL["purge_delivered"], {"before": before})]
+            _delete_events(conn, ids)
+            return len(ids)
+
+        return await self._run(delete)
+
+    async def seen_message(self, source: str, message_id: str, now: float, keep: float) -> bool:
+        self._messages_seen += 1
+        purge = self._messages_seen % PURGE_MESSAGES_EVERY == 1
+        params = {"source": source, "message_id": message_id, "now": now, "cutoff": now - keep}
+
+        def remember(conn: sqlite3.Connection) -> bool:
+            if purge:
+                conn.execute(SQL["purge_messages"], {"cutoff": now - keep})
+            return conn.execute(SQL["seen_message"], params).fetchone() is not None
+
+        return await self._run(remember)
+
+
+def _delete_events(conn: sqlite3.Connection, ids: list[str]) -> int:
+    """Delete events and their deliveries; the number of deliveries deleted."""
+    deliveries = 0
+    for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        deliveries += conn.execute(
+            f"DELETE FROM deliveries WHERE event_id IN ({marks})", chunk
+        ).rowcount
+        conn.execute(f"DELETE FROM events WHERE id IN ({marks})", chunk)
+    return deliveries

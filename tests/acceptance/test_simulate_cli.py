@@ -114,6 +114,7 @@ def online_config(tmp_path, hubspot_emulator, salesforce_emulator, rules: str) -
             rules=rules,
         )
     )
+    path.chmod(0o600)  # it holds the CRM credentials
     return path
 
 

@@ -100,7 +100,8 @@ def test_yaml_syntax_errors_carry_the_line():
 
 def test_a_tokenless_source_is_refused_off_loopback():
     assert problems(GOOD.replace("  port: 0", "  port: 0\n  host: 0.0.0.0")) == [
-        "config.yaml:1:1: sources.supersend.tokens: a token is required when listening on"
+        "config.yaml:1:1: sources.supersend.tokens: a token or a signature is required when"
+        " listening on"
         " 0.0.0.0 (not loopback)"
     ]
 

@@ -48,6 +48,15 @@ CREATE INDEX IF NOT EXISTS deliveries_by_event ON deliveries (event_id);
 -- stay cheap however many finished ones the table keeps.
 CREATE INDEX IF NOT EXISTS deliveries_waiting ON deliveries (connector, status, created_at)
  WHERE status IN ('pending', 'in_flight');
+CREATE INDEX IF NOT EXISTS events_by_email ON events (email);
+-- Ids of signed webhooks (Standard Webhooks `webhook-id`), remembered to refuse replays.
+CREATE TABLE IF NOT EXISTS webhook_messages (
+    source      TEXT NOT NULL,
+    message_id  TEXT NOT NULL,
+    seen_at     REAL NOT NULL,
+    PRIMARY KEY (source, message_id)
+);
+CREATE INDEX IF NOT EXISTS webhook_messages_seen ON webhook_messages (seen_at);
 
 -- name: insert_events
 -- One multi-row statement per commit group (the VALUES rows are added in code); RETURNING
@@ -189,3 +198,30 @@ UPDATE deliveries
 
 -- name: dlq_purge
 DELETE FROM deliveries WHERE status = 'dead' AND updated_at < :before
+
+-- name: forget_events
+-- A person's events (by normalised email) and, first, every delivery they made, dead included.
+SELECT id FROM events WHERE email = :email
+
+-- name: forget_contact_state
+DELETE FROM contact_state WHERE contact_key = :email
+
+-- name: purge_delivered
+-- Events received before :before, routed, whose deliveries all ended delivered or skipped
+-- (an event that made none qualifies too); their deliveries go with them.
+SELECT e.id FROM events e
+ WHERE e.received_at < :before AND e.routed_at IS NOT NULL
+   AND NOT EXISTS (SELECT 1 FROM deliveries d
+                    WHERE d.event_id = e.id AND d.status NOT IN ('done', 'dry_run', 'skipped'))
+
+
+-- name: seen_message
+-- New, or seen longer than `keep` ago (then it counts as new again): the row is (re)dated and
+-- returned; a replay within `keep` returns nothing.
+INSERT INTO webhook_messages (source, message_id, seen_at) VALUES (:source, :message_id, :now)
+ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at
+ WHERE webhook_messages.seen_at <= :cutoff
+RETURNING 1
+
+-- name: purge_messages
+DELETE FROM webhook_messages WHERE seen_at <= :cutoff

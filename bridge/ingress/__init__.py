@@ -1,0 +1,1 @@
+"""Ingress security: who may post a webhook (auth, signatures), and how much (limits)."""

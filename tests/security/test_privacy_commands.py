@@ -1,0 +1,65 @@
+"""`crm-bridge forget EMAIL` beside a running daemon, and the retention purge."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+from tests.security.conftest import JSON, Clock, answer
+from tests.support import TOKEN, config_yaml, sample, wait_for
+
+
+def test_forget_removes_a_person_beside_the_running_daemon(daemon_factory, tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(tmp_path / "bridge.db"))
+    daemon = daemon_factory(path)
+    ids = {}
+    for email, name in [("ann@example.com", "A"), ("ann@example.com", "B"), ("bob@x.io", "C")]:
+        response = daemon.post(json.dumps(sample(email=email, first_name=name)))
+        ids[name] = response.json()["event_id"]
+    for event_id in ids.values():
+        wait_for(lambda event_id=event_id: daemon.settled(event_id))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "forget", "ANN@example.com", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        f"forgot A***@example.com: 2 event(s) and 4 deliveries deleted from {tmp_path}/bridge.db\n"
+    )
+    gone = daemon.session.get(f"{daemon.url}/events/{ids['A']}", timeout=10)
+    assert gone.status_code == 404
+    assert daemon.event(ids["C"])["email"] == "bob@x.io"
+    assert daemon.stop() == 0
+
+
+async def test_retention_purges_delivered_events(client_for):
+    clock = Clock()
+    client = await client_for(
+        server="", clock=clock, privacy="  retention_days: 1\n  purge_interval: 0.05"
+    )
+    status, body = await answer(
+        await client.post(f"/webhooks/supersend/{TOKEN}", data=json.dumps(sample()), headers=JSON)
+    )
+    assert status == 202
+    event = f"/events/{body['event_id']}"
+
+    async def settled() -> bool:
+        stored = await (await client.get(event)).json()
+        return stored.get("routed_at") is not None and all(
+            d["status"] == "dry_run" for d in stored["deliveries"]
+        )
+
+    async with asyncio.timeout(10):
+        while not await settled():
+            await asyncio.sleep(0.01)
+    clock.now += 86400 + 1  # a day later, the next purge takes it
+    async with asyncio.timeout(10):
+        while (await client.get(event)).status != 404:
+            await asyncio.sleep(0.01)
