@@ -94,14 +94,19 @@ async def _serve(config: Config, host: str, port: int, config_path: Path) -> Non
         notifier.close()
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    config = _load(args.config)  # the warnings go to the log, once it is set up
+def _log_to_stderr(config: Config, level: str | None = None) -> None:
+    """The daemon's logging (one redactor for every line) for a command that logs in to CRMs."""
     setup_logging(
-        config.logging.level,
+        level or config.logging.level,
         config.logging.format,
         mask_personal_data=config.logging.mask_personal_data,
         secrets=secret_values(config),
     )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)  # the warnings go to the log, once it is set up
+    _log_to_stderr(config)
     for warning in config.warnings:
         log.warning("%s", warning, extra={"action": "config.readable_secret"})
     host = args.host or config.server.host
@@ -122,6 +127,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  connector {name}: {settings.type}, {mode}")
     if not args.online:
         return 0
+    _log_to_stderr(config, "WARNING")  # what the connectors say goes through the redactor
     connectors = simulate.open_connectors(config, set(config.connector_settings))
     findings = asyncio.run(check_online(config, connectors))
     for finding in findings:
@@ -147,6 +153,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"crm-bridge: no source named {source!r}", file=sys.stderr)
         return 2
     result = simulate.simulate(config, data, source)
+    if args.online:
+        _log_to_stderr(config, "WARNING")  # what the connectors say goes through the redactor
     planned = asyncio.run(simulate.plan_online(result, config)) if args.online else None
     print(simulate.render(result, planned))
     return 0

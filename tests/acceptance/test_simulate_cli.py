@@ -176,3 +176,28 @@ def test_simulate_online_prints_a_plan(tmp_path, hubspot_emulator, salesforce_em
         "Plan: 0 to create or log, 1 to change, 1 unchanged.\n"
     )
     assert salesforce_emulator.records("Lead")[0]["LastName"] == "Pierno"
+
+
+def test_refused_logins_are_reported_without_the_secrets(
+    tmp_path, hubspot_emulator, salesforce_emulator
+):
+    path = tmp_path / "config.yaml"
+    hubspot = hubspot_settings(hubspot_emulator) | {"access_token": "pat-na1-not-this-one"}
+    salesforce = salesforce_settings(salesforce_emulator) | {"password": "hunter2-wrong"}
+    path.write_text(
+        config_yaml(
+            tmp_path / "bridge.db", hubspot=hubspot, salesforce=salesforce, rules=ONLINE_RULES
+        )
+    )
+    path.chmod(0o600)
+    event = tmp_path / "interest.json"
+    event.write_text(json.dumps(sample(type="interest")))
+
+    checked = cli("check", "--online", "--config", str(path))
+    simulated = cli("simulate", "--online", "--config", str(path), str(event))
+
+    assert checked.returncode == 1
+    assert "hubspot" in checked.stderr and "salesforce" in checked.stderr
+    for done in (checked, simulated):
+        output = done.stdout + done.stderr
+        assert "not-this-one" not in output and "hunter2" not in output
