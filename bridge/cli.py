@@ -1,4 +1,4 @@
-"""`crm-bridge`: thin commands over the core (serve, check, status, dlq, backfill).
+"""`crm-bridge`: thin commands over the core (serve, check, migrate, status, dlq, backfill).
 
 Exit codes: 0 done, 1 failed or not found (`dlq`) or some lines invalid (`backfill`), 2 bad usage
 or configuration.
@@ -128,8 +128,9 @@ def _on_store(config: Config, work: Callable[[Store], Awaitable[T]]) -> T:
 
 
 def _existing_store(config: Config) -> Config:
-    # Reading the DLQ must not create an empty store where the config points by mistake.
-    if not config.store.path.exists():
+    # Reading the DLQ must not create an empty store where the config points by mistake (a
+    # PostgreSQL store without its schema is refused by the store itself).
+    if config.store.type == "sqlite" and not config.store.path.exists():
         print(f"crm-bridge: no store at {config.store.path}", file=sys.stderr)
         raise SystemExit(2)
     return config
@@ -198,6 +199,25 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         return 2
     print(backfill.render_summary(summary, args.file, source, args.type))
     return 1 if summary.invalid else 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+
+    async def run() -> list[str]:
+        return await open_store(config.store, exclusive=False).migrate()
+
+    try:
+        applied = asyncio.run(run())
+    except StoreUnavailable as exc:
+        print(f"crm-bridge: {exc}", file=sys.stderr)
+        return 1
+    where = config.store.describe()
+    if applied:
+        print(f"{where}: applied {', '.join(applied)}")
+    else:
+        print(f"{where}: the schema is up to date")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -300,6 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file and exit")
     check.add_argument("--config", "-c", type=Path, default=Path("config.yaml"))
     check.set_defaults(func=cmd_check)
+    migrate = sub.add_parser(
+        "migrate",
+        help="bring the store's schema up to date (PostgreSQL: apply pending migrations)",
+        description=(
+            "Apply the schema migrations the configured store lacks, in order, under a lock "
+            "(safe while daemons run or start). SQLite makes its schema when it opens."
+        ),
+    )
+    migrate.add_argument("--config", "-c", type=Path, default=Path("config.yaml"))
+    migrate.set_defaults(func=cmd_migrate)
     _add_dlq(sub)
     _add_backfill(sub)
     status_parser = sub.add_parser(
