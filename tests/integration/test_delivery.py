@@ -15,7 +15,8 @@ FINISHED = {"done", "dead", "dry_run", "skipped"}
 
 
 @pytest.fixture
-async def bridge(tmp_path, hubspot_emulator, salesforce_emulator):
+async def bridge(tmp_path, store_config, hubspot_emulator, salesforce_emulator):
+    """Start the app in process, on each backend in turn (tests.postgres.store_config)."""
     clients = []
 
     async def start(delivery: str = "", **overrides) -> TestClient:
@@ -23,7 +24,9 @@ async def bridge(tmp_path, hubspot_emulator, salesforce_emulator):
             "hubspot": hubspot_settings(hubspot_emulator),
             "salesforce": salesforce_settings(salesforce_emulator),
         } | overrides
-        text = config_yaml(tmp_path / "bridge.db", delivery=delivery, **settings)
+        text = config_yaml(
+            tmp_path / "bridge.db", delivery=delivery, store=store_config, **settings
+        )
         app = create_app(parse_config(text))
         client = TestClient(TestServer(app))
         await client.start_server()
