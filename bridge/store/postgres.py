@@ -3,8 +3,11 @@
 The same tables and the same rules as the SQLite store (bridge/store/sql/postgres.sql mirrors
 sqlite.sql), made safe for instances that run side by side:
 
-- an acknowledgement waits for the event's own committed INSERT (autocommit, one round trip);
-  the primary key de-duplicates across instances (`ON CONFLICT DO NOTHING`);
+- an acknowledgement waits for the commit of its event: the webhooks arriving together are
+  inserted by one statement in one transaction (group commit: one WAL flush per batch, at most
+  `INGEST_FLUSHES` batches in flight); the primary key de-duplicates across instances
+  (`ON CONFLICT DO NOTHING`); a batch that fails on its data is retried row by row, so only
+  the bad row fails;
 - routers lease unrouted events for `ROUTE_LEASE` seconds, and `route` stores deliveries only
   for events still unrouted under a row lock, so two routers never double an event's deliveries;
 - claims take rows `FOR UPDATE SKIP LOCKED` under a lease: a crashed instance's claims are
@@ -20,6 +23,7 @@ an advisory lock by `crm-bridge migrate`, or at start-up with `migrate_on_start`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -46,7 +50,12 @@ log = logging.getLogger("crm_bridge.store")
 SQL = queries("postgres")
 MIGRATIONS = sorted(name for name in SQL if name.startswith("migration_"))
 MIGRATION_LOCK = 0x63726D62  # pg_advisory_xact_lock key: "crmb"
-ROUTE_LEASE = 10.0  # seconds an instance's router holds a batch of unrouted events
+INGEST_BATCH = 500  # events inserted together at most
+INGEST_FLUSHES = 2  # batches committing at once, per instance
+ROUTE_LEASE = 10.0
+# Deliveries this instance has routed when it refreshes the planner's statistics itself: a
+# fresh or fast-growing table would otherwise be planned blind until autovacuum's next round.
+ANALYZE_AT = (200, 2_000, 20_000)  # seconds an instance's router holds a batch of unrouted events
 MESSAGE_PURGE_EVERY = 60.0  # seconds between opportunistic purges of old message ids
 # Actions whose queued burst for one contact merges into one write (activities never merge).
 COALESCED_ACTIONS = ("upsert_lead", "upsert_contact")
@@ -91,6 +100,22 @@ def _delivery(record: asyncpg.Record) -> Delivery:
     return Delivery.model_validate(_row(record))
 
 
+def _answer(
+    batch: list[tuple[NewEvent, asyncio.Future[IngestResult]]], outcome: set[str] | Exception
+) -> None:
+    """Resolve a batch's callers: an exception for all, or the ids that were new."""
+    for event, fut in batch:
+        if fut.done():
+            continue  # the caller went away; what was committed stays committed
+        if isinstance(outcome, Exception):
+            fut.set_exception(outcome)
+            continue
+        # The first of equal payloads in a batch is new; any later one is a duplicate.
+        fresh = event.id in outcome
+        outcome.discard(event.id)
+        fut.set_result(IngestResult(event_id=event.id, duplicate=not fresh))
+
+
 class PostgresWindow(SharedWindow):
     """A connector's rate-limit window in the shared store (crm_bridge_rate_take)."""
 
@@ -123,6 +148,10 @@ class PostgresStore(Store):
         self.command_timeout = command_timeout
         self._pool: asyncpg.Pool | None = None
         self._last_message_purge = 0.0
+        self._waiting: list[tuple[NewEvent, asyncio.Future[IngestResult]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
+        self._routed = 0
+        self._analyze_at = list(ANALYZE_AT)
 
     def __repr__(self) -> str:
         return f"PostgresStore({redact(self.url)!r})"
@@ -148,6 +177,8 @@ class PostgresStore(Store):
             raise
 
     async def close(self) -> None:
+        if self._flushes:  # acknowledgements under way get their answer first
+            await asyncio.gather(*self._flushes, return_exceptions=True)
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
@@ -224,18 +255,52 @@ class PostgresStore(Store):
 
     # -- ingest and routing -----------------------------------------------------------------
     async def ingest(self, event: NewEvent) -> IngestResult:
+        fut: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
+        self._waiting.append((event, fut))
+        if len(self._flushes) < INGEST_FLUSHES:
+            task = asyncio.create_task(self._flush())
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+        return await fut
+
+    async def _flush(self) -> None:
+        """Insert what waits, batch after batch, until nothing does."""
+        while self._waiting:
+            batch, self._waiting = self._waiting[:INGEST_BATCH], self._waiting[INGEST_BATCH:]
+            try:
+                new = await self._insert_events([e for e, _ in batch])
+            except StoreUnavailable as exc:
+                _answer(batch, exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - handed to the callers, never swallowed
+                if len(batch) == 1:
+                    _answer(batch, exc)
+                    continue
+                # Something in the data: each row alone, so that only the bad one fails.
+                self._waiting[:0] = batch[1:]
+                batch = batch[:1]
+                new = set()
+                try:
+                    new = await self._insert_events([batch[0][0]])
+                except Exception as one:  # noqa: BLE001 - as above
+                    _answer(batch, one)
+                    continue
+            _answer(batch, new)
+
+    async def _insert_events(self, events: list[NewEvent]) -> set[str]:
+        unique = list({e.id: e for e in events}.values())
         async with self.connection() as conn:
-            new = await conn.fetchval(
-                SQL["insert_event"],
-                event.id,
-                event.source,
-                event.type,
-                event.email,
-                event.received_at,
-                event.sort_at,
-                event.body,
+            rows = await conn.fetch(
+                SQL["insert_events"],
+                [e.id for e in unique],
+                [e.source for e in unique],
+                [e.type for e in unique],
+                [e.email for e in unique],
+                [e.received_at for e in unique],
+                [e.sort_at for e in unique],
+                [e.body for e in unique],
             )
-        return IngestResult(event_id=event.id, duplicate=new is None)
+        return {r["id"] for r in rows}
 
     async def unrouted(self, limit: int) -> list[StoredEvent]:
         async with self.connection() as conn:
@@ -270,8 +335,20 @@ class PostgresStore(Store):
                 for column, value in zip(columns, values, strict=True):
                     column.append(value)
             ids = await conn.fetch(SQL["insert_deliveries"], *columns, now, now + delay)
+        self._routed += len(ids)
+        if self._analyze_at and self._routed >= self._analyze_at[0]:
+            self._analyze_at.pop(0)
+            await self._analyze()
         # Identities are drawn in insertion order: sorted, they follow `deliveries`.
         return sorted(int(r["id"]) for r in ids)
+
+    async def _analyze(self) -> None:
+        try:
+            async with self.connection() as conn:
+                await conn.execute("ANALYZE events, deliveries")
+        except asyncpg.InsufficientPrivilegeError:
+            self._analyze_at = []  # not the tables' owner: autovacuum's job alone
+        log.debug("statistics refreshed", extra={"action": "store.analyzed"})
 
     # -- delivery ---------------------------------------------------------------------------
     async def claim(

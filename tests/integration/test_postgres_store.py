@@ -213,3 +213,17 @@ async def test_a_message_id_is_new_once_within_keep_across_instances(stores):
     assert await a.seen_message("supersend", "m1", now=1299.0, keep=300.0) is False
     assert await b.seen_message("other", "m1", now=1299.0, keep=300.0) is True
     assert await a.seen_message("supersend", "m1", now=1600.0, keep=300.0) is True
+
+
+async def test_webhooks_arriving_together_commit_together_and_a_bad_one_fails_alone(stores):
+    store = await stores()
+    events = [new_event(f"k{i}") for i in range(100)]
+    bad = new_event("bad").model_copy(update={"body": "{\x00}"})  # PostgreSQL refuses NUL
+    results = await asyncio.gather(
+        *(store.ingest(e) for e in [*events[:50], bad, *events[50:], events[7]]),
+        return_exceptions=True,
+    )
+    assert isinstance(results[50], asyncpg.PostgresError)
+    fine = [r for i, r in enumerate(results) if i != 50]
+    assert [r.duplicate for r in fine] == [False] * 100 + [True]
+    assert len(await store.unrouted(1000)) == 100

@@ -54,11 +54,15 @@ CREATE TABLE contact_state (
     updated_at      DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (connector, contact_key)
 );
-CREATE INDEX deliveries_due ON deliveries (connector, status, next_attempt_at);
-CREATE INDEX deliveries_by_contact ON deliveries (connector, contact_key, status);
-CREATE INDEX deliveries_by_event ON deliveries (event_id);
-CREATE INDEX deliveries_waiting ON deliveries (connector, status, created_at)
+-- (.., id): the claim walks this index in its ORDER BY and stops at its LIMIT, without a sort.
+CREATE INDEX deliveries_due ON deliveries (connector, status, next_attempt_at, id);
+-- A contact's unfinished deliveries: what each claim probes per candidate (and the followers);
+-- being partial, it also serves the counts of waiting deliveries (backlog, queue_stats). The one
+-- index on unfinished rows: a second (SQLite's deliveries_waiting) ties with it in the
+-- planner's eyes while a fresh table has no statistics, and loses the claim its probe.
+CREATE INDEX deliveries_unfinished_by_contact ON deliveries (connector, contact_key, sort_at, id)
  WHERE status IN ('pending', 'in_flight');
+CREATE INDEX deliveries_by_event ON deliveries (event_id);
 -- Message ids of signed webhooks, remembered for a while to refuse replays.
 CREATE TABLE webhook_messages (
     source     TEXT NOT NULL,
@@ -108,9 +112,12 @@ BEGIN
 END
 $$;
 
--- name: insert_event
+-- name: insert_events
+-- A batch of webhooks in one statement and one commit (group commit); RETURNING names the new
+-- ones, the others were already stored (by this instance or another).
 INSERT INTO events (id, source, type, email, received_at, sort_at, body)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[],
+                     $6::float8[], $7::text[])
 ON CONFLICT (id) DO NOTHING
 RETURNING id
 
@@ -148,9 +155,11 @@ RETURNING id
 
 -- name: claim_pending
 -- As SQLite's claim_heads, first branch: each contact's first unfinished delivery when due,
--- none for a contact with one in flight. SKIP LOCKED: a row another instance is claiming (or
--- finishing) is left to it; its followers stay behind it because it is still unfinished in
--- this statement's snapshot.
+-- none for a contact with one in flight. The walk follows deliveries_due in order and stops at
+-- the LIMIT; OFFSET 0 keeps each NOT EXISTS a per-row probe of deliveries_by_contact (without
+-- it the planner may turn it into a join over the whole backlog, and on a fresh table, without
+-- statistics, into a nested loop over it). SKIP LOCKED: a row another instance is claiming or
+-- finishing is left to it; its followers stay behind it, being unfinished in this snapshot.
 SELECT d.* FROM deliveries d
  WHERE d.connector = $1 AND d.status = 'pending' AND d.next_attempt_at <= $2
    AND NOT EXISTS (
@@ -158,7 +167,8 @@ SELECT d.* FROM deliveries d
          WHERE e.connector = d.connector AND e.contact_key = d.contact_key
            AND e.status IN ('pending', 'in_flight') AND e.id != d.id
            AND (e.status = 'in_flight' OR e.sort_at < d.sort_at
-                OR e.sort_at = d.sort_at AND e.id < d.id))
+                OR e.sort_at = d.sort_at AND e.id < d.id)
+        OFFSET 0)
  ORDER BY d.next_attempt_at, d.id
  LIMIT $3
    FOR UPDATE OF d SKIP LOCKED
@@ -172,7 +182,8 @@ SELECT d.* FROM deliveries d
          WHERE e.connector = d.connector AND e.contact_key = d.contact_key
            AND e.status IN ('pending', 'in_flight') AND e.id != d.id
            AND (e.status = 'in_flight' AND e.lease_until >= $2
-                OR e.sort_at < d.sort_at OR e.sort_at = d.sort_at AND e.id < d.id))
+                OR e.sort_at < d.sort_at OR e.sort_at = d.sort_at AND e.id < d.id)
+        OFFSET 0)
  ORDER BY d.id
  LIMIT $3
    FOR UPDATE OF d SKIP LOCKED
@@ -224,6 +235,7 @@ SELECT * FROM deliveries WHERE event_id = $1 ORDER BY id
 SELECT connector, status, count(*) AS n FROM deliveries GROUP BY connector, status
 
 -- name: queue_stats
+-- At every metrics scrape: reads the unfinished rows only (deliveries_unfinished_by_contact).
 SELECT connector, status, count(*) AS n, min(created_at) AS oldest FROM deliveries
  WHERE status IN ('pending', 'in_flight')
  GROUP BY connector, status
