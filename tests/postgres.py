@@ -73,6 +73,19 @@ def pg_url(pg_database: str) -> str:
     return pg_database
 
 
+def fetch(url: str, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of one query on a test database (beside running daemons)."""
+
+    async def run() -> list[tuple[Any, ...]]:
+        conn = await asyncpg.connect(url, timeout=5)
+        try:
+            return [tuple(r) for r in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+    return list(_run(run()))
+
+
 def store_yaml(backend: str, request: pytest.FixtureRequest, db_path: Any) -> str:
     """The `store:` block of a test config for `backend`."""
     if backend == "postgres":

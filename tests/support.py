@@ -131,6 +131,18 @@ def delivery_states(db: Path) -> dict[str, int]:
     return dict(rows)
 
 
+def delivery_states_of(config_path: Path) -> dict[str, int]:
+    """Deliveries by status in the store a config file names, SQLite or PostgreSQL."""
+    from bridge.config import load_config
+    from tests.postgres import fetch
+
+    store = load_config(config_path).store
+    if store.type == "sqlite":
+        return delivery_states(store.path)
+    sql = "SELECT status, count(*) FROM deliveries GROUP BY status"
+    return dict(fetch(store.url.get_secret_value(), sql))
+
+
 def wait_for(check: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.02) -> T:
     """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
