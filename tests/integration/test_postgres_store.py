@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 
 import asyncpg
 import pytest
 
+from bridge.config import DeliveryConfig
+from bridge.delivery import DeliveryWorker
 from bridge.errors import StoreUnavailable
 from bridge.models import DeliveryStatus, Finish, Routed
+from bridge.retry import RetryPolicy
 from bridge.store.postgres import MIGRATIONS, PostgresStore
+from connectors.hubspot import HubSpotConfig, HubSpotConnector
 from tests.postgres import SERVER
 from tests.unit.test_store import add, done, new_delivery, new_event
 
@@ -227,3 +233,39 @@ async def test_webhooks_arriving_together_commit_together_and_a_bad_one_fails_al
     fine = [r for i, r in enumerate(results) if i != 50]
     assert [r.duplicate for r in fine] == [False] * 100 + [True]
     assert len(await store.unrouted(1000)) == 100
+
+
+async def test_crm_bridge_migrate_applies_then_finds_the_schema_up_to_date(
+    fresh_database, tmp_path
+):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"store:\n  url: {fresh_database}\n  migrate_on_start: false\n")
+
+    def migrate() -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "bridge", "migrate", "--config", str(config)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+    first, again = migrate(), migrate()
+    assert first.returncode == 0 and f"applied {', '.join(MIGRATIONS)}" in first.stdout
+    assert again.returncode == 0 and "the schema is up to date" in again.stdout
+
+
+async def test_a_delivery_worker_limits_its_connector_through_the_shared_window(stores):
+    store = await stores()
+    settings = {"type": "hubspot", "access_token": "pat-na1-test", "base_url": "http://127.0.0.1:9"}
+    connector = HubSpotConnector("hubspot", HubSpotConfig.model_validate(settings))
+    DeliveryWorker(
+        "hubspot",
+        connector,
+        store,
+        RetryPolicy.from_config(DeliveryConfig()),
+        concurrency=1,
+        lease_seconds=60,
+        poll_interval=1,
+    )
+    assert connector.limiter is not None
+    for _ in range(3):
+        await connector.limiter.acquire()
+    async with store.connection() as conn:
+        starts = await conn.fetchval("SELECT count(*) FROM rate_starts WHERE name = 'hubspot'")
+    assert starts == 3  # counted where every instance sees them
