@@ -184,12 +184,16 @@ async def test_a_resent_older_state_never_overwrites_a_newer_one(bridge, hubspot
 
 async def test_a_burst_within_the_window_becomes_one_write(bridge, hubspot_emulator):
     client = await bridge(delivery="  coalesce_window: 0.3")
-    ids = []
-    for i, (type_, name) in enumerate([("open", "a"), ("click", "b"), ("interest", "c")]):
-        body = await send(
-            client, sample(type=type_, first_name=name, updatedAt=f"2024-01-01T00:00:0{i}Z")
+    # A burst: the three arrive together (one after the other, they would be stored tens of
+    # milliseconds apart on a busy machine's PostgreSQL, and the first could fall due, and be
+    # claimed, before the last).
+    bodies = await asyncio.gather(
+        *(
+            send(client, sample(type=type_, first_name=name, updatedAt=f"2024-01-01T00:00:0{i}Z"))
+            for i, (type_, name) in enumerate([("open", "a"), ("click", "b"), ("interest", "c")])
         )
-        ids.append(body["event_id"])
+    )
+    ids = [body["event_id"] for body in bodies]
     results = [await settled(client, event_id) for event_id in ids]
     hubspot_results = [r[0] for r in results if r and r[0]["connector"] == "hubspot"]
     assert {d["status"] for d in hubspot_results} == {"done"}
