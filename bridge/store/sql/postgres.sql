@@ -270,7 +270,8 @@ UPDATE deliveries
 DELETE FROM deliveries WHERE status = 'dead' AND updated_at < $1
 
 -- name: events_of_email
-SELECT id FROM events WHERE email = $1 FOR UPDATE
+-- Locked in id order, as `route` locks them: the two never deadlock.
+SELECT id FROM events WHERE email = $1 ORDER BY id FOR UPDATE
 
 -- name: delete_deliveries_of
 DELETE FROM deliveries WHERE event_id = ANY($1::text[])
