@@ -66,6 +66,9 @@ UNAVAILABLE = (
     OSError,
     TimeoutError,
     asyncpg.InterfaceError,
+    # What asyncpg raises on a connection the server dropped while it was idle in the pool
+    # (the protocol finds itself in an unexpected state); the pool discards that connection.
+    asyncpg.InternalClientError,
     asyncpg.PostgresConnectionError,
     asyncpg.InsufficientResourcesError,
     asyncpg.OperatorInterventionError,

@@ -269,3 +269,28 @@ async def test_a_delivery_worker_limits_its_connector_through_the_shared_window(
     async with store.connection() as conn:
         starts = await conn.fetchval("SELECT count(*) FROM rate_starts WHERE name = 'hubspot'")
     assert starts == 3  # counted where every instance sees them
+
+
+async def test_connections_lost_mid_run_fail_alone_and_the_pool_recovers(stores, pg_url):
+    store = await stores(pool_min=2, pool_max=2)
+    await store.ingest(new_event("before"))
+    # The server drops every connection of this database (a failover, a restart).
+    admin = await asyncpg.connect(f"{SERVER}/postgres")
+    try:
+        name = pg_url.rsplit("/", 1)[1]
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = $1 AND pid != pg_backend_pid()",
+            name,
+        )
+    finally:
+        await admin.close()
+    outcomes = []
+    for i in range(4):
+        try:
+            outcomes.append((await store.ingest(new_event(f"after{i}"))).duplicate)
+        except StoreUnavailable:
+            outcomes.append("unavailable")  # nothing acknowledged: the sender retries
+    # At most the calls on the dead connections failed, as StoreUnavailable; then it works.
+    assert outcomes[-2:] == [False, False]
+    assert (await store.ingest(new_event("before"))).duplicate is True
