@@ -315,6 +315,7 @@ class PostgresStore(Store):
         if not routed:
             return []
         async with self.connection() as conn, conn.transaction():
+            await conn.execute(SQL["background"])
             rows = await conn.fetch(SQL["lock_unrouted"], [r.event_id for r in routed])
             fresh = {r["id"] for r in rows}
             todo = [r for r in routed if r.event_id in fresh]
@@ -358,6 +359,7 @@ class PostgresStore(Store):
         self, connector: str, limit: int, now: float, lease_seconds: float, coalesce: int = 0
     ) -> list[ClaimedGroup]:
         async with self.connection() as conn, conn.transaction():
+            await conn.execute(SQL["background"])
             heads = list(await conn.fetch(SQL["claim_pending"], connector, now, limit))
             if len(heads) < limit:
                 heads += await conn.fetch(SQL["claim_expired"], connector, now, limit - len(heads))
@@ -399,18 +401,20 @@ class PostgresStore(Store):
         return groups
 
     async def finish(self, finishes: list[Finish], now: float) -> None:
-        updates = []
+        columns: list[list[Any]] = [[], [], [], [], []]
         contacts = []
         for f in finishes:
             result = json.dumps(f.result) if f.result is not None else None
-            updates += [
-                (i, str(f.status), result, f.error, f.next_attempt_at, now) for i in f.delivery_ids
-            ]
+            for i in f.delivery_ids:
+                values = (i, str(f.status), result, f.error, f.next_attempt_at)
+                for column, value in zip(columns, values, strict=True):
+                    column.append(value)
             if f.connector and f.contact_key and f.applied_sort_at is not None:
                 contacts.append((f.connector, f.contact_key, f.record_id, f.applied_sort_at, now))
         async with self.connection() as conn, conn.transaction():
-            if updates:
-                await conn.executemany(SQL["finish"], updates)
+            await conn.execute(SQL["background"])
+            if columns[0]:
+                await conn.execute(SQL["finish"], *columns, now)
             if contacts:
                 await conn.executemany(SQL["remember_contact"], contacts)
 

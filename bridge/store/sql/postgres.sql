@@ -206,11 +206,14 @@ SELECT contact_key, record_id, applied_sort_at FROM contact_state
  WHERE connector = $1 AND contact_key = ANY($2::text[])
 
 -- name: finish
-UPDATE deliveries
-   SET status = $2, result = $3, last_error = $4,
-       next_attempt_at = coalesce($5, next_attempt_at),
+-- All of a call's outcomes in one statement: arrays of ids, statuses, results, errors, times.
+UPDATE deliveries d
+   SET status = f.status, result = f.result, last_error = f.error,
+       next_attempt_at = coalesce(f.next_attempt_at, d.next_attempt_at),
        lease_until = NULL, updated_at = $6
- WHERE id = $1
+  FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::float8[])
+       AS f(id, status, result, error, next_attempt_at)
+ WHERE d.id = f.id
 
 -- name: remember_contact
 INSERT INTO contact_state (connector, contact_key, record_id, applied_sort_at, updated_at)
@@ -302,6 +305,14 @@ RETURNING 1
 
 -- name: purge_messages
 DELETE FROM webhook_messages WHERE seen_at <= $1
+
+-- name: background
+-- For the store's own bookkeeping (routing, claims, outcomes), not for acknowledgements: its
+-- commit does not wait for the WAL flush. A server crash may lose the last few of them, which
+-- the queue already survives (a claim lost: claimed again; an outcome lost: sent again, as
+-- after a crash before it was recorded; a routing lost: routed again, the event being still
+-- unrouted in the same lost transaction).
+SET LOCAL synchronous_commit TO OFF
 
 -- name: rate_take
 SELECT crm_bridge_rate_take($1, $2, $3, $4)
