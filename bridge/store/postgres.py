@@ -306,7 +306,8 @@ class PostgresStore(Store):
         return {r["id"] for r in rows}
 
     async def unrouted(self, limit: int) -> list[StoredEvent]:
-        async with self.connection() as conn:
+        async with self.connection() as conn, conn.transaction():
+            await conn.execute(SQL["background"])  # a lease lost is taken again
             rows = await conn.fetch(SQL["unrouted"], limit, ROUTE_LEASE)
         events = [StoredEvent.model_validate(dict(r)) for r in rows]
         return sorted(events, key=lambda e: (e.received_at, e.id))
