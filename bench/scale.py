@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import secrets
 import sqlite3
 import sys
@@ -36,6 +37,7 @@ from typing import Any
 
 # Run as `python bench/scale.py`: the bench folder is on sys.path.
 from delivery import RULES, TOKEN, Bodies, Daemon, backfill, write_contacts
+from procstat import cpu_seconds, machine_busy_seconds
 
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 DRAIN_TIMEOUT = 300.0  # seconds a drain may take at most
@@ -49,6 +51,8 @@ class Result:
     instances: int
     acks_per_s: float = 0.0
     ingest_errors: int = 0
+    daemon_cpu_ms: float = 0.0  # the instances' CPU per acknowledged event, ingest phase
+    machine_busy: float = 0.0  # cores busy on the machine during the ingest phase (of os.cpu_count)
     delivered_per_s: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -231,9 +235,15 @@ def run_target(args: argparse.Namespace, kind: str, n: int, tmp: Path) -> Result
     try:
         daemons = start_daemons(config, directory, n, "ingest")
         try:
+            cpu_before = sum(cpu_seconds(d.pid) for d in daemons)
+            busy_before = machine_busy_seconds()
             acked, failed, seconds = asyncio.run(
                 _post_all([d.url for d in daemons], texts, args.concurrency)
             )
+            result.daemon_cpu_ms = (
+                1000 * (sum(cpu_seconds(d.pid) for d in daemons) - cpu_before) / max(acked, 1)
+            )
+            result.machine_busy = (machine_busy_seconds() - busy_before) / seconds
             result.acks_per_s = acked / seconds
             result.ingest_errors = failed
             wait_drained(store, DRAIN_TIMEOUT)
@@ -282,6 +292,7 @@ def report(results: list[Result]) -> bool:
     print(
         f"{'target':<14}{'acks/s':>10}{'vs sqlite':>11}{'vs pg x1':>10}"
         f"{'delivered/s':>13}{'vs sqlite':>11}{'vs pg x1':>10}"
+        f"{'cpu ms/ack':>12}{'cores busy':>12}"
     )
     for r in results:
         name = f"{r.target} x{r.instances}"
@@ -290,7 +301,12 @@ def report(results: list[Result]) -> bool:
             f"{ratio(r.acks_per_s, pg1.acks_per_s) if pg1 else '-':>10}"
             f"{r.delivered_per_s:>13,.0f}{ratio(r.delivered_per_s, base.delivered_per_s):>11}"
             f"{ratio(r.delivered_per_s, pg1.delivered_per_s) if pg1 else '-':>10}"
+            f"{r.daemon_cpu_ms:>12.2f}{r.machine_busy:>8.2f}/{os.cpu_count()}"
         )
+    print(
+        "cpu ms/ack: the instances' CPU per acknowledged event while ingesting (routing and "
+        "delivery included); cores busy: the whole machine's, PostgreSQL, client and others too"
+    )
     ok = True
     for r in results:
         for problem in r.problems:

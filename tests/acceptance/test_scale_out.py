@@ -77,7 +77,9 @@ def test_three_instances_one_killed_deliver_everything_once(
     turn = itertools.cycle(daemons)
     for i, payload in enumerate(payloads):
         if i == len(payloads) // 3:
-            victim.kill()  # SIGKILL, claims and all
+            # Once it is delivering (its calls take a while: some are in flight), SIGKILL.
+            wait_for(lambda: victim.actions("delivery.done"), timeout=30)
+            victim.kill()
         # Round-robin; a dead instance's connection fails and the sender tries the next one,
         # as a load balancer (or the platform's resend) would.
         while True:
