@@ -1,5 +1,5 @@
-"""`crm-bridge`: thin commands over the core (serve, check, simulate, status, dlq, backfill,
-forget).
+"""`crm-bridge`: thin commands over the core (serve, check, simulate, migrate, status, dlq,
+backfill, forget).
 
 Exit codes: 0 done, 1 failed or not found (`dlq`) or some lines invalid (`backfill`) or a CRM
 refuses the rules (`check --online`), 2 bad usage or configuration.
@@ -179,8 +179,9 @@ def _on_store(config: Config, work: Callable[[Store], Awaitable[T]]) -> T:
 
 
 def _existing_store(config: Config) -> Config:
-    # Reading the DLQ must not create an empty store where the config points by mistake.
-    if not config.store.path.exists():
+    # Reading the DLQ must not create an empty store where the config points by mistake (a
+    # PostgreSQL store without its schema is refused by the store itself).
+    if config.store.type == "sqlite" and not config.store.path.exists():
         print(f"crm-bridge: no store at {config.store.path}", file=sys.stderr)
         raise SystemExit(2)
     return config
@@ -238,7 +239,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     # scrollback free of it too.
     print(
         f"forgot {mask_address(args.email)}: {events} event(s) and {deliveries} deliver"
-        f"{'y' if deliveries == 1 else 'ies'} deleted from {config.store.path}"
+        f"{'y' if deliveries == 1 else 'ies'} deleted from {config.store.describe()}"
     )
     return 0
 
@@ -261,6 +262,25 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         return 2
     print(backfill.render_summary(summary, args.file, source, args.type))
     return 1 if summary.invalid else 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+
+    async def run() -> list[str]:
+        return await open_store(config.store, exclusive=False).migrate()
+
+    try:
+        applied = asyncio.run(run())
+    except StoreUnavailable as exc:
+        print(f"crm-bridge: {exc}", file=sys.stderr)
+        return 1
+    where = config.store.describe()
+    if applied:
+        print(f"{where}: applied {', '.join(applied)}")
+    else:
+        print(f"{where}: the schema is up to date")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -383,6 +403,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--source", help="the configured source it came in on (default: first)")
     sim.add_argument("--online", action="store_true", help="read the CRM records: print a plan")
     sim.set_defaults(func=cmd_simulate)
+    migrate = sub.add_parser(
+        "migrate",
+        help="bring the store's schema up to date (PostgreSQL: apply pending migrations)",
+        description=(
+            "Apply the schema migrations the configured store lacks, in order, under a lock "
+            "(safe while daemons run or start). SQLite makes its schema when it opens."
+        ),
+    )
+    migrate.add_argument("--config", "-c", type=Path, default=Path("config.yaml"))
+    migrate.set_defaults(func=cmd_migrate)
     _add_dlq(sub)
     _add_backfill(sub)
     forget = sub.add_parser(

@@ -13,16 +13,19 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     IPvAnyNetwork,
     PrivateAttr,
     SecretStr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -121,6 +124,65 @@ class SourceConfig(_Strict):
 class SqliteStoreConfig(_Strict):
     type: Literal["sqlite"] = "sqlite"
     path: Path = Path("crm-bridge.db")
+
+    def describe(self) -> str:
+        return str(self.path)
+
+
+class PostgresStoreConfig(_Strict):
+    """A PostgreSQL store shared by several daemons: `store: {url: postgresql://...}`."""
+
+    type: Literal["postgres"] = "postgres"
+    # libpq form: postgresql://user:password@host:port/database?sslmode=...; a secret, since
+    # it may hold the password (write ${file:/run/credentials/...} or ${PG_URL}).
+    url: SecretStr
+    pool_min: int = Field(default=2, ge=0, le=100)
+    pool_max: int = Field(default=10, ge=1, le=100)
+    # Apply pending schema migrations when the daemon starts (under an advisory lock, so
+    # instances starting together migrate once); false: only `crm-bridge migrate` does.
+    migrate_on_start: bool = True
+    command_timeout: float = Field(default=30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr) -> SecretStr:
+        if urlsplit(value.get_secret_value()).scheme not in ("postgresql", "postgres"):
+            raise ValueError("a PostgreSQL URL starts with postgresql://")
+        return value
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> PostgresStoreConfig:
+        if self.pool_min > self.pool_max:
+            raise ValueError(f"pool_min ({self.pool_min}) exceeds pool_max ({self.pool_max})")
+        return self
+
+    def describe(self) -> str:
+        """The URL without its password, for logs and `status`."""
+        parts = urlsplit(self.url.get_secret_value())
+        netloc = parts.netloc
+        if "@" in netloc:
+            user, _, host = netloc.rpartition("@")
+            netloc = f"{user.partition(':')[0]}@{host}" if user else host
+        return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _store_kind(data: Any) -> str:
+    # `type:` decides; without it a `url:` means PostgreSQL, anything else the SQLite file.
+    if isinstance(data, dict):
+        kind = data.get("type") or ("postgres" if "url" in data else "sqlite")
+        return str(kind) if kind in STORE_KINDS else "sqlite"
+    return str(getattr(data, "type", "sqlite"))
+
+
+STORE_KINDS = ("sqlite", "postgres")
+_STORE_MODELS: dict[str, type[BaseModel]] = {
+    "sqlite": SqliteStoreConfig,
+    "postgres": PostgresStoreConfig,
+}
+StoreConfig = Annotated[
+    Annotated[SqliteStoreConfig, Tag("sqlite")] | Annotated[PostgresStoreConfig, Tag("postgres")],
+    Discriminator(_store_kind),
+]
 
 
 class DeliveryConfig(_Strict):
@@ -259,7 +321,7 @@ class PrivacyConfig(_Strict):
 class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     sources: dict[str, SourceConfig] = Field(default_factory=lambda: {"supersend": SourceConfig()})
-    store: SqliteStoreConfig = Field(default_factory=SqliteStoreConfig)
+    store: StoreConfig = Field(default_factory=SqliteStoreConfig)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     connectors: dict[str, ConnectorEntry] = Field(default_factory=dict)
     rules: list[RuleConfig] = Field(default_factory=list)
@@ -393,11 +455,19 @@ class _Problems:
         for err in errors:
             if err["type"] == "missing" and tuple(err["loc"]) in misspelt:
                 continue
-            loc = (*prefix, *err["loc"])
+            err_loc, err_model = tuple(err["loc"]), model
+            if err_loc[:1] == ("store",) and len(err_loc) > 1 and err_loc[1] in STORE_KINDS:
+                # The store union's tag is no key of the YAML: report under `store.`.
+                err_model = _STORE_MODELS[str(err_loc[1])]
+                err_loc = err_loc[2:]
+                prefix_here: Loc = (*prefix, "store")
+            else:
+                prefix_here = prefix
+            loc = (*prefix_here, *err_loc)
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                siblings = _known_fields(model, tuple(err["loc"][:-1]))
-                hint = difflib.get_close_matches(str(err["loc"][-1]), siblings, n=1)
+                siblings = _known_fields(err_model, err_loc[:-1])
+                hint = difflib.get_close_matches(str(err_loc[-1]), siblings, n=1)
                 message = "unknown key" + (f" (did you mean `{hint[0]}`?)" if hint else "")
             elif err["type"] == "missing":
                 message = f"required key `{err['loc'][-1]}` is missing"

@@ -67,6 +67,9 @@ class DeliveryWorker:
     ) -> None:
         self.name = name
         self.connector = connector
+        if connector.limiter is not None:
+            # On a shared store, the connector's rate limit holds for all instances together.
+            connector.limiter.share(store.shared_window(name))
         self.breaker = breaker or CircuitBreaker()
         self._store = store
         self._policy = policy

@@ -5,6 +5,11 @@ window, which matches HubSpot's rolling ten-second limit exactly (a token bucket
 full bucket plus a window's refill through and earn a 429). The CRM's own counters (response
 headers) are authoritative, because other integrations share the same allowance: `observe`
 folds them in, and `pause` honours an explicit Retry-After.
+
+Several daemons on one PostgreSQL store share each connector's allowance: `share` hands the
+limiter the store's window for the connector (`Store.shared_window`), and every start then also
+needs a slot in that window, which the database serialises. The local log still applies (it
+holds the CRM's phantoms), and a pause is published to the others at the next acquire.
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ import asyncio
 import collections
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bridge.store.base import SharedWindow
 
 
 class RateLimiter:
@@ -40,6 +49,12 @@ class RateLimiter:
         self._paused_until = 0.0
         self._lock = asyncio.Lock()
         self.waited_seconds = 0.0  # total time callers spent waiting here, for metrics
+        self._shared: SharedWindow | None = None
+        self._unpublished_pause = False
+
+    def share(self, window: SharedWindow | None) -> None:
+        """Count starts in `window` too: the allowance every instance on the store shares."""
+        self._shared = window
 
     def _delay(self, now: float) -> float:
         while self._starts and self._starts[0] <= now - self.per_seconds:
@@ -54,12 +69,22 @@ class RateLimiter:
         """Wait for a slot and take it; returns the seconds waited."""
         waited = 0.0
         async with self._lock:
-            while (delay := self._delay(self._clock())) > 0:
+            while (delay := await self._next_delay()) > 0:
                 await self._sleep(delay)
                 waited += delay
             self._starts.append(self._clock())
         self.waited_seconds += waited
         return waited
+
+    async def _next_delay(self) -> float:
+        if self._shared is not None and self._unpublished_pause:
+            # Tell the other instances first: they would otherwise earn 429s meanwhile.
+            self._unpublished_pause = False
+            await self._shared.take(self.requests, self.per_seconds, self.paused_for())
+        delay = self._delay(self._clock())
+        if delay > 0 or self._shared is None:
+            return delay
+        return await self._shared.take(self.requests, self.per_seconds, 0.0)
 
     def paused_for(self) -> float:
         """Seconds the current pause still lasts; 0 when not paused."""
@@ -68,6 +93,7 @@ class RateLimiter:
     def pause(self, seconds: float) -> None:
         """Start nothing for `seconds` (the CRM said Retry-After, or its window is spent)."""
         self._paused_until = max(self._paused_until, self._clock() + seconds)
+        self._unpublished_pause = self._shared is not None
 
     def observe(self, remaining: int | None, window_seconds: float | None = None) -> None:
         """Fold in the CRM's count of what is left in the current window.

@@ -95,7 +95,7 @@ async def gather(store: Store, config: Config, now: float) -> dict[str, Any]:
         }
     ages = [a for c in connectors.values() if (a := c["oldest_pending_age"]) is not None]
     return {
-        "store": str(config.store.path),
+        "store": config.store.describe(),
         "daemon": {"running": live is not None, "url": url, "detail": daemon},
         "backlog": backlog,
         "queue_depth": sum(c["pending"] + c["in_flight"] for c in connectors.values()),

@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.emulators.fixtures"]
+pytest_plugins = ["tests.emulators.fixtures", "tests.postgres"]

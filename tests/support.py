@@ -50,8 +50,10 @@ def config_yaml(
     rules: str | None = None,
     delivery: str = "",
     server: str = "",
+    store: str | None = None,
 ) -> str:
-    """A config with the two connectors (dry when given no settings) and the example's rules."""
+    """A config with the two connectors (dry when given no settings) and the example's rules;
+    `store` replaces the `store:` block (tests.postgres.store_yaml), default SQLite at db_path."""
 
     def block(name: str, settings: dict[str, Any] | None) -> str:
         lines = [f"  {name}:", f"    type: {name}"]
@@ -89,6 +91,7 @@ def config_yaml(
         if key:
             delivery_settings[key.strip()] = value.strip()
     delivery_block = "\n".join(f"  {k}: {v}" for k, v in delivery_settings.items())
+    sqlite_store = f"store:\n  type: sqlite\n  path: {db_path}"
     return f"""\
 server:
   host: 127.0.0.1
@@ -98,9 +101,7 @@ server:
 sources:
   supersend:
     tokens: ["{TOKEN}"]
-store:
-  type: sqlite
-  path: {db_path}
+{store or sqlite_store}
 delivery:
 {delivery_block}
 connectors:
@@ -128,6 +129,18 @@ def delivery_states(db: Path) -> dict[str, int]:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         rows = conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status").fetchall()
     return dict(rows)
+
+
+def delivery_states_of(config_path: Path) -> dict[str, int]:
+    """Deliveries by status in the store a config file names, SQLite or PostgreSQL."""
+    from bridge.config import load_config
+    from tests.postgres import fetch
+
+    store = load_config(config_path).store
+    if store.type == "sqlite":
+        return delivery_states(store.path)
+    sql = "SELECT status, count(*) FROM deliveries GROUP BY status"
+    return dict(fetch(store.url.get_secret_value(), sql))
 
 
 def wait_for(check: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.02) -> T:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from bridge.models import ClaimedGroup, Finish, IngestResult, NewEvent, Routed, StoredEvent
 
 if TYPE_CHECKING:
-    from bridge.config import SqliteStoreConfig
+    from bridge.config import PostgresStoreConfig, SqliteStoreConfig
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,16 @@ class LastError:
     at: float  # when it was recorded (updated_at)
 
 
+class SharedWindow(abc.ABC):
+    """One rate limit shared by every instance on the same store (see bridge.ratelimit)."""
+
+    @abc.abstractmethod
+    async def take(self, requests: int, per_seconds: float, pause: float) -> float:
+        """Take a start in the shared window and return 0, or return the seconds to wait
+        before asking again (the window is full, or paused). `pause` > 0 first extends the
+        shared pause by that many seconds from now (a CRM's Retry-After seen here)."""
+
+
 class Store(abc.ABC):
     """Events and deliveries, durably."""
 
@@ -49,6 +59,18 @@ class Store(abc.ABC):
 
     async def close(self) -> None:
         """Flush and release everything."""
+
+    async def migrate(self) -> list[str]:
+        """Bring the schema of a store that is not open up to date (`crm-bridge migrate`);
+        the migrations applied. By default `open` makes the schema: open and close."""
+        await self.open()
+        await self.close()
+        return []
+
+    def shared_window(self, name: str) -> SharedWindow | None:
+        """The rate-limit window that every instance on this store shares for `name`, or None
+        when one process owns the store (its limiter's own log is then the whole truth)."""
+        return None
 
     @abc.abstractmethod
     async def ingest(self, event: NewEvent) -> IngestResult:
@@ -150,8 +172,23 @@ def queries(dialect: str) -> dict[str, str]:
     return {name: body.strip() for name, body in zip(blocks[1::2], blocks[2::2], strict=True)}
 
 
-def open_store(config: SqliteStoreConfig, *, exclusive: bool = True) -> Store:
-    """The store the config names. `exclusive=False` is for the CLI beside a running daemon."""
+def open_store(
+    config: SqliteStoreConfig | PostgresStoreConfig,
+    *,
+    exclusive: bool = True,
+) -> Store:
+    """The store the config names. `exclusive=False` is for the CLI beside a running daemon
+    (a PostgreSQL store is shared anyway: the CLI gets a small pool and never migrates)."""
+    if config.type == "postgres":
+        from bridge.store.postgres import PostgresStore
+
+        return PostgresStore(
+            config.url.get_secret_value(),
+            pool_min=config.pool_min if exclusive else 0,
+            pool_max=config.pool_max if exclusive else 2,
+            migrate_on_start=config.migrate_on_start and exclusive,
+            command_timeout=config.command_timeout,
+        )
     from bridge.store.sqlite import SqliteStore
 
     return SqliteStore(config.path, exclusive=exclusive)

@@ -12,7 +12,7 @@ import pytest
 
 from tests.support import (
     config_yaml,
-    delivery_states,
+    delivery_states_of,
     hubspot_emails,
     hubspot_settings,
     salesforce_emails,
@@ -50,13 +50,15 @@ def cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def hubspot_config(tmp_path, hubspot_emulator) -> Path:
+def hubspot_config(tmp_path, store_config, hubspot_emulator) -> Path:
+    """On each backend in turn: the CLI works on a shared PostgreSQL store as on SQLite."""
     path = tmp_path / "config.yaml"
     path.write_text(
         config_yaml(
             tmp_path / "bridge.db",
             hubspot=hubspot_settings(hubspot_emulator),
             rules=HUBSPOT_ONLY_RULES,
+            store=store_config,
         )
     )
     return path
@@ -119,7 +121,7 @@ def test_dlq_beside_a_running_daemon(daemon_factory, hubspot_config, hubspot_emu
     retried = cli("dlq", "retry", "--all", config=hubspot_config)
     assert (retried.returncode, retried.stdout.strip()) == (0, "queued 2 dead deliveries again")
     wait_for(lambda: hubspot_emails(hubspot_emulator) == ["ann@example.com", "bob@example.com"])
-    wait_for(lambda: delivery_states(hubspot_config.parent / "bridge.db") == {"done": 2})
+    wait_for(lambda: delivery_states_of(hubspot_config) == {"done": 2})
     assert cli("dlq", "list", config=hubspot_config).stdout.strip() == "no dead deliveries"
     again = cli("dlq", "retry", str(first), config=hubspot_config)
     assert again.returncode == 1
@@ -148,7 +150,7 @@ def test_dlq_while_the_daemon_is_stopped(daemon_factory, hubspot_config, hubspot
 
     # Then the restarted daemon delivers the retried one only
     restarted = daemon_factory(hubspot_config)
-    wait_for(lambda: delivery_states(hubspot_config.parent / "bridge.db") == {"done": 1})
+    wait_for(lambda: delivery_states_of(hubspot_config) == {"done": 1})
     assert hubspot_emails(hubspot_emulator) == ["kept@example.com"]
     assert restarted.stop() == 0
 

@@ -15,7 +15,8 @@ FINISHED = {"done", "dead", "dry_run", "skipped"}
 
 
 @pytest.fixture
-async def bridge(tmp_path, hubspot_emulator, salesforce_emulator):
+async def bridge(tmp_path, store_config, hubspot_emulator, salesforce_emulator):
+    """Start the app in process, on each backend in turn (tests.postgres.store_config)."""
     clients = []
 
     async def start(delivery: str = "", **overrides) -> TestClient:
@@ -23,7 +24,9 @@ async def bridge(tmp_path, hubspot_emulator, salesforce_emulator):
             "hubspot": hubspot_settings(hubspot_emulator),
             "salesforce": salesforce_settings(salesforce_emulator),
         } | overrides
-        text = config_yaml(tmp_path / "bridge.db", delivery=delivery, **settings)
+        text = config_yaml(
+            tmp_path / "bridge.db", delivery=delivery, store=store_config, **settings
+        )
         app = create_app(parse_config(text))
         client = TestClient(TestServer(app))
         await client.start_server()
@@ -181,12 +184,16 @@ async def test_a_resent_older_state_never_overwrites_a_newer_one(bridge, hubspot
 
 async def test_a_burst_within_the_window_becomes_one_write(bridge, hubspot_emulator):
     client = await bridge(delivery="  coalesce_window: 0.3")
-    ids = []
-    for i, (type_, name) in enumerate([("open", "a"), ("click", "b"), ("interest", "c")]):
-        body = await send(
-            client, sample(type=type_, first_name=name, updatedAt=f"2024-01-01T00:00:0{i}Z")
+    # A burst: the three arrive together (one after the other, they would be stored tens of
+    # milliseconds apart on a busy machine's PostgreSQL, and the first could fall due, and be
+    # claimed, before the last).
+    bodies = await asyncio.gather(
+        *(
+            send(client, sample(type=type_, first_name=name, updatedAt=f"2024-01-01T00:00:0{i}Z"))
+            for i, (type_, name) in enumerate([("open", "a"), ("click", "b"), ("interest", "c")])
         )
-        ids.append(body["event_id"])
+    )
+    ids = [body["event_id"] for body in bodies]
     results = [await settled(client, event_id) for event_id in ids]
     hubspot_results = [r[0] for r in results if r and r[0]["connector"] == "hubspot"]
     assert {d["status"] for d in hubspot_results} == {"done"}

@@ -14,8 +14,9 @@ JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture
-async def client(tmp_path):
-    app = create_app(parse_config(config_yaml(tmp_path / "bridge.db")))
+async def client(tmp_path, store_config):
+    # Once per backend (tests.postgres.store_config): SQLite, then PostgreSQL.
+    app = create_app(parse_config(config_yaml(tmp_path / "bridge.db", store=store_config)))
     async with TestClient(TestServer(app)) as client:
         yield client
 

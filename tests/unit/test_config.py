@@ -263,3 +263,26 @@ rules:
         "OPEN",
         "CONNECTED",
     )
+
+
+def test_a_store_url_selects_postgresql_and_the_sqlite_form_still_works(monkeypatch):
+    monkeypatch.setenv("TEST_PG_URL", "postgresql://bridge:s3cret@db.internal:5432/crm")
+    pg = parse_config(GOOD + "store:\n  url: ${TEST_PG_URL}\n  pool_max: 20\n").store
+    assert (pg.type, pg.pool_min, pg.pool_max, pg.migrate_on_start) == ("postgres", 2, 20, True)
+    assert pg.describe() == "postgresql://bridge@db.internal:5432/crm"  # no password
+    assert "s3cret" not in repr(pg)
+    sqlite = parse_config(GOOD + "store:\n  type: sqlite\n  path: /tmp/x.db\n").store
+    assert (sqlite.type, str(sqlite.path)) == ("sqlite", "/tmp/x.db")
+    assert parse_config(GOOD).store.type == "sqlite"
+
+
+def test_postgresql_store_problems_are_reported_with_file_and_line():
+    line = GOOD.count("\n") + 1  # where `store:` begins
+    found = problems(GOOD + "store:\n  url: mysql://db/crm\n  pool_mn: 3\n")
+    assert found == [
+        f"config.yaml:{line + 1}:3: store.url: a PostgreSQL URL starts with postgresql://",
+        f"config.yaml:{line + 2}:3: store.pool_mn: unknown key (did you mean `pool_min`?)",
+    ]
+    assert problems(
+        GOOD + "store:\n  url: postgresql://db/crm\n  pool_min: 9\n  pool_max: 2\n"
+    ) == [f"config.yaml:{line}:1: store: pool_min (9) exceeds pool_max (2)"]

@@ -144,3 +144,60 @@ def test_a_limit_needs_at_least_one_request_and_a_window():
         RateLimiter(0, 10.0)
     with pytest.raises(ValueError):
         RateLimiter(1, 0)
+
+
+class FakeWindow:
+    """A shared window on the fake clock, as another instance's limiter would see it."""
+
+    def __init__(self, clock: FakeTime) -> None:
+        self.clock = clock
+        self.starts: list[float] = []
+        self.paused_until = 0.0
+        self.pauses: list[float] = []
+
+    async def take(self, requests: int, per_seconds: float, pause: float) -> float:
+        now = self.clock.now
+        if pause > 0:
+            self.pauses.append(pause)
+            self.paused_until = max(self.paused_until, now + pause)
+        if self.paused_until > now:
+            return self.paused_until - now
+        self.starts = [s for s in self.starts if s > now - per_seconds]
+        if len(self.starts) < requests:
+            self.starts.append(now)
+            return 0.0
+        return self.starts[0] + per_seconds - now
+
+
+async def test_a_shared_window_limits_all_instances_together():
+    clock = FakeTime()
+    window = FakeWindow(clock)
+    # Two instances, each with its own limiter of 3 per 10 s, sharing one window.
+    limiters = [RateLimiter(3, 10.0, clock=clock, sleep=clock.sleep) for _ in range(2)]
+    for rl in limiters:
+        rl.share(window)
+    starts: list[float] = []
+
+    async def call(rl: RateLimiter) -> None:
+        await rl.acquire()
+        starts.append(clock.now)
+
+    await asyncio.gather(*(call(limiters[i % 2]) for i in range(9)))
+    assert sorted(starts) == [1000.0] * 3 + [1010.0] * 3 + [1020.0] * 3
+
+
+async def test_a_pause_is_published_to_the_shared_window():
+    clock = FakeTime()
+    window = FakeWindow(clock)
+    first, other = (RateLimiter(3, 10.0, clock=clock, sleep=clock.sleep) for _ in range(2))
+    first.share(window)
+    other.share(window)
+    first.pause(30.0)  # this instance saw a 429 with Retry-After: 30
+    await first.acquire()
+    assert window.pauses == [30.0] and clock.now == 1030.0
+    # The other instance learnt it from the window: nothing started before the pause ended.
+    clock.now = 1000.0
+    window.starts.clear()
+    window.paused_until = 1030.0
+    await other.acquire()
+    assert clock.now == 1030.0

@@ -1,4 +1,5 @@
-"""The SQLite store: atomic ingest, de-duplication, ordered claims, durability across reopen."""
+"""The stores, SQLite and PostgreSQL, by one suite: atomic ingest, de-duplication, ordered claims,
+leases, the DLQ; then what only one of them does (SQLite's lock file, PostgreSQL's instances)."""
 
 import asyncio
 import os
@@ -8,8 +9,10 @@ import pytest
 
 from bridge.errors import StoreUnavailable
 from bridge.models import DeliveryStatus, Finish, NewDelivery, NewEvent, Routed
+from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SqliteStore
 from connectors.base import LeadUpsert
+from tests.postgres import BACKENDS
 
 
 def new_event(key: str, email: str | None = "a@example.com", sort_at: float = 1000.0) -> NewEvent:
@@ -49,8 +52,19 @@ def new_delivery(email: str = "a@example.com", connector: str = "hubspot") -> Ne
     )
 
 
+@pytest.fixture(params=BACKENDS)
+async def store(request, tmp_path):
+    if request.param == "postgres":
+        s = PostgresStore(request.getfixturevalue("pg_url"), pool_min=1, pool_max=4)
+    else:
+        s = SqliteStore(tmp_path / "bridge.db")
+    await s.open()
+    yield s
+    await s.close()
+
+
 @pytest.fixture
-async def store(tmp_path):
+async def sqlite_store(tmp_path):
     s = SqliteStore(tmp_path / "bridge.db")
     await s.open()
     yield s
@@ -185,18 +199,20 @@ async def test_deliveries_in_flight_at_a_crash_are_resumed_on_reopen(tmp_path):
         await second.close()
 
 
-async def test_a_second_daemon_cannot_open_the_same_file(store):
-    other = SqliteStore(store.path)
+async def test_a_second_daemon_cannot_open_the_same_file(sqlite_store):
+    other = SqliteStore(sqlite_store.path)
     with pytest.raises(StoreUnavailable, match="in use by another crm-bridge process"):
         await other.open()
 
 
-async def test_the_store_file_is_private(store):
-    mode = stat.S_IMODE(os.stat(store.path).st_mode)
+async def test_the_store_file_is_private(sqlite_store):
+    mode = stat.S_IMODE(os.stat(sqlite_store.path).st_mode)
     assert mode == 0o600
 
 
-async def test_a_failing_call_rolls_back_alone(store):
+async def test_a_failing_call_rolls_back_alone(sqlite_store):
+    store = sqlite_store
+
     async def bad():
         return await store._run(lambda conn: conn.execute("INSERT INTO nowhere VALUES (1)"))
 
