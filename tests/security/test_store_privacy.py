@@ -7,8 +7,10 @@ import stat
 import pytest
 
 from bridge.models import DeliveryStatus, Finish, NewDelivery, NewEvent, Routed
+from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SqliteStore
 from connectors.base import LeadUpsert
+from tests.postgres import BACKENDS
 
 
 def event(key: str, email: str | None, received_at: float = 1000.0) -> NewEvent:
@@ -49,9 +51,12 @@ async def finish_all(store, status, connectors=("c0", "c1")):
             await store.finish([Finish(delivery_ids=ids, status=status)], now=2000.0)
 
 
-@pytest.fixture
-async def store(tmp_path):
-    s = SqliteStore(tmp_path / "private" / "bridge.db")
+@pytest.fixture(params=BACKENDS)
+async def store(request, tmp_path):
+    if request.param == "postgres":
+        s = PostgresStore(request.getfixturevalue("pg_url"), pool_min=1, pool_max=4)
+    else:
+        s = SqliteStore(tmp_path / "private" / "bridge.db")
     await s.open()
     yield s
     await s.close()
@@ -149,10 +154,14 @@ async def test_message_ids_survive_a_restart(tmp_path):
         await second.close()
 
 
-async def test_expired_message_ids_are_purged(store):
+async def test_expired_message_ids_are_purged(tmp_path):
+    # SQLite's table itself: the rows of expired ids are deleted, not only ignored.
+    store = SqliteStore(tmp_path / "bridge.db")
+    await store.open()
     for i in range(5):
         await store.seen_message("s", f"old{i}", now=1000.0, keep=10.0)
     store._messages_seen = 0  # the next call purges
     await store.seen_message("s", "new", now=2000.0, keep=10.0)
     rows = await store._run(lambda c: c.execute("SELECT count(*) FROM webhook_messages").fetchone())
     assert rows[0] == 1
+    await store.close()
