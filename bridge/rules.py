@@ -188,9 +188,7 @@ class CompiledRule:
             raise RuleError(f"rule {self.config.name!r}: {exc}") from exc
         if not key:
             return None
-        # Every value is of its field's type already (the config was validated at load):
-        # constructing without validation keeps routing cheap.
-        return Activity.model_construct(
+        return Activity(
             kind=self.config.activity.kind,
             object=self.config.activity.object,
             id_property=self.config.id_property,
@@ -222,7 +220,7 @@ class CompiledRule:
             raise RuleError(f"rule {self.config.name!r}: {exc}") from exc
         if not key or (self.config.action == "update_status" and not values):
             return None  # an upsert keyed alone still makes the record; a status update not
-        return LeadUpsert.model_construct(
+        return LeadUpsert(
             object=self.config.record_object,
             id_property=self.config.id_property,
             id_value=key,
@@ -315,7 +313,7 @@ class RuleSet:
                 continue
             assert rule.config.connector is not None  # every action but stop has one
             result.deliveries.append(
-                NewDelivery.model_construct(
+                NewDelivery(
                     rule=rule.config.name,
                     connector=rule.config.connector,
                     action=rule.config.action,
