@@ -116,9 +116,27 @@ class Router:
             contact["email"] = normalise_email(contact.get("email"))
         except ValueError:
             contact["email"] = None
-        evaluation = rules.evaluate(
-            rules.context(event.source, data, contact, event.received_at), event.id, event.sort_at
-        )
+        try:
+            evaluation = rules.evaluate(
+                rules.context(event.source, data, contact, event.received_at),
+                event.id,
+                event.sort_at,
+            )
+        except Exception as exc:  # one event's failure must not stop routing
+            # The rules turn a user's expression failing into a note; anything else is a bug,
+            # logged with its traceback. The event is kept, routed with nothing to send, so
+            # every later event is still routed; `backfill` can queue it again once fixed.
+            log.exception(
+                "event %s: the rules failed on it",
+                event.id,
+                extra={"action": "router.rules_failed", "event_id": event.id},
+            )
+            return Routed(
+                event_id=event.id,
+                sort_at=event.sort_at,
+                deliveries=[],
+                notes=[f"the rules failed on this event ({type(exc).__name__}: {exc})"],
+            )
         notes = list(evaluation.notes)
         if not evaluation.deliveries and not notes:
             notes.append(f"no rule matched type {data.get('type')!r}")

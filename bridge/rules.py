@@ -216,6 +216,7 @@ class CompiledRule:
                 values[spec.name] = value
                 if (policy := spec.policy) is not None:
                     policies[spec.name] = policy
+            hubspot_lead = self._hubspot_lead(scope)
         except RULE_FAILURES as exc:
             raise RuleError(f"rule {self.config.name!r}: {exc}") from exc
         if not key or (self.config.action == "update_status" and not values):
@@ -227,7 +228,7 @@ class CompiledRule:
             fields=values,
             policies=policies,
             create=self.config.action != "update_status",
-            hubspot_lead=self._hubspot_lead(scope),
+            hubspot_lead=hubspot_lead,
         )
 
     def _hubspot_lead(self, scope: Scope) -> dict[str, Any] | None:

@@ -288,8 +288,15 @@ class SqliteStore(Store):
         marks = [{"id": r.event_id, "now": now, "notes": json.dumps(r.notes)} for r in routed]
 
         def write(conn: sqlite3.Connection) -> list[int]:
+            ids = [m["id"] for m in marks]
+            sql = SQL["existing_events"].format(ids=",".join("?" * len(ids)))
+            present = {row[0] for row in conn.execute(sql, ids)} if ids else set()
             conn.executemany(SQL["mark_routed"], marks)
-            return [conn.execute(SQL["insert_delivery"], d).lastrowid or 0 for d in deliveries]
+            return [
+                conn.execute(SQL["insert_delivery"], d).lastrowid or 0
+                for d in deliveries
+                if d["event_id"] in present
+            ]
 
         return await self._run(write)
 

@@ -307,3 +307,14 @@ def test_a_rule_may_open_a_hubspot_lead_object():
     assert plain.operation.hubspot_lead is None
     with pytest.raises(ValueError, match="`hubspot_lead:` goes with an upsert action"):
         RuleConfig.model_validate({**REPLY_NOTE, "hubspot_lead": {}})
+
+
+def test_a_hubspot_lead_template_failing_on_sender_data_is_a_note_not_a_crash():
+    rule = {**INTERESTED, "hubspot_lead": {"hs_lead_name": "{{ contact.score + 1 }}"}}
+    data = event("interest")
+    data["contact"]["score"] = "abc"  # a string where the rule expects a number
+
+    result = evaluate([rule, {**INTERESTED, "name": "second"}], data)
+
+    assert [d.rule for d in result.deliveries] == ["second"]
+    assert len(result.notes) == 1 and result.notes[0].startswith("rule 'interested': ")

@@ -247,3 +247,25 @@ async def test_dead_letters_can_be_listed_retried_and_purged(store):
     assert await store.purge_dead(before=1999.0) == 0
     assert await store.purge_dead(before=2001.0) == 1
     assert await store.dead_letters() == []
+
+
+async def test_routing_an_event_forgotten_meanwhile_stores_nothing_for_it(store):
+    await store.ingest(new_event("k1", email="gone@example.com"))
+    await store.ingest(new_event("k2", email="kept@example.com"))
+    (first, second) = await store.unrouted(10)
+    # `crm-bridge forget` runs beside the daemon, between the router's read and its write.
+    assert await store.forget("gone@example.com") == (1, 0)
+
+    ids = await store.route(
+        [
+            Routed(event_id=e.id, sort_at=e.sort_at, deliveries=[new_delivery(email)])
+            for e, email in ((first, "gone@example.com"), (second, "kept@example.com"))
+        ],
+        now=1000.0,
+    )
+
+    assert len(ids) == 1
+    assert await store.event("k1") is None
+    assert [d["contact_key"] for d in (await store.event("k2"))["deliveries"]] == [
+        "kept@example.com"
+    ]

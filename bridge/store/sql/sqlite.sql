@@ -74,6 +74,10 @@ SELECT id, source, body, received_at, sort_at FROM events
 -- name: mark_routed
 UPDATE events SET routed_at = :now, notes = :notes WHERE id = :id
 
+-- name: existing_events
+-- Of the events being routed, those still stored (`forget` may have deleted one meanwhile).
+SELECT id FROM events WHERE id IN ({ids})
+
 -- name: insert_delivery
 INSERT INTO deliveries (event_id, rule, connector, action, contact_key, operation,
                         created_at, next_attempt_at, sort_at, horizon_start, updated_at)
