@@ -13,15 +13,18 @@ Tests: `contains`, `startswith`, `endswith`, `match` (a regex from the start), `
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 from typing import Any
 
 import jinja2
+import re2  # type: ignore[import-untyped]
 
-# A pattern or subject longer than this is refused: Python's regex engine backtracks, so a
-# hostile pattern over a long subject could hold the router.
+# Regexes run on RE2, in time linear in the subject: no pattern (a rule's) over any subject (a
+# sender's) can backtrack for hours and hold the router. RE2 has no backreferences or
+# lookarounds; a rule using them is refused when the config loads.
+_RE2 = re2.Options()
+_RE2.log_errors = False  # the loader reports a bad pattern itself, with file and line
 MAX_PATTERN = 200
 MAX_SUBJECT = 10_000
 
@@ -106,18 +109,22 @@ def null_safe(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @functools.lru_cache(maxsize=256)
-def _pattern(pattern: str) -> re.Pattern[str]:
+def _pattern(pattern: str) -> Any:
     if len(pattern) > MAX_PATTERN:
         raise jinja2.exceptions.SecurityError(f"a pattern has at most {MAX_PATTERN} characters")
-    return re.compile(pattern)
+    return re2.compile(pattern, _RE2)
 
 
 def check_pattern(pattern: str) -> str | None:
     """Why `pattern` cannot be used, or None; for the loader."""
     try:
         _pattern(pattern)
-    except re.error as exc:
-        return f"invalid regular expression {pattern!r}: {exc}"
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else exc
+        text = reason.decode() if isinstance(reason, bytes) else str(reason)
+        if text.startswith(("invalid perl operator", "invalid escape sequence")):
+            text += " (rules use RE2 syntax: no backreferences, no lookarounds)"
+        return f"invalid regular expression {pattern!r}: {text}"
     except jinja2.exceptions.SecurityError as exc:
         return str(exc)
     return None

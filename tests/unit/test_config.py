@@ -167,8 +167,12 @@ FINE = {
         ),
         (
             {"when": "contact.email is match('(')"},
-            "config.yaml:6:5: rules[0].when: invalid regular expression '(': missing ),"
-            " unterminated subpattern at position 0",
+            "config.yaml:6:5: rules[0].when: invalid regular expression '(': missing ): (",
+        ),
+        (
+            {"when": r"contact.email is match('(a)\\1')"},
+            r"config.yaml:6:5: rules[0].when: invalid regular expression '(a)\\1': invalid escape"
+            " sequence: \\1 (rules use RE2 syntax: no backreferences, no lookarounds)",
         ),
         (
             {"field": 'firstname: "{{ contact.first_name | tittle }}"'},

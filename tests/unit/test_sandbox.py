@@ -125,3 +125,13 @@ def test_conditions(when, matches):
         extra["custom"] = {"plan": "pro"}
     matched, notes = outcome(when, **extra)
     assert (matched, notes) == (matches, [])
+
+
+def test_a_pattern_that_would_backtrack_for_hours_answers_at_once():
+    # Nested quantifiers over a near-miss: Python's backtracking engine takes time exponential
+    # in the subject's length here (hours at 60 characters); RE2 is linear. A regression to a
+    # backtracking engine makes this test hang until the suite's timeout.
+    when = r"contact.email is match('^([a-z0-9]+\\.?)+@acme\\.com$')"
+    matched, notes = outcome(when, email="a" * 60 + "@acme.org")
+    assert (matched, notes) == (False, [])
+    assert outcome(when, email="ada.king@acme.com") == (True, [])
