@@ -46,8 +46,8 @@ def _value_problem(value: Any, info: FieldInfo) -> str | None:
     """Why the CRM field `info` would refuse `value`, or None: the connectors' own parsing
     (connectors.values), so `check --online` and a delivery agree."""
     kind = _kind(info)
-    # A Salesforce combobox offers options but takes any text.
-    if info.options is not None and kind == "text" and info.type != "combobox":
+    # A Salesforce combobox or unrestricted picklist offers options but takes any text.
+    if info.options is not None and kind == "text" and info.restricted:
         choices = [str(v) for v in value] if isinstance(value, list | tuple) else [str(value)]
         if info.type == "multipicklist" and len(choices) == 1:
             choices = [c for c in choices[0].split(";") if c]

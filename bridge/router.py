@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 
 from bridge.errors import StoreUnavailable
-from bridge.models import Routed, StoredEvent, normalise_email
+from bridge.models import Routed, StoredEvent
 from bridge.rules import RuleSet
 from bridge.store import Store
 
@@ -109,13 +109,7 @@ class Router:
     @staticmethod
     def evaluate(rules: RuleSet, event: StoredEvent) -> Routed:
         data = orjson.loads(event.body)
-        # Rules see the raw contact (unknown fields included) with the email normalised, as
-        # validated when the webhook came in.
-        contact = dict(data.get("contact") or {})
-        try:
-            contact["email"] = normalise_email(contact.get("email"))
-        except ValueError:
-            contact["email"] = None
+        contact = rules.contact_of(data)
         try:
             evaluation = rules.evaluate(
                 rules.context(event.source, data, contact, event.received_at),

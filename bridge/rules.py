@@ -30,7 +30,7 @@ from bridge.expressions import (
     parse_condition,
     types_required,
 )
-from bridge.models import NewDelivery
+from bridge.models import NewDelivery, normalise_email
 from connectors.base import Activity, LeadUpsert, WritePolicy
 
 __all__ = ["ENV", "RULE_FAILURES", "RuleSet", "Scope", "compile_problems", "parse_condition"]
@@ -128,7 +128,7 @@ class CompiledField:
             return value
         try:
             value = _coerce(value, mapping.type)
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:  # "abc", or "1e400" as an integer
             return Omitted(f"{exc}, for type {mapping.type}")
         if mapping.max_length is not None and isinstance(value, str):
             value = value[: mapping.max_length]
@@ -146,7 +146,6 @@ class CompiledRule:
     """A rule ready to evaluate: its condition and templates compiled once."""
 
     config: RuleConfig
-    when: Callable[..., Any]  # the condition as a function of the variables (simulate, tests)
     condition: Condition
     id_value: Template
     fields: list[CompiledField] = field(default_factory=list)
@@ -155,12 +154,17 @@ class CompiledRule:
     body: Template | None = None
     hubspot_lead: dict[str, Template | Any] | None = None
 
+    @functools.cached_property
+    def when(self) -> Callable[..., Any]:
+        """The condition as Jinja2 alone runs it: the reference `Condition`'s fast paths are
+        tested against. Compiled on first use only."""
+        return ENV.compile_expression(self.config.when)
+
     @classmethod
     def build(cls, rule: RuleConfig) -> CompiledRule:
         return cls(
             config=rule,
             types=types_required(parse_condition(rule.when)),
-            when=ENV.compile_expression(rule.when),
             condition=Condition(rule.when),
             id_value=Template(rule.id_value),
             fields=[CompiledField.build(k, v) for k, v in rule.fields.items()],
@@ -264,6 +268,17 @@ class RuleSet:
         self._by_type = {
             t: [r for r in self.rules if r.types is None or t in r.types] for t in named
         }
+
+    @staticmethod
+    def contact_of(data: dict[str, Any]) -> dict[str, Any]:
+        """The contact rules see: the raw one (unknown fields included) with its email
+        normalised as the webhook's validation did, or None when it is not an address."""
+        contact = dict(data.get("contact") or {})
+        try:
+            contact["email"] = normalise_email(contact.get("email"))
+        except ValueError:
+            contact["email"] = None
+        return contact
 
     @staticmethod
     def context(

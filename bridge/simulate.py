@@ -20,8 +20,7 @@ from jinja2 import nodes
 from pydantic import ValidationError
 
 from bridge.config import Config
-from bridge.errors import DeliveryError
-from bridge.models import NewDelivery, WebhookPayload, normalise_email
+from bridge.models import NewDelivery, WebhookPayload
 from bridge.rules import ENV, RULE_FAILURES, CompiledRule, RuleSet, Scope, parse_condition
 from connectors import registry
 from connectors.base import Activity, Connector, LeadUpsert, apply_policies
@@ -90,11 +89,7 @@ def simulate(
     config: Config, data: dict[str, Any], source: str, received_at: float | None = None
 ) -> Simulation:
     """Evaluate every rule on the event `data`, explaining each outcome."""
-    contact = dict(data.get("contact") or {})
-    try:
-        contact["email"] = normalise_email(contact.get("email"))
-    except ValueError:
-        contact["email"] = None
+    contact = RuleSet.contact_of(data)
     received_at = time.time() if received_at is None else received_at
     ruleset = RuleSet(config.rules)
     context = RuleSet.context(source, data, contact, received_at)
@@ -306,7 +301,7 @@ async def plan(
             continue
         try:
             current = await connector.current(op, list(op.fields))
-        except DeliveryError as exc:
+        except Exception as exc:  # noqa: BLE001  # a plan shows any failure to read, no traceback
             item.error = f"cannot read the record: {exc}"
             continue
         item.headline, item.fields = _compare(op, current, delivery)

@@ -49,7 +49,10 @@ class FieldInfo(BaseModel):
     # The CRM's own type name, e.g. "picklist", "boolean", "date" (Salesforce) or
     # "enumeration", "bool", "datetime" (HubSpot).
     type: str
-    options: tuple[str, ...] | None = None  # allowed values of a picklist/enumeration
+    options: tuple[str, ...] | None = None  # the values of a picklist/enumeration
+    # Only `options` are accepted (a restricted picklist, an enumeration); False: they are
+    # suggestions and any text goes (a Salesforce combobox or unrestricted picklist).
+    restricted: bool = True
     writable: bool = True
     max_length: int | None = None
 
@@ -248,23 +251,28 @@ def apply_policies(
 
 
 def combine(into: LeadUpsert | None, later: LeadUpsert) -> LeadUpsert:
-    """Two writes of one record as one: later fields win, except that a monotonic field keeps
-    the furthest value along its order, so a late `open` merged after a `reply` undoes nothing.
-    Policies join; the result creates a missing record if either would."""
+    """Two writes of one record as one, leaving what the two in sequence would leave: each
+    field takes the later write's value and policy, except where that policy would hold it
+    back over the earlier value (a monotonic value that is not further along, so a late `open`
+    merged after a `reply` undoes nothing; an `if_empty` or `on_create` value after a value
+    that is not empty). The result creates a missing record if either would."""
     if into is None:
         return later
     fields = dict(into.fields)
-    policies = {**into.policies, **later.policies}
+    policies = dict(into.policies)
     for name, value in later.fields.items():
-        policy = policies.get(name)
-        if (
-            policy is not None
-            and policy.mode == "monotonic"
-            and name in fields
-            and not _forward(policy.order, fields[name], value)
-        ):
-            continue
+        policy = later.policies.get(name)
+        if policy is not None and name in fields:
+            earlier = fields[name]
+            if policy.mode == "monotonic" and not _forward(policy.order, earlier, value):
+                continue
+            if policy.mode in ("if_empty", "on_create") and not _empty(earlier):
+                continue
         fields[name] = value
+        if policy is None:
+            policies.pop(name, None)
+        else:
+            policies[name] = policy
     return into.model_copy(
         update={
             "fields": fields,
@@ -276,13 +284,16 @@ def combine(into: LeadUpsert | None, later: LeadUpsert) -> LeadUpsert:
 
 
 def _forward(order: tuple[str, ...], now: Any, new: Any) -> bool:
-    """True when `new` is later than `now` along `order`. A current value outside the order
-    (empty, or one a rep chose) is before its start; a new value outside it never moves."""
-    if str(new) not in order:
+    """True when `new` is later than `now` along `order`, in any case (a CRM may store an
+    option in its own spelling). A current value outside the order (empty, or one a rep
+    chose) is before its start; a new value outside it never moves."""
+    folded = [str(o).casefold() for o in order]
+    new_text, now_text = str(new).casefold(), str(now).casefold()
+    if new_text not in folded:
         return False
-    if _empty(now) or str(now) not in order:
+    if _empty(now) or now_text not in folded:
         return True
-    return order.index(str(new)) > order.index(str(now))
+    return folded.index(new_text) > folded.index(now_text)
 
 
 Outcomes = list[Outcome | None]

@@ -79,6 +79,7 @@ from connectors.outbound import guard_sdk_apis
 from connectors.values import (
     FieldProblem,
     allowed_list,
+    coerce_all,
     moment,
     number,
     option,
@@ -349,14 +350,7 @@ def _coerce_fields(
     definitions: dict[str, _PropertyDef], fields: dict[str, Any]
 ) -> tuple[dict[str, str], list[FieldProblem]]:
     """Every field checked and coerced; the problems found, all of them."""
-    out: dict[str, str] = {}
-    problems: list[FieldProblem] = []
-    for name, value in fields.items():
-        try:
-            out[name] = _coerce_field(definitions, name, value)
-        except FieldProblem as problem:
-            problems.append(problem)
-    return out, problems
+    return coerce_all(fields, lambda name, value: _coerce_field(definitions, name, value))
 
 
 def _property_value(value: Any) -> str:
@@ -682,10 +676,14 @@ class HubSpotConnector(Connector):
             by_property: dict[str, list[_Input]] = {}
             for item in items:
                 by_property.setdefault(item.id_property, []).append(item)
-            for items in by_property.values():
-                for start in range(0, len(items), self.max_batch):
-                    await self._write(items[start : start + self.max_batch], outcomes)
-            await self._open_leads(leads, outcomes)
+            try:
+                for items in by_property.values():
+                    for start in range(0, len(items), self.max_batch):
+                        await self._write(items[start : start + self.max_batch], outcomes)
+            finally:
+                # The contacts that landed get their Lead even when a later call fails: their
+                # deliveries end done and would not come back for it.
+                await self._open_leads(leads, outcomes)
 
         return await per_record(len(leads), "HubSpot", send)
 

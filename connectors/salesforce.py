@@ -72,6 +72,7 @@ from connectors.outbound import guard_session, instance_belongs
 from connectors.values import (
     FieldProblem,
     allowed_list,
+    coerce_all,
     moment,
     number,
     option,
@@ -361,6 +362,8 @@ def _field_info(raw: dict[str, Any]) -> FieldInfo:
         label=str(raw.get("label") or ""),
         type=str(raw.get("type") or "string"),
         options=options,
+        # An unrestricted picklist takes any value (Salesforce keeps it as an inactive one).
+        restricted=bool(raw.get("restrictedPicklist")) and raw.get("type") != "combobox",
         writable=bool(raw.get("createable") or raw.get("updateable")),
         max_length=int(raw["length"]) if raw.get("length") else None,
     )
@@ -442,7 +445,11 @@ def _text(what: str, info: FieldInfo, value: Any) -> str:
 
 
 def _picklist(what: str, info: FieldInfo, value: str) -> str:
+    """The option `value` names, in the org's spelling; a value of no option is refused by a
+    restricted picklist and goes as given to an unrestricted one."""
     found = option(info.options or (), value)
+    if found is None and not info.restricted:
+        return value
     if found is None:
         raise FieldProblem(
             f"{what} {info.name!r}: {value!r} is not one of the allowed values: "
@@ -458,14 +465,7 @@ def _coerce_fields(
     obj: str, described: dict[str, FieldInfo], fields: dict[str, Any]
 ) -> tuple[dict[str, Any], list[FieldProblem]]:
     """Every field checked and coerced; the problems found, all of them."""
-    out: dict[str, Any] = {}
-    problems: list[FieldProblem] = []
-    for name, value in fields.items():
-        try:
-            out[name] = _coerce(obj, described.get(name), name, value)
-        except FieldProblem as problem:
-            problems.append(problem)
-    return out, problems
+    return coerce_all(fields, lambda name, value: _coerce(obj, described.get(name), name, value))
 
 
 def _required_for_create(obj: str, fields: dict[str, Any], email: str) -> dict[str, Any]:
@@ -1131,8 +1131,10 @@ class SalesforceConnector(Connector):
                 # Salesforce decides create versus update, but a policy needs to know first.
                 values = [i.id_value for i in group]
                 found = await self._current_by(obj, id_field, values, [])
+                # SOQL's IN compares text without case, as an upsert by external id does.
+                by_value = {k.casefold(): record for k, record in found.items()}
                 for item in group:
-                    item.target = (found.get(item.id_value) or {}).get("Id")
+                    item.target = (by_value.get(item.id_value.casefold()) or {}).get("Id")
                 group = await self._policies(group, outcomes)
             if group:
                 await self._upsert_by_external_id(obj, id_field, group, outcomes)

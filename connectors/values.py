@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -42,6 +42,30 @@ def refuse(crm_field: str, name: str, value: Any, expected: str, **detail: Any) 
     )
 
 
+def coerce_all(
+    fields: dict[str, Any], coerce: Callable[[str, Any], Any]
+) -> tuple[dict[str, Any], list[FieldProblem]]:
+    """Every field through `coerce(name, value)`; the problems found, all of them. A value
+    the parsing itself chokes on is that field's problem too, never the whole batch's."""
+    out: dict[str, Any] = {}
+    problems: list[FieldProblem] = []
+    for name, value in fields.items():
+        try:
+            out[name] = coerce(name, value)
+        except FieldProblem as problem:
+            problems.append(problem)
+        except (ValueError, OverflowError, TypeError) as exc:
+            problems.append(
+                FieldProblem(
+                    f"field {name!r}: {value!r} cannot be read ({exc})",
+                    field=name,
+                    value=shown(value),
+                    expected="a readable value",
+                )
+            )
+    return out, problems
+
+
 def epoch_moment(value: float) -> datetime:
     """An epoch number: milliseconds when large, else seconds."""
     seconds = value / 1000 if abs(value) >= EPOCH_MS_FROM else value
@@ -49,25 +73,19 @@ def epoch_moment(value: float) -> datetime:
 
 
 def moment(value: Any) -> datetime | None:
-    """A UTC datetime from a datetime, date, epoch number or ISO 8601 text (naive means UTC;
-    a string of digits is epoch milliseconds, as on HubSpot's wire); None if it is none."""
+    """A UTC datetime from a datetime, date, epoch number or ISO 8601 text (naive means UTC);
+    None if it is none. Epoch numbers, also as text (templates render text), are milliseconds
+    when large and seconds otherwise; eight digits are a basic ISO date (20240115)."""
     if isinstance(value, datetime):
         result = value
     elif isinstance(value, date):
         result = datetime(value.year, value.month, value.day)
     elif isinstance(value, int | float) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            return None
-        try:
-            return epoch_moment(float(value))
-        except (OverflowError, OSError, ValueError):
-            return None
+        return _epoch(float(value))
     elif isinstance(value, str):
         text = value.strip()
-        if re.fullmatch(r"-?\d{1,16}", text):
-            return datetime.fromtimestamp(int(text) / 1000, UTC)
-        if re.fullmatch(r"-?\d+", text):
-            return None
+        if re.fullmatch(r"-?\d+", text) and len(text.lstrip("-")) != 8:
+            return _epoch(float(text)) if len(text) <= 17 else None
         try:
             result = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
         except ValueError:
@@ -75,6 +93,15 @@ def moment(value: Any) -> datetime | None:
     else:
         return None
     return result.replace(tzinfo=UTC) if result.tzinfo is None else result.astimezone(UTC)
+
+
+def _epoch(value: float) -> datetime | None:
+    if not math.isfinite(value):
+        return None
+    try:
+        return epoch_moment(value)
+    except (OverflowError, OSError, ValueError):  # beyond the years datetime can hold
+        return None
 
 
 def truth(value: Any) -> bool | None:

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from bridge.errors import AuthenticationFailed, PermanentDelivery, RetryableDelivery
 from connectors.base import Activity, DeliveryResult, LeadUpsert, WritePolicy
 from connectors.hubspot import HubSpotConfig
+from tests.emulators.runner import Reply
 
 UPSERT = "/crm/v3/objects/contacts/batch/upsert"
 PROPERTIES = "/crm/v3/properties/contacts"
@@ -388,3 +389,25 @@ async def test_describe_reads_the_portal_property_definitions(hubspot):
     assert "CONNECTED" in (contacts["hs_lead_status"].options or ())
     assert contacts["hs_object_id"].writable is False
     assert leads["hs_lead_type"].options == ("NEW_BUSINESS", "UPSELL", "RE_ATTEMPTING")
+
+
+async def test_contacts_that_landed_get_their_lead_when_a_later_call_fails(
+    hubspot_emulator, hubspot_of
+):
+    hubspot = await hubspot_of(validate_properties=False)  # HubSpot's 400 splits the batch
+    leads = [wanting_a_lead(f"l{i}@example.com") for i in range(4)]
+    leads[2] = wanting_a_lead("l2@example.com", no_such_property="x")
+    # The call that retries the suspect alone meets a bad gateway, after the others landed.
+    hubspot_emulator.add_rule(
+        lambda call: call.json is not None and len(call.json.get("inputs", [])) == 1,
+        1,
+        Reply(502, "<html>502 Bad Gateway</html>", {}, "text/html"),
+    )
+
+    outcomes = await hubspot.upsert_leads(leads)
+
+    assert isinstance(outcomes[2], RetryableDelivery)
+    for i in (0, 1, 3):
+        assert outcomes[i].detail["hubspot_lead"]["created"] is True
+        contact_id = outcomes[i].record_id
+        assert len(hubspot_emulator.engagements_of("leads", contact_id)) == 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from bridge.errors import PermanentDelivery
-from connectors.base import DeliveryResult, LeadUpsert
+from connectors.base import DeliveryResult, LeadUpsert, WritePolicy
 
 LEAD_STATUSES = [
     "Open - Not Contacted",
@@ -124,14 +124,29 @@ async def test_a_value_the_org_refuses_names_field_value_and_expectation(
     assert [r["Email"] for r in custom_fields.records("Lead")] == ["good@x.io"]
 
 
-async def test_every_refused_field_is_reported_with_the_allowed_values(salesforce):
+async def test_every_refused_field_is_reported_with_the_allowed_values(
+    salesforce_emulator, salesforce
+):
+    salesforce_emulator.add_field(
+        "Lead", "Tier__c", "picklist", picklist=["A", "B"], restricted=True
+    )
     with pytest.raises(PermanentDelivery) as info:
-        await salesforce.upsert_lead(lead(Status="Hot", LeadSource="Carrier pigeon"))
+        await salesforce.upsert_lead(lead(Status="Hot", Tier__c="C"))
 
     problems = info.value.detail["invalid_fields"]
-    assert [p["field"] for p in problems] == ["Status", "LeadSource"]
+    assert [p["field"] for p in problems] == ["Status", "Tier__c"]
     assert problems[0]["allowed"] == LEAD_STATUSES
-    assert "Web" in problems[1]["allowed"]
+    assert problems[1]["allowed"] == ["A", "B"]
+
+
+async def test_an_unrestricted_picklist_takes_a_new_value_as_salesforce_does(
+    salesforce_emulator, salesforce
+):
+    result = await salesforce.upsert_lead(lead(LeadSource="Carrier pigeon"))
+    again = await salesforce.upsert_lead(lead("b@x.io", LeadSource="web"))  # an option, any case
+
+    assert salesforce_emulator.record(result.record_id)["LeadSource"] == "Carrier pigeon"
+    assert salesforce_emulator.record(again.record_id)["LeadSource"] == "Web"
 
 
 async def test_without_validation_values_go_out_as_given(salesforce_emulator, salesforce_of):
@@ -140,3 +155,26 @@ async def test_without_validation_values_go_out_as_given(salesforce_emulator, sa
     with pytest.raises(PermanentDelivery, match="INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST"):
         await salesforce.upsert_lead(lead(Status="Hot"))
     assert salesforce_emulator.calls_to(path_contains="describe") == []
+
+
+async def test_an_update_only_write_by_external_id_finds_it_in_any_case(
+    salesforce_emulator, salesforce
+):
+    salesforce_emulator.add_field("Lead", "Ext__c", external_id=True, unique=True)
+    existing = salesforce_emulator.seed(
+        "Lead", {"LastName": "L", "Company": "C", "Ext__c": "ABC-1", "Title": "CTO"}
+    )
+    write = LeadUpsert(
+        object="lead",
+        id_property="Ext__c",
+        id_value="abc-1",
+        fields={"Title": "CEO"},
+        policies={"Title": WritePolicy(mode="if_empty")},
+        create=False,
+    )
+
+    result = await salesforce.upsert_lead(write)
+
+    assert result.skipped is None and result.record_id == existing
+    assert result.detail["held_back"] == {"Title": "if_empty: the CRM holds 'CTO'"}
+    assert salesforce_emulator.record(existing)["Title"] == "CTO"

@@ -46,7 +46,7 @@ def test_a_monotonic_field_keeps_the_furthest_value_of_a_burst():
     assert merged.record_id == "rec-1"
 
 
-def test_policies_join_and_the_merge_may_create_if_one_part_may():
+def test_each_field_takes_the_later_writes_policy_and_the_merge_may_create_if_one_part_may():
     merged = merge(
         [
             delivery(
@@ -57,4 +57,19 @@ def test_policies_join_and_the_merge_may_create_if_one_part_may():
         None,
     )
     assert (merged.fields, merged.create) == ({"company": "Acme Inc"}, True)
-    assert merged.policies == {"company": WritePolicy(mode="if_empty")}  # policies join
+    # In sequence the second write (no policy) would write whatever the first left: so does
+    # the merge, unguarded.
+    assert merged.policies == {}
+
+
+def test_an_if_empty_value_after_a_value_keeps_the_first_as_two_writes_would():
+    first = WritePolicy(mode="if_empty")
+    merged = merge(
+        [
+            delivery(1, {"company": "Acme", "title": ""}, {"company": first}),
+            delivery(2, {"company": "Other", "title": "CTO"}, {"company": first, "title": first}),
+        ],
+        None,
+    )
+    assert merged.fields == {"company": "Acme", "title": "CTO"}
+    assert merged.policies == {"company": first, "title": first}

@@ -67,3 +67,11 @@ def test_merging_creates_when_either_write_would():
     update_only = write("OPEN").model_copy(update={"create": False})
     assert combine(update_only, write("NEW")).create is True
     assert combine(update_only, update_only).create is False
+
+
+def test_monotonic_compares_in_any_case_as_a_crm_may_respell_an_option():
+    lead = write("replied", status=WritePolicy(mode="monotonic", order=("open", "replied")))
+    fields, held = apply_policies(lead, {"status": "Open"})  # the picklist's own spelling
+    assert (fields, held) == ({"status": "replied"}, {})
+    _, held = apply_policies(lead, {"status": "Replied"})
+    assert held == {"status": "monotonic: 'replied' is not after 'Replied'"}
