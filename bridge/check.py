@@ -1,7 +1,8 @@
 """`crm-bridge check --online`: the rules checked against the CRMs' own field definitions.
 
 Each connector a rule uses logs in, describes the objects the rules write (HubSpot properties
-API, Salesforce describe), and every mapped field is checked: it exists, it is writable, and
+API, Salesforce describe; HubSpot's Leads object for rules that open one), and every mapped field
+(and `hubspot_lead` property) is checked: it exists, it is writable, and
 each value the rule can write (constants, value-map results, defaults, a monotonic order) is
 of the field's type and, for a picklist or enumeration, one of its options. A templated value
 is only known per event: it is checked when its `type:` or a value map says what it gives.
@@ -158,29 +159,65 @@ async def check_online(config: Config, connectors: dict[str, Connector]) -> list
                 obj = rule.record_object
                 if obj not in described:
                     described[obj] = await connector.describe(obj)
+                if rule.hubspot_lead is not None and "leads" not in described:
+                    if config.connector_settings[name].type == "hubspot":
+                        described["leads"] = await connector.describe("leads")
         except Exception as exc:  # noqa: BLE001  # any failure to log in or describe is reported
             findings.append(Finding(config.problem(("connectors", name), f"{exc}")))
             continue
         finally:
             await connector.close()
         for i, rule in rules:
-            fields = described[rule.record_object]
-            if rule.id_property is not None and rule.id_property not in fields:
-                hint = difflib.get_close_matches(rule.id_property, list(fields), n=1)
-                message = f"{name} has no field {rule.id_property!r} on {rule.record_object}" + (
-                    f" (did you mean `{hint[0]}`?)" if hint else ""
-                )
-                findings.append(Finding(config.problem(("rules", i, "id_property"), message)))
-            for field_name, mapping in rule.fields.items():
-                loc: tuple[str | int, ...] = ("rules", i, "fields", field_name)
-                info = fields.get(field_name)
-                if info is None:
-                    hint = difflib.get_close_matches(field_name, list(fields), n=1)
-                    message = f"{name} has no field {field_name!r} on {rule.record_object}" + (
-                        f" (did you mean `{hint[0]}`?)" if hint else ""
-                    )
-                    findings.append(Finding(config.problem(loc, message)))
-                    continue
-                for where, message, fatal in check_field(mapping, info):
-                    findings.append(Finding(config.problem((*loc, *where), message), fatal))
+            findings.extend(_rule_findings(config, name, i, rule, described))
     return findings
+
+
+def _rule_findings(
+    config: Config, name: str, i: int, rule: RuleConfig, described: dict[str, dict[str, FieldInfo]]
+) -> list[Finding]:
+    """Rule `i`'s record key, mapped fields and HubSpot Lead properties against the CRM."""
+    findings: list[Finding] = []
+    fields = described[rule.record_object]
+    if rule.id_property is not None and rule.id_property not in fields:
+        hint = difflib.get_close_matches(rule.id_property, list(fields), n=1)
+        message = f"{name} has no field {rule.id_property!r} on {rule.record_object}" + (
+            f" (did you mean `{hint[0]}`?)" if hint else ""
+        )
+        findings.append(Finding(config.problem(("rules", i, "id_property"), message)))
+    for field_name, mapping in rule.fields.items():
+        loc: tuple[str | int, ...] = ("rules", i, "fields", field_name)
+        findings.extend(_field_findings(config, name, rule.record_object, fields, loc, mapping))
+    if rule.hubspot_lead is not None:
+        loc = ("rules", i, "hubspot_lead")
+        leads = described.get("leads")
+        if leads is None:
+            message = f"{name} is no HubSpot connector: it opens no Lead object"
+            findings.append(Finding(config.problem(loc, message), False))
+            return findings
+        for prop, value in rule.hubspot_lead.items():
+            mapping = FieldMapping(value=value)
+            findings.extend(_field_findings(config, name, "leads", leads, (*loc, prop), mapping))
+    return findings
+
+
+def _field_findings(
+    config: Config,
+    name: str,
+    obj: str,
+    fields: dict[str, FieldInfo],
+    loc: tuple[str | int, ...],
+    mapping: FieldMapping,
+) -> list[Finding]:
+    """One mapped field against the CRM's definitions of `obj`."""
+    field_name = str(loc[-1])
+    info = fields.get(field_name)
+    if info is None:
+        hint = difflib.get_close_matches(field_name, list(fields), n=1)
+        message = f"{name} has no field {field_name!r} on {obj}" + (
+            f" (did you mean `{hint[0]}`?)" if hint else ""
+        )
+        return [Finding(config.problem(loc, message))]
+    return [
+        Finding(config.problem((*loc, *where), message), fatal)
+        for where, message, fatal in check_field(mapping, info)
+    ]

@@ -198,3 +198,38 @@ async def test_check_online_reports_a_refused_login_at_the_connector(
     hubspot = [(m, fatal) for m, fatal in found if m.startswith("connectors.hubspot: ")]
     assert len(hubspot) == 1 and hubspot[0][1], found
     assert [f for f in found if f[1] and not f[0].startswith("connectors.hubspot")] == []
+
+
+LEAD_OBJECT = """
+  - name: hubspot-lead-object
+    when: type == 'interest'
+    connector: hubspot
+    action: upsert_contact
+    hubspot_lead: {hs_lead_name: "{{ contact.first_name }}", hs_lead_type: HOT, hs_lead_tpye: x}
+  - name: salesforce-lead-object
+    when: type == 'interest'
+    connector: salesforce
+    action: upsert_lead
+    hubspot_lead: {hs_lead_name: x}
+"""
+
+
+async def test_check_online_checks_the_hubspot_lead_objects_properties(
+    tmp_path, hubspot_emulator, salesforce_emulator
+):
+    config = configured(tmp_path, hubspot_emulator, salesforce_emulator, LEAD_OBJECT)
+    found = await findings_of(config)
+    assert (
+        "rules[0].hubspot_lead.hs_lead_tpye: hubspot has no field 'hs_lead_tpye' on leads"
+        " (did you mean `hs_lead_type`?)",
+        True,
+    ) in found
+    assert any(
+        m.startswith("rules[0].hubspot_lead.hs_lead_type.value: 'HOT' is not an option") and fatal
+        for m, fatal in found
+    ), found
+    assert (
+        "rules[1].hubspot_lead: salesforce is no HubSpot connector: it opens no Lead object",
+        False,
+    ) in found
+    assert not any(m.startswith("rules[0].hubspot_lead.hs_lead_name") for m, _ in found)
