@@ -175,9 +175,9 @@ async def _admit(
     """Every check before the store, cheapest and least revealing first: address, token,
     backlog, body, signature, rate, JSON shape, schema."""
     server = config.server
-    peer = client_address(
-        request.remote, request.headers.get("X-Forwarded-For"), server.trusted_proxies
-    )
+    # Every X-Forwarded-For line, in order: a proxy may append its own line after the client's.
+    forwarded_for = ", ".join(request.headers.getall("X-Forwarded-For", []))
+    peer = client_address(request.remote, forwarded_for, server.trusted_proxies)
     check_address(peer, settings.allow_ips)
     given = presented_token(
         settings.token_in, request.match_info.get("token"), request.query, request.headers

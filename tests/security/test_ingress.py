@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from multidict import MultiDict
 
 from bridge.errors import StoreUnavailable
 from bridge.ingress.signatures import decode_secret, sign
@@ -295,6 +296,20 @@ async def test_forwarded_for_from_a_trusted_proxy(client_for, forwarded, status)
     headers = {**JSON, "X-Forwarded-For": forwarded}
     got, body = await post(client, f"/webhooks/supersend/{TOKEN}", headers=headers)
     assert got == status, body
+
+
+async def test_forwarded_for_in_several_lines_is_read_whole(client_for):
+    # Given a client that sends its own X-Forwarded-For line, and a proxy that adds another
+    client = await client_for(ALLOW, server="  trusted_proxies: [127.0.0.0/8]")
+    headers = MultiDict([*JSON.items(), ("X-Forwarded-For", "10.1.2.3")])
+    headers.add("X-Forwarded-For", "192.168.1.9")
+    # Then the address is the proxy's line, not the client's claim
+    got = await post(client, f"/webhooks/supersend/{TOKEN}", headers=headers)
+    assert got == FORBIDDEN
+    headers = MultiDict([*JSON.items(), ("X-Forwarded-For", "192.168.1.9")])
+    headers.add("X-Forwarded-For", "10.1.2.3")
+    status, _ = await post(client, f"/webhooks/supersend/{TOKEN}", headers=headers)
+    assert status == 202
 
 
 # --- limits ----------------------------------------------------------------------------------
