@@ -683,13 +683,20 @@ def _is_loopback(host: str) -> bool:
 
 
 def _check_sources(config: Config, problems: _Problems) -> None:
-    # A source without a token accepts anyone: allowed only while the daemon listens on loopback.
-    if _is_loopback(config.server.host):
+    # A source without a token accepts anyone who reaches it: allowed only for the machine
+    # itself, so only while the daemon listens on loopback and no proxy passes requests on.
+    server = config.server
+    if server.trusted_proxies:
+        reason = (
+            "when server.trusted_proxies is set (a proxy passes on anyone's requests,"
+            " from its own address)"
+        )
+    elif not _is_loopback(server.host):
+        reason = f"when listening on {server.host} (not loopback)"
+    else:
         return
     for name, source in config.sources.items():
         if not source.active_tokens() and source.signature is None:
             problems.add(
-                ("sources", name, "tokens"),
-                f"a token or a signature is required when listening on {config.server.host}"
-                " (not loopback)",
+                ("sources", name, "tokens"), f"a token or a signature is required {reason}"
             )

@@ -8,7 +8,6 @@ do the rest.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +26,7 @@ from bridge.ingress.auth import (
     check_signature,
     check_token,
     client_address,
+    is_local,
     presented_token,
     replayed,
 )
@@ -182,7 +182,7 @@ async def _admit(
     given = presented_token(
         settings.token_in, request.match_info.get("token"), request.query, request.headers
     )
-    check_token(settings, given)
+    check_token(settings, given, is_local(request.remote, request.headers, server.trusted_proxies))
     _check_backlog(request.app[BACKLOG].value, config.delivery.max_backlog)
     body = await _read_body(request, server)
     signed = None
@@ -372,8 +372,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 def _loopback_only(request: web.Request) -> web.Response | None:
-    # Events hold people's data; only the machine itself may read them back.
-    if not request.remote or not ipaddress.ip_address(request.remote).is_loopback:
+    # Events hold people's data; only the machine itself may read them back, not a request a
+    # reverse proxy on this host passes on (it comes from loopback too).
+    trusted = request.app[CONFIG].server.trusted_proxies
+    if not is_local(request.remote, request.headers, trusted):
         return web.json_response({"error": "forbidden", "message": "loopback only"}, status=403)
     return None
 

@@ -494,3 +494,47 @@ async def test_operator_endpoints_answer_the_machine_itself_only(client_for, pat
         403,
         {"error": "forbidden", "message": "loopback only"},
     )
+
+
+LOOPBACK_ONLY = (403, {"error": "forbidden", "message": "loopback only"})
+
+
+@pytest.mark.parametrize("path", ["/status", "/events/abc"])
+@pytest.mark.parametrize(
+    ("server", "headers"),
+    [
+        ("", {"X-Forwarded-For": "203.0.113.9"}),
+        ("", {"Forwarded": "for=203.0.113.9;proto=https"}),
+        ("", {"X-Real-IP": "203.0.113.9"}),
+        ("  trusted_proxies: [127.0.0.1/32]", {}),  # the proxy, even when it says nothing
+    ],
+)
+async def test_operator_endpoints_refuse_what_a_proxy_on_this_host_passes_on(
+    client_for, path, server, headers
+):
+    client = await client_for(server=server)
+    response = await client.get(path, headers=headers)
+    assert (response.status, await response.json()) == LOOPBACK_ONLY
+
+
+async def test_operator_endpoints_answer_this_machine_behind_a_proxy_elsewhere(client_for):
+    client = await client_for(server="  trusted_proxies: [10.0.0.0/8]")
+    response = await client.get("/status")
+    assert response.status == 200
+    response = await client.get("/events/abc")
+    assert response.status == 404
+
+
+async def test_a_tokenless_source_takes_this_machines_requests_only(client_for):
+    client = await client_for("  supersend:\n    tokens: []")
+    status, _ = await post(client)
+    assert status == 202
+    refused = (
+        401,
+        {
+            "error": "unauthorized",
+            "message": "this source has no token: only this machine may post to it",
+        },
+    )
+    for forwarded in ({"X-Forwarded-For": "203.0.113.9"}, {"Forwarded": "for=203.0.113.9"}):
+        assert await post(client, headers={**JSON, **forwarded}) == refused

@@ -106,6 +106,15 @@ def test_a_tokenless_source_is_refused_off_loopback():
     ]
 
 
+def test_a_tokenless_source_is_refused_behind_a_trusted_proxy():
+    text = GOOD.replace("  port: 0", "  port: 0\n  trusted_proxies: [127.0.0.1/32]")
+    assert problems(text + "sources:\n  supersend:\n    tokens: []\n") == [
+        "config.yaml:17:5: sources.supersend.tokens: a token or a signature is required when"
+        " server.trusted_proxies is set (a proxy passes on anyone's requests, from its own"
+        " address)"
+    ]
+
+
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"no-such\.yaml"):
         load_config(tmp_path / "no-such.yaml")
