@@ -84,6 +84,19 @@ class SignatureConfig(_Strict):
             raise ValueError("an HMAC secret needs at least 16 characters")
         return self
 
+    @model_validator(mode="after")
+    def _replays_outlive_the_tolerance(self) -> SignatureConfig:
+        # A webhook-timestamp is good for `tolerance` either side of our clock: a captured
+        # request can be sent again for up to twice the tolerance after its first arrival.
+        if 2 * self.tolerance >= self.replay_window:
+            raise ValueError(
+                f"tolerance ({self.tolerance:g} s) must be less than half of replay_window"
+                f" ({self.replay_window:g} s): a webhook-timestamp is good for tolerance either"
+                " way, so a captured request would be accepted again once its webhook-id is"
+                " forgotten"
+            )
+        return self
+
 
 class RateLimitConfig(_Strict):
     """A token bucket per source: `rate` webhooks a second on average, bursts up to `burst`."""
@@ -312,10 +325,24 @@ class LoggingConfig(_Strict):
     access_log: bool = False
 
 
+MIN_RETENTION_DAYS = 4  # senders retry for up to three days, and a day to spare
+
+
 class PrivacyConfig(_Strict):
     # Delivered (or skipped) events older than this are deleted from the store; None: kept.
-    retention_days: float | None = Field(default=None, gt=0)
+    retention_days: float | None = None
     purge_interval: float = Field(default=3600.0, gt=0, description="seconds between purges")
+
+    @field_validator("retention_days")
+    @classmethod
+    def _outlive_the_senders_retries(cls, days: float | None) -> float | None:
+        # A stored event is what makes a resend of it a duplicate (its idempotency key).
+        if days is not None and days < MIN_RETENTION_DAYS:
+            raise ValueError(
+                f"retention_days must be at least {MIN_RETENTION_DAYS}: senders retry for up to"
+                " 3 days, and a resend of an event purged sooner would be delivered twice"
+            )
+        return days
 
 
 class Config(_Strict):

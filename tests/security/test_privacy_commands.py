@@ -43,7 +43,7 @@ def test_forget_removes_a_person_beside_the_running_daemon(daemon_factory, tmp_p
 async def test_retention_purges_delivered_events(client_for):
     clock = Clock()
     client = await client_for(
-        server="", clock=clock, privacy="  retention_days: 1\n  purge_interval: 0.05"
+        server="", clock=clock, privacy="  retention_days: 4\n  purge_interval: 0.05"
     )
     status, body = await answer(
         await client.post(f"/webhooks/supersend/{TOKEN}", data=json.dumps(sample()), headers=JSON)
@@ -60,7 +60,7 @@ async def test_retention_purges_delivered_events(client_for):
     async with asyncio.timeout(10):
         while not await settled():
             await asyncio.sleep(0.01)
-    clock.now += 86400 + 1  # a day later, the next purge takes it
+    clock.now += 4 * 86400 + 1  # four days later, the next purge takes it
     async with asyncio.timeout(10):
         while (await client.get(event)).status != 404:
             await asyncio.sleep(0.01)
