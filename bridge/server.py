@@ -32,7 +32,7 @@ from bridge.ingress.auth import (
 )
 from bridge.ingress.limits import RateLimits, check_json_shape, overloaded
 from bridge.ingress.signatures import SignedMessage
-from bridge.logs import RedactingAccessLogger
+from bridge.logs import REDACTOR, RedactingAccessLogger, mask_address
 from bridge.metrics import CONTENT_TYPE, UNKNOWN, Metrics
 from bridge.models import NewEvent, WebhookPayload, idempotency_key
 from bridge.openapi import document
@@ -380,16 +380,23 @@ def _loopback_only(request: web.Request) -> web.Response | None:
     return None
 
 
+def _public(text: str) -> str:
+    return mask_address(REDACTOR.text(text))
+
+
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: the store commits, and no connector is paused by its circuit breaker."""
+    """Ready: the store commits, and no connector is paused by its circuit breaker.
+
+    Public: the reasons (a CRM's or the database's own error text) are redacted as a log line
+    is, and emails masked whatever `logging.mask_personal_data` says."""
     reasons: dict[str, str] = {}
     try:
         await request.app[STORE].backlog()  # a round trip through the writer's transaction
     except StoreUnavailable as exc:
-        reasons["store"] = str(exc)
+        reasons["store"] = _public(str(exc))
     for name, worker in request.app[WORKERS].items():
         if worker.breaker.state == "open":
-            reasons[name] = f"paused: {worker.breaker.reason}"
+            reasons[name] = _public(f"paused: {worker.breaker.reason}")
     body = {"ready": not reasons, "reasons": reasons}
     return web.json_response(body, status=503 if reasons else 200)
 

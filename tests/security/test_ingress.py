@@ -13,7 +13,7 @@ from multidict import MultiDict
 
 from bridge.errors import StoreUnavailable
 from bridge.ingress.signatures import decode_secret, sign
-from bridge.server import CONFIG, LOAD, STORE, create_app
+from bridge.server import CONFIG, LOAD, STORE, WORKERS, create_app
 from tests.security.conftest import JSON, NOW, OLD_SECRET, SECRET, Clock, answer
 from tests.support import SAMPLE_TEXT, TOKEN, sample
 
@@ -538,3 +538,25 @@ async def test_a_tokenless_source_takes_this_machines_requests_only(client_for):
     )
     for forwarded in ({"X-Forwarded-For": "203.0.113.9"}, {"Forwarded": "for=203.0.113.9"}):
         assert await post(client, headers={**JSON, **forwarded}) == refused
+
+
+async def test_readiness_reasons_are_redacted(client_for):
+    # Given a connector paused on an error whose text holds a credential and an email
+    client = await client_for()
+    breaker = client.server.app[WORKERS]["hubspot"].breaker
+    breaker.record_failure(
+        'HubSpot 401: {"hubspot_token": "pat-na1-0123456789", "user": "jane@example.com"}',
+        auth=True,
+    )
+    # Then the public readiness answer says why without either
+    response = await client.get("/readyz")
+    assert (response.status, await response.json()) == (
+        503,
+        {
+            "ready": False,
+            "reasons": {
+                "hubspot": 'paused: HubSpot 401: {"hubspot_token": "***",'
+                ' "user": "j***@example.com"}'
+            },
+        },
+    )
