@@ -84,6 +84,19 @@ class SignatureConfig(_Strict):
             raise ValueError("an HMAC secret needs at least 16 characters")
         return self
 
+    @model_validator(mode="after")
+    def _replays_outlive_the_tolerance(self) -> SignatureConfig:
+        # A webhook-timestamp is good for `tolerance` either side of our clock: a captured
+        # request can be sent again for up to twice the tolerance after its first arrival.
+        if 2 * self.tolerance >= self.replay_window:
+            raise ValueError(
+                f"tolerance ({self.tolerance:g} s) must be less than half of replay_window"
+                f" ({self.replay_window:g} s): a webhook-timestamp is good for tolerance either"
+                " way, so a captured request would be accepted again once its webhook-id is"
+                " forgotten"
+            )
+        return self
+
 
 class RateLimitConfig(_Strict):
     """A token bucket per source: `rate` webhooks a second on average, bursts up to `burst`."""
@@ -312,10 +325,24 @@ class LoggingConfig(_Strict):
     access_log: bool = False
 
 
+MIN_RETENTION_DAYS = 4  # senders retry for up to three days, and a day to spare
+
+
 class PrivacyConfig(_Strict):
     # Delivered (or skipped) events older than this are deleted from the store; None: kept.
-    retention_days: float | None = Field(default=None, gt=0)
+    retention_days: float | None = None
     purge_interval: float = Field(default=3600.0, gt=0, description="seconds between purges")
+
+    @field_validator("retention_days")
+    @classmethod
+    def _outlive_the_senders_retries(cls, days: float | None) -> float | None:
+        # A stored event is what makes a resend of it a duplicate (its idempotency key).
+        if days is not None and days < MIN_RETENTION_DAYS:
+            raise ValueError(
+                f"retention_days must be at least {MIN_RETENTION_DAYS}: senders retry for up to"
+                " 3 days, and a resend of an event purged sooner would be delivered twice"
+            )
+        return days
 
 
 class Config(_Strict):
@@ -683,13 +710,20 @@ def _is_loopback(host: str) -> bool:
 
 
 def _check_sources(config: Config, problems: _Problems) -> None:
-    # A source without a token accepts anyone: allowed only while the daemon listens on loopback.
-    if _is_loopback(config.server.host):
+    # A source without a token accepts anyone who reaches it: allowed only for the machine
+    # itself, so only while the daemon listens on loopback and no proxy passes requests on.
+    server = config.server
+    if server.trusted_proxies:
+        reason = (
+            "when server.trusted_proxies is set (a proxy passes on anyone's requests,"
+            " from its own address)"
+        )
+    elif not _is_loopback(server.host):
+        reason = f"when listening on {server.host} (not loopback)"
+    else:
         return
     for name, source in config.sources.items():
         if not source.active_tokens() and source.signature is None:
             problems.add(
-                ("sources", name, "tokens"),
-                f"a token or a signature is required when listening on {config.server.host}"
-                " (not loopback)",
+                ("sources", name, "tokens"), f"a token or a signature is required {reason}"
             )

@@ -32,10 +32,12 @@ _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
 _EMAIL = re.compile(
     rf"(?<![{_ATEXT}.])([{_ATEXT}])[{_ATEXT}.]*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)"
 )
+# A key naming a credential, whatever comes before it (`hubspot_token`, `accessToken`,
+# `X-Api-Key`, `x-webhook-token`), then `:` or `=`, then the value. The key starts where a
+# name starts (not `\b`: `_` is a word character, so `hubspot_token` has no boundary at `t`).
 _CREDENTIAL = re.compile(
-    r"(?i)\b(token|access_token|refresh_token|id_token|password|passwd|secret|client_secret|"
-    r"consumer_secret|security_token|session_id|sessionid|api_?key|hapikey|signature|"
-    r"authorization|x-webhook-token|webhook-signature)"
+    r"(?i)(?<![A-Za-z0-9_-])([A-Za-z0-9_-]*?(?:token|passw(?:or)?d|secret|session[_-]?id|"
+    r"api[_-]?key|signature|authorization))"
     r"(\\?[\"']?\s*[:=]\s*\\?[\"']?)(?:Bearer\s+)?([^\s\"'\\&,;}<]+)"
 )
 # Substrings every _CREDENTIAL match contains (lower-case).
@@ -182,9 +184,7 @@ class RedactingAccessLogger(AbstractAccessLogger):
 def redact_url(path_qs: str) -> str:
     path, sep, query = path_qs.partition("?")
     path = _WEBHOOK_PATH.sub(rf"\1{MASK}", path)
-    query = re.sub(
-        r"(?i)(^|&)(token|access_token|key|secret|signature)=[^&]*", rf"\1\2={MASK}", query
-    )
+    query = _QUERY_SECRET.sub(rf"\1\2={MASK}", query)
     return path + sep + query
 
 

@@ -11,6 +11,8 @@ running. A valid one applies, as a restart would:
   rebuilt: its worker stops taking work and lets its calls in flight finish (within
   `server.shutdown_timeout`), the old client is closed and a new connector and worker start.
   An added connector starts; a removed one stops (its queued deliveries stay stored).
+- `privacy`: the next retention purge deletes by the new `retention_days` (and waits the new
+  `purge_interval` after it).
 - every connector's circuit breaker is reset, and deliveries of a rebuilt or paused connector
   waiting out a backoff or an authentication pause are due at once: fixed credentials are
   tried right away.
@@ -93,6 +95,7 @@ async def reload_config(app: web.Application, path: Path) -> dict[str, Any]:
     config.connectors = new.connectors
     config.connector_settings = new.connector_settings
     config.rules = new.rules
+    config.privacy = new.privacy  # read by the retention purge at each run
     config.source_file = new.source_file
     app[ROUTER].rules = rules
     kept = [name for name in workers if name not in changed and name not in removed]

@@ -8,7 +8,6 @@ do the rest.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,7 +18,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from bridge.breaker import CircuitBreaker
-from bridge.config import Config, ServerConfig
+from bridge.config import Config, ServerConfig, SignatureConfig, SourceConfig
 from bridge.delivery import DeliveryWorker
 from bridge.errors import FieldIssue, PayloadError, StoreUnavailable
 from bridge.ingress.auth import (
@@ -27,12 +26,13 @@ from bridge.ingress.auth import (
     check_signature,
     check_token,
     client_address,
+    is_local,
     presented_token,
     replayed,
 )
 from bridge.ingress.limits import RateLimits, check_json_shape, overloaded
 from bridge.ingress.signatures import SignedMessage
-from bridge.logs import RedactingAccessLogger
+from bridge.logs import REDACTOR, RedactingAccessLogger, mask_address
 from bridge.metrics import CONTENT_TYPE, UNKNOWN, Metrics
 from bridge.models import NewEvent, WebhookPayload, idempotency_key
 from bridge.openapi import document
@@ -165,48 +165,24 @@ def _check_backlog(backlog: int, limit: int) -> None:
         )
 
 
-class Unconfirmed:
-    """Signed message ids remembered by the store whose event then failed to commit: the
-    sender's retry is not a replay. In memory and bounded: the window is a store failure."""
-
-    def __init__(self, limit: int = 10_000) -> None:
-        self._ids: dict[tuple[str, str], None] = {}
-        self._limit = limit
-
-    def remember(self, source: str, message_id: str) -> None:
-        self._ids[(source, message_id)] = None
-        if len(self._ids) > self._limit:
-            del self._ids[next(iter(self._ids))]
-
-    def holds(self, source: str, message_id: str) -> bool:
-        return (source, message_id) in self._ids
-
-    def discard(self, source: str, message_id: str) -> None:
-        self._ids.pop((source, message_id), None)
-
-
-UNCONFIRMED = web.AppKey("unconfirmed", Unconfirmed)
-
-
 class _AlreadyStored(Exception):
     """A replayed signed message whose event is stored: answered as a duplicate."""
 
 
 async def _admit(
-    request: web.Request, config: Config, source: str
+    request: web.Request, config: Config, source: str, settings: SourceConfig
 ) -> tuple[str, dict[str, Any], WebhookPayload, SignedMessage | None]:
     """Every check before the store, cheapest and least revealing first: address, token,
     backlog, body, signature, rate, JSON shape, schema."""
-    settings = config.sources[source]
     server = config.server
-    peer = client_address(
-        request.remote, request.headers.get("X-Forwarded-For"), server.trusted_proxies
-    )
+    # Every X-Forwarded-For line, in order: a proxy may append its own line after the client's.
+    forwarded_for = ", ".join(request.headers.getall("X-Forwarded-For", []))
+    peer = client_address(request.remote, forwarded_for, server.trusted_proxies)
     check_address(peer, settings.allow_ips)
     given = presented_token(
         settings.token_in, request.match_info.get("token"), request.query, request.headers
     )
-    check_token(settings, given)
+    check_token(settings, given, is_local(request.remote, request.headers, server.trusted_proxies))
     _check_backlog(request.app[BACKLOG].value, config.delivery.max_backlog)
     body = await _read_body(request, server)
     signed = None
@@ -220,21 +196,42 @@ async def _admit(
 
 
 async def _check_replay(
-    request: web.Request, source: str, signed: SignedMessage, event_id: str
+    app: web.Application,
+    source: str,
+    signature: SignatureConfig,
+    signed: SignedMessage,
+    event_id: str,
 ) -> None:
-    """A webhook-id seen within the replay window is refused, unless its event is stored: then
-    it is the sender retrying an answer it lost, and gets its 202 again."""
-    app = request.app
-    signature = app[CONFIG].sources[source].signature
-    assert signature is not None
-    new = await app[STORE].seen_message(
-        source, signed.message_id, app[CLOCK](), signature.replay_window
-    )
-    if new or app[UNCONFIRMED].holds(source, signed.message_id):
+    """A webhook-id remembered within the replay window is refused, unless its event is stored:
+    then it is the sender retrying an answer it lost, and gets its 202 again.
+
+    This only asks; the id is remembered once its event is stored (`_remember`), so a retry of
+    a webhook whose event failed to commit is accepted by any instance, before or after a
+    restart. The store's one question is insert-if-new: asked as of `now - replay_window` and
+    keeping nothing, it answers "seen within the window?" and writes at most an entry that has
+    already expired.
+    """
+    store = app[STORE]
+    probe_at = app[CLOCK]() - signature.replay_window
+    if await store.seen_message(source, signed.message_id, probe_at, 0.0):
         return
-    if await app[STORE].event(event_id) is not None:
+    if await store.event(event_id) is not None:
         raise _AlreadyStored
     raise replayed()
+
+
+async def _remember(
+    app: web.Application, source: str, signature: SignatureConfig, signed: SignedMessage
+) -> None:
+    """Remember a signed message's id for the replay window, once its event is stored."""
+    await app[STORE].seen_message(source, signed.message_id, app[CLOCK](), signature.replay_window)
+
+
+def _unavailable(
+    app: web.Application, source: str, kind: str | None, exc: Exception
+) -> web.Response:
+    app[METRICS].received(source, kind, "refused:503")
+    return _error(PayloadError(503, "store_unavailable", str(exc), retry_after=5))
 
 
 async def receive_webhook(request: web.Request) -> web.Response:
@@ -253,14 +250,18 @@ async def _receive(request: web.Request) -> web.Response:
     app = request.app
     config, store = app[CONFIG], app[STORE]
     source = request.match_info["source"]
-    if source not in config.sources:
+    # Read once: a reload may replace `config.sources` while this request awaits.
+    settings = config.sources.get(source)
+    if settings is None:
         app[METRICS].received(UNKNOWN, None, "refused:404")  # any name: not a label value
         return _error(PayloadError(404, "unknown_source", f"no source named {source!r}"))
+    signature = settings.signature
     try:
-        text, data, payload, signed = await _admit(request, config, source)
+        text, data, payload, signed = await _admit(request, config, source, settings)
         event_id = idempotency_key(source, data)
         if signed is not None:
-            await _check_replay(request, source, signed, event_id)
+            assert signature is not None  # only a signed source yields a SignedMessage
+            await _check_replay(app, source, signature, signed, event_id)
     except PayloadError as exc:
         log.info(
             "webhook refused: %s %s",
@@ -279,8 +280,7 @@ async def _receive(request: web.Request) -> web.Response:
         app[METRICS].received(source, payload.type, "duplicate")
         return web.json_response({"event_id": event_id, "duplicate": True}, status=202)
     except StoreUnavailable as exc:
-        app[METRICS].received(source, None, "refused:503")
-        return _error(PayloadError(503, "store_unavailable", str(exc), retry_after=5))
+        return _unavailable(app, source, None, exc)
 
     received_at = app[CLOCK]()
     updated = payload.contact.updatedAt
@@ -296,17 +296,20 @@ async def _receive(request: web.Request) -> web.Response:
     try:
         stored = await store.ingest(event)
     except StoreUnavailable as exc:
-        if signed is not None:
-            app[UNCONFIRMED].remember(source, signed.message_id)
-        app[METRICS].received(source, payload.type, "refused:503")
-        return _error(PayloadError(503, "store_unavailable", str(exc), retry_after=5))
-    if signed is not None:
-        app[UNCONFIRMED].discard(source, signed.message_id)
-    app[METRICS].received(source, payload.type, "duplicate" if stored.duplicate else "stored")
+        return _unavailable(app, source, payload.type, exc)
     if not stored.duplicate:
         app[BACKLOG].value += 1
         app[ROUTER].wake()
-    else:
+    if signed is not None:
+        assert signature is not None
+        try:
+            await _remember(app, source, signature, signed)
+        except StoreUnavailable as exc:
+            # The event is stored but its id is not remembered: a 503 makes the sender retry,
+            # and its retry (a 202 duplicate) remembers it.
+            return _unavailable(app, source, payload.type, exc)
+    app[METRICS].received(source, payload.type, "duplicate" if stored.duplicate else "stored")
+    if stored.duplicate:
         log.debug(
             "event %s was already stored",
             stored.event_id,
@@ -369,22 +372,31 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 def _loopback_only(request: web.Request) -> web.Response | None:
-    # Events hold people's data; only the machine itself may read them back.
-    if not request.remote or not ipaddress.ip_address(request.remote).is_loopback:
+    # Events hold people's data; only the machine itself may read them back, not a request a
+    # reverse proxy on this host passes on (it comes from loopback too).
+    trusted = request.app[CONFIG].server.trusted_proxies
+    if not is_local(request.remote, request.headers, trusted):
         return web.json_response({"error": "forbidden", "message": "loopback only"}, status=403)
     return None
 
 
+def _public(text: str) -> str:
+    return mask_address(REDACTOR.text(text))
+
+
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: the store commits, and no connector is paused by its circuit breaker."""
+    """Ready: the store commits, and no connector is paused by its circuit breaker.
+
+    Public: the reasons (a CRM's or the database's own error text) are redacted as a log line
+    is, and emails masked whatever `logging.mask_personal_data` says."""
     reasons: dict[str, str] = {}
     try:
         await request.app[STORE].backlog()  # a round trip through the writer's transaction
     except StoreUnavailable as exc:
-        reasons["store"] = str(exc)
+        reasons["store"] = _public(str(exc))
     for name, worker in request.app[WORKERS].items():
         if worker.breaker.state == "open":
-            reasons[name] = f"paused: {worker.breaker.reason}"
+            reasons[name] = _public(f"paused: {worker.breaker.reason}")
     body = {"ready": not reasons, "reasons": reasons}
     return web.json_response(body, status=503 if reasons else 200)
 
@@ -538,7 +550,6 @@ def create_app(
     app[BACKLOG] = Backlog()
     app[LOAD] = IngestLoad()
     app[RATE_LIMITS] = RateLimits(clock)
-    app[UNCONFIRMED] = Unconfirmed()
     app[STORE] = store or open_store(config.store)
     app[WORKERS] = {}
 

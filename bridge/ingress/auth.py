@@ -4,6 +4,10 @@ The client's address is the socket's peer, or, when that peer is a configured pr
 nearest address in `X-Forwarded-For` that is not itself a trusted proxy (the header's left part
 is whatever the client wrote). Secrets are compared in constant time, against every active
 one, always, so neither the answer nor its timing tells which one matched.
+
+A request is local (this machine's own: the operator endpoints, a source without a token) only
+if it comes from loopback, not from a trusted proxy, and carries no forwarding header: a
+reverse proxy on this host connects from loopback too, on behalf of anyone.
 """
 
 from __future__ import annotations
@@ -53,6 +57,20 @@ def client_address(
     return address
 
 
+# Headers a proxy adds for the client it forwards (X-Real-IP: nginx's common set-up).
+FORWARDING_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
+
+
+def is_local(
+    peer: str | None, headers: Mapping[str, str], trusted_proxies: Sequence[IPNetwork]
+) -> bool:
+    """Whether a request comes from this machine itself, not through a proxy."""
+    address = _address(peer)
+    if address is None or not address.is_loopback or _within(address, trusted_proxies):
+        return False
+    return not any(name in headers for name in FORWARDING_HEADERS)
+
+
 def check_address(address: IPAddress | None, allowed: Sequence[IPNetwork]) -> None:
     if allowed and (address is None or not _within(address, allowed)):
         raise PayloadError(403, "ip_forbidden", "this address may not post to this source")
@@ -78,9 +96,15 @@ def presented_token(
     return None
 
 
-def check_token(source: SourceConfig, given: str | None) -> None:
+def check_token(source: SourceConfig, given: str | None, local: bool) -> None:
+    """`local`: the request is this machine's own (`is_local`)."""
     tokens = source.active_tokens()
     if not tokens:
+        # Allowed by the config only while the daemon listens on loopback: for this machine.
+        if source.signature is None and not local:
+            raise PayloadError(
+                401, "unauthorized", "this source has no token: only this machine may post to it"
+            )
         return
     presented = (given or "").encode()
     if not any([hmac.compare_digest(presented, t.encode()) for t in tokens]):

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import asynccontextmanager
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from multidict import MultiDict
 
 from bridge.errors import StoreUnavailable
 from bridge.ingress.signatures import decode_secret, sign
-from bridge.server import LOAD, STORE
+from bridge.server import CONFIG, LOAD, STORE, WORKERS, create_app
 from tests.security.conftest import JSON, NOW, OLD_SECRET, SECRET, Clock, answer
 from tests.support import SAMPLE_TEXT, TOKEN, sample
 
@@ -143,9 +146,7 @@ async def test_a_replay_is_refused_once_its_event_is_gone(client_for):
     )
 
 
-async def test_a_retry_after_a_failed_commit_is_not_a_replay(client_for, monkeypatch):
-    client = await client_for(SIGNED)
-    store = client.server.app[STORE]
+def fail_ingest_once(monkeypatch, store):
     ingest = store.ingest
 
     async def failing(event):
@@ -153,9 +154,89 @@ async def test_a_retry_after_a_failed_commit_is_not_a_replay(client_for, monkeyp
         raise StoreUnavailable("the store could not commit: disk I/O error")
 
     monkeypatch.setattr(store, "ingest", failing)
+
+
+async def test_a_retry_after_a_failed_commit_is_not_a_replay(client_for, monkeypatch):
+    client = await client_for(SIGNED)
+    fail_ingest_once(monkeypatch, client.server.app[STORE])
     status, body = await post(client, headers=signed_headers())
     assert (status, body["error"]) == (503, "store_unavailable")
-    # The id was remembered before the event failed to commit; the sender's retry goes through.
+    status, body = await post(client, headers=signed_headers())
+    assert (status, body["duplicate"]) == (202, False)
+
+
+@asynccontextmanager
+async def restarted(client, clock):
+    """The daemon of `client` stopped and started again on its store (as another instance
+    sharing a PostgreSQL store would be: nothing in memory carries over)."""
+    await client.close()
+    app = create_app(client.server.app[CONFIG], clock=clock)
+    again = TestClient(TestServer(app, host="127.0.0.1"))
+    await again.start_server()
+    try:
+        yield again
+    finally:
+        await again.close()
+
+
+async def test_a_retry_after_a_failed_commit_and_a_restart_is_accepted(client_for, monkeypatch):
+    # Given a signed webhook whose event failed to commit (a 503 to the sender)
+    clock = Clock()
+    client = await client_for(SIGNED, clock=clock)
+    fail_ingest_once(monkeypatch, client.server.app[STORE])
+    status, body = await post(client, headers=signed_headers())
+    assert (status, body["error"]) == (503, "store_unavailable")
+    # When the sender retries once the daemon has restarted
+    clock.now += 30
+    async with restarted(client, clock) as client:
+        status, body = await post(client, headers=signed_headers())
+        # Then it is stored, once: the failed attempt remembered nothing
+        assert (status, body["duplicate"]) == (202, False)
+        assert await post(client, headers=signed_headers()) == (
+            202,
+            {"event_id": body["event_id"], "duplicate": True},
+        )
+        # And, its event stored, its id is remembered: forgotten, the event cannot be replayed
+        await client.server.app[STORE].forget("andrew@xoxo.capital")
+        status, body = await post(client, headers=signed_headers())
+        assert (status, body["error"]) == (409, "replayed")
+
+
+async def test_an_id_the_store_failed_to_remember_is_remembered_by_the_retry(
+    client_for, monkeypatch
+):
+    client = await client_for(SIGNED)
+    store = client.server.app[STORE]
+    seen_message = store.seen_message
+
+    async def failing_to_remember(source, message_id, now, keep):
+        if keep:  # the question (keep 0) is answered; remembering the id fails, once
+            monkeypatch.setattr(store, "seen_message", seen_message)
+            raise StoreUnavailable("the store could not commit: disk I/O error")
+        return await seen_message(source, message_id, now, keep)
+
+    monkeypatch.setattr(store, "seen_message", failing_to_remember)
+    status, body = await post(client, headers=signed_headers())
+    assert (status, body["error"]) == (503, "store_unavailable")
+    status, body = await post(client, headers=signed_headers())
+    assert (status, body["duplicate"]) == (202, True)
+    await store.forget("andrew@xoxo.capital")
+    status, body = await post(client, headers=signed_headers())
+    assert (status, body["error"]) == (409, "replayed")
+
+
+async def test_a_reload_while_a_request_awaits_changes_nothing_for_it(client_for, monkeypatch):
+    import bridge.server
+
+    client = await client_for(SIGNED)
+    app = client.server.app
+    read_body = bridge.server._read_body
+
+    async def reloaded_meanwhile(request, server):
+        app[CONFIG].sources = {}  # what a reload removing the source does, while the body comes
+        return await read_body(request, server)
+
+    monkeypatch.setattr(bridge.server, "_read_body", reloaded_meanwhile)
     status, body = await post(client, headers=signed_headers())
     assert (status, body["duplicate"]) == (202, False)
 
@@ -215,6 +296,20 @@ async def test_forwarded_for_from_a_trusted_proxy(client_for, forwarded, status)
     headers = {**JSON, "X-Forwarded-For": forwarded}
     got, body = await post(client, f"/webhooks/supersend/{TOKEN}", headers=headers)
     assert got == status, body
+
+
+async def test_forwarded_for_in_several_lines_is_read_whole(client_for):
+    # Given a client that sends its own X-Forwarded-For line, and a proxy that adds another
+    client = await client_for(ALLOW, server="  trusted_proxies: [127.0.0.0/8]")
+    headers = MultiDict([*JSON.items(), ("X-Forwarded-For", "10.1.2.3")])
+    headers.add("X-Forwarded-For", "192.168.1.9")
+    # Then the address is the proxy's line, not the client's claim
+    got = await post(client, f"/webhooks/supersend/{TOKEN}", headers=headers)
+    assert got == FORBIDDEN
+    headers = MultiDict([*JSON.items(), ("X-Forwarded-For", "192.168.1.9")])
+    headers.add("X-Forwarded-For", "10.1.2.3")
+    status, _ = await post(client, f"/webhooks/supersend/{TOKEN}", headers=headers)
+    assert status == 202
 
 
 # --- limits ----------------------------------------------------------------------------------
@@ -398,4 +493,70 @@ async def test_operator_endpoints_answer_the_machine_itself_only(client_for, pat
     assert (response.status, json.loads(response.body)) == (
         403,
         {"error": "forbidden", "message": "loopback only"},
+    )
+
+
+LOOPBACK_ONLY = (403, {"error": "forbidden", "message": "loopback only"})
+
+
+@pytest.mark.parametrize("path", ["/status", "/events/abc"])
+@pytest.mark.parametrize(
+    ("server", "headers"),
+    [
+        ("", {"X-Forwarded-For": "203.0.113.9"}),
+        ("", {"Forwarded": "for=203.0.113.9;proto=https"}),
+        ("", {"X-Real-IP": "203.0.113.9"}),
+        ("  trusted_proxies: [127.0.0.1/32]", {}),  # the proxy, even when it says nothing
+    ],
+)
+async def test_operator_endpoints_refuse_what_a_proxy_on_this_host_passes_on(
+    client_for, path, server, headers
+):
+    client = await client_for(server=server)
+    response = await client.get(path, headers=headers)
+    assert (response.status, await response.json()) == LOOPBACK_ONLY
+
+
+async def test_operator_endpoints_answer_this_machine_behind_a_proxy_elsewhere(client_for):
+    client = await client_for(server="  trusted_proxies: [10.0.0.0/8]")
+    response = await client.get("/status")
+    assert response.status == 200
+    response = await client.get("/events/abc")
+    assert response.status == 404
+
+
+async def test_a_tokenless_source_takes_this_machines_requests_only(client_for):
+    client = await client_for("  supersend:\n    tokens: []")
+    status, _ = await post(client)
+    assert status == 202
+    refused = (
+        401,
+        {
+            "error": "unauthorized",
+            "message": "this source has no token: only this machine may post to it",
+        },
+    )
+    for forwarded in ({"X-Forwarded-For": "203.0.113.9"}, {"Forwarded": "for=203.0.113.9"}):
+        assert await post(client, headers={**JSON, **forwarded}) == refused
+
+
+async def test_readiness_reasons_are_redacted(client_for):
+    # Given a connector paused on an error whose text holds a credential and an email
+    client = await client_for()
+    breaker = client.server.app[WORKERS]["hubspot"].breaker
+    breaker.record_failure(
+        'HubSpot 401: {"hubspot_token": "pat-na1-0123456789", "user": "jane@example.com"}',
+        auth=True,
+    )
+    # Then the public readiness answer says why without either
+    response = await client.get("/readyz")
+    assert (response.status, await response.json()) == (
+        503,
+        {
+            "ready": False,
+            "reasons": {
+                "hubspot": 'paused: HubSpot 401: {"hubspot_token": "***",'
+                ' "user": "j***@example.com"}'
+            },
+        },
     )

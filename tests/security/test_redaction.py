@@ -32,6 +32,21 @@ def redactor():
         ("<n1:password>pw</n1:password>", "<n1:password>***</n1:password>"),
         ("POST /webhooks/supersend/abcdef HTTP/1.1", "POST /webhooks/supersend/*** HTTP/1.1"),
         ("nothing to hide: 12 deliveries", "nothing to hide: 12 deliveries"),
+        # Any key that ends in a credential's name: prefixed, camelCase, dashed.
+        ("hubspot_token=pat-na1-abc123 next", "hubspot_token=*** next"),
+        ('{"accessToken": "eyJhbGciOi.x.y", "n": 1}', '{"accessToken": "***", "n": 1}'),
+        ('{\\"refreshToken\\":\\"r-123456\\"}', '{\\"refreshToken\\":\\"***\\"}'),
+        ("X-Api-Key: k-0123456789", "X-Api-Key: ***"),
+        ("hapikey=abcdef123456&x=1", "hapikey=***&x=1"),
+        ("clientSecret = s3cr3t-value", "clientSecret = ***"),
+        ("salesforce_password: hunter22", "salesforce_password: ***"),
+        ("sfSessionId=00D!AQabc", "sfSessionId=***"),
+        # Keys that only mention one keep their values.
+        ("token_in: [path], tokens used: 12", "token_in: [path], tokens used: 12"),
+        (
+            "error: signature_invalid, idempotency_key=k1",
+            "error: signature_invalid, idempotency_key=k1",
+        ),
     ],
 )
 def test_text(redactor, text, expected):

@@ -106,6 +106,46 @@ def test_a_tokenless_source_is_refused_off_loopback():
     ]
 
 
+def test_a_tokenless_source_is_refused_behind_a_trusted_proxy():
+    text = GOOD.replace("  port: 0", "  port: 0\n  trusted_proxies: [127.0.0.1/32]")
+    assert problems(text + "sources:\n  supersend:\n    tokens: []\n") == [
+        "config.yaml:17:5: sources.supersend.tokens: a token or a signature is required when"
+        " server.trusted_proxies is set (a proxy passes on anyone's requests, from its own"
+        " address)"
+    ]
+
+
+WHSEC = "whsec_AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+
+
+@pytest.mark.parametrize("days", ["3.5", "0", "-1"])
+def test_a_retention_shorter_than_the_senders_retries_is_refused(days):
+    assert problems(GOOD + f"privacy:\n  retention_days: {days}\n") == [
+        "config.yaml:15:3: privacy.retention_days: retention_days must be at least 4: senders"
+        " retry for up to 3 days, and a resend of an event purged sooner would be delivered twice"
+    ]
+
+
+def test_a_retention_of_four_days_is_accepted():
+    assert parse_config(GOOD + "privacy:\n  retention_days: 4\n").privacy.retention_days == 4
+
+
+def signed_source(settings: str) -> str:
+    return GOOD + f'sources:\n  signed:\n    signature:\n      secrets: ["{WHSEC}"]\n{settings}'
+
+
+def test_a_tolerance_that_outlives_the_replay_window_is_refused():
+    text = signed_source("      tolerance: 3600\n      replay_window: 360000\n") + (
+        "  other:\n    signature:\n"
+        f'      secrets: ["{WHSEC}"]\n      tolerance: 180000\n      replay_window: 360000\n'
+    )
+    assert problems(text) == [
+        "config.yaml:21:5: sources.other.signature: tolerance (180000 s) must be less than half"
+        " of replay_window (360000 s): a webhook-timestamp is good for tolerance either way, so a"
+        " captured request would be accepted again once its webhook-id is forgotten"
+    ]
+
+
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"no-such\.yaml"):
         load_config(tmp_path / "no-such.yaml")
