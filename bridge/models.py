@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from connectors.base import Operation
 
@@ -184,9 +184,16 @@ class ClaimedGroup(BaseModel):
 
 
 class Finish(BaseModel):
-    """How claimed deliveries ended; the store records a batch of these in one transaction."""
+    """How claimed deliveries ended; the store records a batch of these in one transaction.
+
+    Each delivery's outcome is recorded only under the claim it was sent under: `claims` holds,
+    in `delivery_ids`' order, each delivery's `attempts` as that claim left it (every claim
+    counts one more). A delivery another instance has claimed since (its lease ran out here)
+    keeps that instance's state; nor is an outcome recorded for a delivery deleted meanwhile.
+    """
 
     delivery_ids: list[int]
+    claims: list[int]
     status: DeliveryStatus  # pending means "retry at next_attempt_at"
     result: dict[str, Any] | None = None
     error: str | None = None
@@ -196,6 +203,21 @@ class Finish(BaseModel):
     contact_key: str | None = None
     record_id: str | None = None
     applied_sort_at: float | None = None
+
+    @model_validator(mode="after")
+    def _one_claim_per_delivery(self) -> Finish:
+        if len(self.claims) != len(self.delivery_ids):
+            raise ValueError("one claim per delivery id")
+        return self
+
+    @classmethod
+    def of(cls, deliveries: list[Delivery], **fields: Any) -> Finish:
+        """The outcome of these claimed deliveries, under the claims they were sent under."""
+        return cls(
+            delivery_ids=[d.id for d in deliveries],
+            claims=[d.attempts for d in deliveries],
+            **fields,
+        )
 
 
 class IngestResult(BaseModel):

@@ -16,12 +16,23 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from bridge.errors import LeaseExpired
+
 if TYPE_CHECKING:
     from bridge.store.base import SharedWindow
+
+
+# Seconds left in the lease of the delivery the current task sends, or None: a delivery worker
+# sets it around its connector calls, and `acquire` refuses a slot that comes too late, since
+# another instance may claim (and send) the delivery once the lease has run out.
+lease_left: contextvars.ContextVar[Callable[[], float] | None] = contextvars.ContextVar(
+    "crm_bridge_lease_left", default=None
+)
 
 
 class RateLimiter:
@@ -68,10 +79,15 @@ class RateLimiter:
     async def acquire(self) -> float:
         """Wait for a slot and take it; returns the seconds waited."""
         waited = 0.0
+        left = lease_left.get()
         async with self._lock:
             while (delay := await self._next_delay()) > 0:
+                if left is not None and delay >= left():
+                    raise LeaseExpired(f"the claim's lease ends before a slot frees ({delay:.1f}s)")
                 await self._sleep(delay)
                 waited += delay
+            if left is not None and left() <= 0:
+                raise LeaseExpired("the claim's lease ended while waiting for a slot")
             self._starts.append(self._clock())
         self.waited_seconds += waited
         return waited

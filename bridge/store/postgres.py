@@ -401,23 +401,34 @@ class PostgresStore(Store):
             )
         return groups
 
-    async def finish(self, finishes: list[Finish], now: float) -> None:
-        columns: list[list[Any]] = [[], [], [], [], []]
-        contacts = []
+    async def finish(self, finishes: list[Finish], now: float) -> set[int]:
+        columns: list[list[Any]] = [[], [], [], [], [], []]
         for f in finishes:
             result = json.dumps(f.result) if f.result is not None else None
-            for i in f.delivery_ids:
-                values = (i, str(f.status), result, f.error, f.next_attempt_at)
+            for i, claim in zip(f.delivery_ids, f.claims, strict=True):
+                values = (i, claim, str(f.status), result, f.error, f.next_attempt_at)
                 for column, value in zip(columns, values, strict=True):
                     column.append(value)
-            if f.connector and f.contact_key and f.applied_sort_at is not None:
-                contacts.append((f.connector, f.contact_key, f.record_id, f.applied_sort_at, now))
+        if not columns[0]:
+            return set()
         async with self.connection() as conn, conn.transaction():
             await conn.execute(SQL["background"])
-            if columns[0]:
-                await conn.execute(SQL["finish"], *columns, now)
+            rows = await conn.fetch(SQL["finish"], *columns, now)
+            recorded = {int(r["id"]) for r in rows}
+            # What the CRM holds for the contact, only with an outcome recorded: not for a
+            # contact forgotten meanwhile (its rows are gone, or locked by `forget` until they
+            # are), nor by a claim that has lost its delivery to another instance.
+            contacts = [
+                (f.connector, f.contact_key, f.record_id, f.applied_sort_at, now)
+                for f in finishes
+                if f.connector
+                and f.contact_key
+                and f.applied_sort_at is not None
+                and recorded.intersection(f.delivery_ids)
+            ]
             if contacts:
                 await conn.executemany(SQL["remember_contact"], contacts)
+        return recorded
 
     # -- operators --------------------------------------------------------------------------
     async def backlog(self) -> int:

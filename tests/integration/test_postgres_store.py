@@ -170,7 +170,7 @@ async def test_forget_deletes_a_contacts_events_and_deliveries(stores):
     await add(store, [new_delivery("a@example.com")], "k2", sort_at=1001.0)
     (group,) = await store.claim("hubspot", 1, now=2000.0, lease_seconds=60)
     await store.finish(
-        [Finish(delivery_ids=group.ids, status=DeliveryStatus.DEAD, error="bad")], now=2000.0
+        [Finish.of(group.deliveries, status=DeliveryStatus.DEAD, error="bad")], now=2000.0
     )
     other = new_event("k3", email="b@example.com")
     await store.ingest(other)
@@ -199,7 +199,12 @@ async def test_purge_delivered_keeps_what_is_unfinished_dead_or_recent(stores):
         [
             done(ids["done"]),
             done(ids["recent"]),
-            Finish(delivery_ids=ids["dead"], status=DeliveryStatus.DEAD, error="x"),
+            Finish(
+                delivery_ids=ids["dead"],
+                claims=[1] * len(ids["dead"]),
+                status=DeliveryStatus.DEAD,
+                error="x",
+            ),
         ],
         now=2000.0,
     )

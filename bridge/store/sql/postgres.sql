@@ -206,14 +206,19 @@ SELECT contact_key, record_id, applied_sort_at FROM contact_state
  WHERE connector = $1 AND contact_key = ANY($2::text[])
 
 -- name: finish
--- All of a call's outcomes in one statement: arrays of ids, statuses, results, errors, times.
+-- All of a call's outcomes in one statement: arrays of ids, claims, statuses, results, errors,
+-- times. Only under the claim they were sent under (still in flight, `attempts` unchanged): a
+-- claim whose lease ran out may have been taken over by another instance, whose row this must
+-- not overwrite; a delivery deleted meanwhile (`forget`) stays deleted. RETURNING: the ids
+-- recorded.
 UPDATE deliveries d
    SET status = f.status, result = f.result, last_error = f.error,
        next_attempt_at = coalesce(f.next_attempt_at, d.next_attempt_at),
-       lease_until = NULL, updated_at = $6
-  FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::float8[])
-       AS f(id, status, result, error, next_attempt_at)
- WHERE d.id = f.id
+       lease_until = NULL, updated_at = $7
+  FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[], $6::float8[])
+       AS f(id, claim, status, result, error, next_attempt_at)
+ WHERE d.id = f.id AND d.status = 'in_flight' AND d.attempts = f.claim
+RETURNING d.id
 
 -- name: remember_contact
 INSERT INTO contact_state (connector, contact_key, record_id, applied_sort_at, updated_at)
