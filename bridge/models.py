@@ -21,6 +21,16 @@ from connectors.base import Operation
 KNOWN_EVENT_TYPES = ("open", "click", "reply", "bounce", "interest", "appointment")
 
 
+def refuse_nul(value: str | None) -> str | None:
+    """The value, unless it holds a NUL character: PostgreSQL's text columns cannot store one
+    (SQLite can), so a field that becomes a column refuses it on both backends alike, with a
+    4xx the sender sees, rather than a store error at every retry. (The body column holds the
+    JSON text, where a NUL can only be the escape `\\u0000`: stored as it is.)"""
+    if value is not None and "\x00" in value:
+        raise ValueError("must not contain a NUL character (\\u0000)")
+    return value
+
+
 def normalise_email(value: object) -> str | None:
     """Trimmed and lower-cased: CRMs match emails case-insensitively, and a stray space would
     otherwise create a second record. Empty is None; anything without a local part and a
@@ -74,7 +84,7 @@ class Contact(BaseModel):
     @field_validator("email")
     @classmethod
     def _normalise_email(cls, value: str | None) -> str | None:
-        return normalise_email(value)
+        return normalise_email(refuse_nul(value))
 
 
 class WebhookPayload(BaseModel):
@@ -85,6 +95,12 @@ class WebhookPayload(BaseModel):
     type: str = Field(min_length=1, max_length=64)
     CampaignId: str | None = None
     contact: Contact
+
+    @field_validator("type")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        refuse_nul(value)  # stored as a column (events.type)
+        return value
 
 
 class DeliveryStatus(enum.StrEnum):

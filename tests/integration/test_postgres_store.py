@@ -240,6 +240,29 @@ async def test_webhooks_arriving_together_commit_together_and_a_bad_one_fails_al
     assert len(await store.unrouted(1000)) == 100
 
 
+async def test_a_bad_row_is_found_by_halving_its_batch_not_row_by_row(stores):
+    store = await stores()
+    statements = 0
+    insert = store._insert_events
+
+    async def counted(events):
+        nonlocal statements
+        statements += 1
+        return await insert(events)
+
+    store._insert_events = counted
+    events = [new_event(f"k{i}") for i in range(256)]
+    bad = new_event("bad").model_copy(update={"body": "{\x00}"})  # PostgreSQL refuses NUL
+    results = await asyncio.gather(
+        *(store.ingest(e) for e in [*events, bad]), return_exceptions=True
+    )
+    assert isinstance(results[-1], asyncpg.PostgresError)
+    assert [r.duplicate for r in results[:-1]] == [False] * 256
+    # One batch of 257: halving finds the bad row in 2 statements per level (log2 257 < 9),
+    # where one row at a time took 258.
+    assert statements <= 1 + 2 * 9
+
+
 async def test_crm_bridge_migrate_applies_then_finds_the_schema_up_to_date(
     fresh_database, tmp_path
 ):
