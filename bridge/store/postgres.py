@@ -30,7 +30,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -45,6 +44,7 @@ from bridge.models import (
     StoredEvent,
 )
 from bridge.store.base import LastError, QueueStat, SharedWindow, Store, queries
+from bridge.store.urls import redact_url
 
 log = logging.getLogger("crm_bridge.store")
 SQL = queries("postgres")
@@ -76,14 +76,6 @@ UNAVAILABLE = (
     asyncpg.TransactionRollbackError,
     asyncpg.CannotConnectNowError,
 )
-
-
-def redact(url: str) -> str:
-    """The URL without its password."""
-    parts = urlsplit(url)
-    user, at, host = parts.netloc.rpartition("@")
-    netloc = f"{user.partition(':')[0]}@{host}" if at else parts.netloc
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _rowcount(status: str) -> int:
@@ -157,7 +149,7 @@ class PostgresStore(Store):
         self._analyze_at = list(ANALYZE_AT)
 
     def __repr__(self) -> str:
-        return f"PostgresStore({redact(self.url)!r})"
+        return f"PostgresStore({redact_url(self.url)!r})"
 
     # -- lifecycle --------------------------------------------------------------------------
     async def open(self) -> None:
@@ -169,7 +161,7 @@ class PostgresStore(Store):
                 command_timeout=self.command_timeout,
             )
         except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
-            raise StoreUnavailable(f"cannot connect to {redact(self.url)}: {exc}") from exc
+            raise StoreUnavailable(f"cannot connect to {redact_url(self.url)}: {exc}") from exc
         try:
             if self.migrate_on_start:
                 await self.migrate()
@@ -208,7 +200,7 @@ class PostgresStore(Store):
             try:
                 conn = await asyncpg.connect(self.url, timeout=self.command_timeout)
             except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
-                raise StoreUnavailable(f"cannot connect to {redact(self.url)}: {exc}") from exc
+                raise StoreUnavailable(f"cannot connect to {redact_url(self.url)}: {exc}") from exc
             try:
                 applied = await self._migrate(conn)
             except UNAVAILABLE as exc:
@@ -249,7 +241,7 @@ class PostgresStore(Store):
         missing = [m for m in MIGRATIONS if m not in done]
         if missing:
             raise StoreUnavailable(
-                f"the schema of {redact(self.url)} lacks {', '.join(missing)}: "
+                f"the schema of {redact_url(self.url)} lacks {', '.join(missing)}: "
                 "run `crm-bridge migrate` (or set store.migrate_on_start)"
             )
 
