@@ -52,10 +52,10 @@ MIGRATIONS = sorted(name for name in SQL if name.startswith("migration_"))
 MIGRATION_LOCK = 0x63726D62  # pg_advisory_xact_lock key: "crmb"
 INGEST_BATCH = 500  # events inserted together at most
 INGEST_FLUSHES = 2  # batches committing at once, per instance
-ROUTE_LEASE = 10.0
+ROUTE_LEASE = 10.0  # seconds an instance's router holds a batch of unrouted events
 # Deliveries this instance has routed when it refreshes the planner's statistics itself: a
 # fresh or fast-growing table would otherwise be planned blind until autovacuum's next round.
-ANALYZE_AT = (200, 2_000, 20_000)  # seconds an instance's router holds a batch of unrouted events
+ANALYZE_AT = (200, 2_000, 20_000)
 MESSAGE_PURGE_EVERY = 60.0  # seconds between opportunistic purges of old message ids
 # Actions whose queued burst for one contact merges into one write (activities never merge).
 COALESCED_ACTIONS = ("upsert_lead", "upsert_contact")
@@ -252,7 +252,9 @@ class PostgresStore(Store):
     async def ingest(self, event: NewEvent) -> IngestResult:
         fut: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
         self._waiting.append((event, fut))
-        if len(self._flushes) < INGEST_FLUSHES:
+        # A finished flush may still be in the set (its done-callback runs later): counting
+        # it would leave this event waiting, unflushed, until the next webhook.
+        if sum(not task.done() for task in self._flushes) < INGEST_FLUSHES:
             task = asyncio.create_task(self._flush())
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
@@ -344,11 +346,19 @@ class PostgresStore(Store):
         return sorted(int(r["id"]) for r in ids)
 
     async def _analyze(self) -> None:
+        """Best effort, after the routing has committed: its failure must not fail `route`.
+        (A role that does not own the tables raises nothing: the server skips them with a
+        WARNING, and autovacuum's rounds keep the statistics.)"""
         try:
             async with self.connection() as conn:
-                await conn.execute("ANALYZE events, deliveries")
-        except asyncpg.InsufficientPrivilegeError:
-            self._analyze_at = []  # not the tables' owner: autovacuum's job alone
+                await conn.execute(SQL["analyze"])
+        except (StoreUnavailable, asyncpg.PostgresError) as exc:
+            log.warning(
+                "could not refresh the statistics: %s",
+                exc,
+                extra={"action": "store.analyze_failed"},
+            )
+            return
         log.debug("statistics refreshed", extra={"action": "store.analyzed"})
 
     # -- delivery ---------------------------------------------------------------------------

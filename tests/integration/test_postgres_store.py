@@ -322,3 +322,40 @@ async def test_connections_lost_mid_run_fail_alone_and_the_pool_recovers(stores,
     # At most the calls on the dead connections failed, as StoreUnavailable; then it works.
     assert outcomes[-2:] == [False, False]
     assert (await store.ingest(new_event("before"))).duplicate is True
+
+
+async def test_a_failing_statistics_refresh_does_not_fail_the_committed_routing(
+    stores, monkeypatch
+):
+    store = await stores()
+    store._analyze_at = [1]  # refresh after the first delivery routed
+    await store.ingest(new_event("k"))
+    # The routing commits on its connection; the refresh then meets a store gone away.
+    opened = 0
+    connection = store.connection
+
+    def failing_after_the_first():
+        nonlocal opened
+        opened += 1
+        if opened > 1:
+            raise StoreUnavailable("the server went away")
+        return connection()
+
+    monkeypatch.setattr(store, "connection", failing_after_the_first)
+    routed = Routed(event_id="k", sort_at=1000.0, deliveries=[new_delivery()])
+    assert len(await store.route([routed], now=1500.0)) == 1
+    assert opened == 2  # the routing's connection, then the refresh's
+    monkeypatch.undo()
+    assert await store.counts() == {"hubspot": {"pending": 1}}
+
+
+async def test_a_webhook_is_flushed_while_finished_flushes_await_their_callbacks(stores):
+    store = await stores()
+    # Both flush tasks have returned; their done-callbacks (which drop them) have not run yet.
+    loop = asyncio.get_running_loop()
+    for _ in range(2):
+        finished = loop.create_future()
+        finished.set_result(None)
+        store._flushes.add(finished)
+    result = await asyncio.wait_for(store.ingest(new_event("k")), 10)
+    assert result.duplicate is False

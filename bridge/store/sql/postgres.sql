@@ -156,9 +156,9 @@ RETURNING id
 -- name: claim_pending
 -- As SQLite's claim_heads, first branch: each contact's first unfinished delivery when due,
 -- none for a contact with one in flight. The walk follows deliveries_due in order and stops at
--- the LIMIT; OFFSET 0 keeps each NOT EXISTS a per-row probe of deliveries_by_contact (without
--- it the planner may turn it into a join over the whole backlog, and on a fresh table, without
--- statistics, into a nested loop over it). SKIP LOCKED: a row another instance is claiming or
+-- the LIMIT; OFFSET 0 keeps each NOT EXISTS a per-row probe of
+-- deliveries_unfinished_by_contact (without it the planner may turn it into a join over the
+-- whole backlog, and on a fresh table, without statistics, into a nested loop over it). SKIP LOCKED: a row another instance is claiming or
 -- finishing is left to it; its followers stay behind it, being unfinished in this snapshot.
 SELECT d.* FROM deliveries d
  WHERE d.connector = $1 AND d.status = 'pending' AND d.next_attempt_at <= $2
@@ -318,6 +318,11 @@ DELETE FROM webhook_messages WHERE seen_at <= $1
 -- after a crash before it was recorded; a routing lost: routed again, the event being still
 -- unrouted in the same lost transaction).
 SET LOCAL synchronous_commit TO OFF
+
+-- name: analyze
+-- The planner's statistics, refreshed by an instance that has routed many deliveries since it
+-- started (ANALYZE_AT); a role that does not own the tables only gets a WARNING.
+ANALYZE events, deliveries
 
 -- name: rate_take
 SELECT crm_bridge_rate_take($1, $2, $3, $4)
