@@ -251,8 +251,10 @@ class DeliveryWorker:
                     finishes.extend(await self._unmerged(action, group, fresh))
                 else:
                     finishes.append(self._finish(group, fresh, outcome, now))
-        await self._record(finishes)
-        self._metrics.finished(self.name, action, finishes)  # once recorded: counted once
+        recorded = await self._record(finishes)
+        # Once recorded: counted once (an outcome a later claim overrides is that claim's).
+        counted = [f for f in finishes if recorded.intersection(f.delivery_ids)]
+        self._metrics.finished(self.name, action, counted)
 
     async def _unmerged(
         self, action: str, group: ClaimedGroup, fresh: list[Delivery]
@@ -279,14 +281,14 @@ class DeliveryWorker:
             },
         )
 
-    async def _record(self, finishes: list[Finish]) -> None:
+    async def _record(self, finishes: list[Finish]) -> set[int]:
         """Store the outcomes; while the store cannot write, keep them and try again.
 
         Given up only at shutdown: the deliveries then stay in flight and are sent again after
         the restart, which the connectors' upserts make harmless.
         """
         if not finishes:
-            return
+            return set()
         wait = 0.05
         while True:
             try:
@@ -313,7 +315,7 @@ class DeliveryWorker:
                         len(lost),
                         extra={"action": "delivery.claim_lost", "delivery_ids": lost},
                     )
-                return
+                return recorded
 
     async def _call(
         self, action: str, live: list[tuple[ClaimedGroup, list[Delivery]]], retry: int

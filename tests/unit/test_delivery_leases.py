@@ -89,3 +89,27 @@ async def test_a_call_within_the_lease_is_sent_and_recorded(store):  # noqa: F81
 
     assert len(connector.sent) == 1
     assert (await store.delivery(delivery_id))["status"] == "done"
+
+
+async def test_an_outcome_arriving_after_another_claim_is_neither_recorded_nor_counted(store):  # noqa: F811
+    clock = FakeTime()
+    w, connector = worker(store, clock)
+    _, (delivery_id,) = await add(store, [new_delivery()], "k")
+    groups = await store.claim("hubspot", 10, now=clock(), lease_seconds=60)
+
+    async def slow_call(lead):
+        # The call, started in time, hangs past the lease; another instance claims the
+        # delivery meanwhile; then the CRM confirms the write.
+        clock.now += 61
+        (taken,) = await store.claim("hubspot", 10, now=clock(), lease_seconds=60)
+        assert taken.head.attempts == 2
+        connector.sent.append(lead)
+        return DeliveryResult(record_id="R1")
+
+    connector.upsert_lead = slow_call
+    await w._deliver("upsert_lead", groups, lease_end=clock() + 60)
+
+    assert len(connector.sent) == 1
+    row = await store.delivery(delivery_id)
+    assert (row["status"], row["attempts"]) == ("in_flight", 2)  # the other claim's, untouched
+    assert w._metrics.deliveries.labels("hubspot", "upsert_lead", "done")._value.get() == 0
