@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -170,13 +170,10 @@ class PostgresStoreConfig(_Strict):
         return self
 
     def describe(self) -> str:
-        """The URL without its password, for logs and `status`."""
-        parts = urlsplit(self.url.get_secret_value())
-        netloc = parts.netloc
-        if "@" in netloc:
-            user, _, host = netloc.rpartition("@")
-            netloc = f"{user.partition(':')[0]}@{host}" if user else host
-        return urlunsplit(parts._replace(netloc=netloc))
+        """The URL without its password (userinfo or `?password=`), for logs and `status`."""
+        from bridge.store.urls import redact_url  # the store's own messages use it too
+
+        return redact_url(self.url.get_secret_value())
 
 
 def _store_kind(data: Any) -> str:

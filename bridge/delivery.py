@@ -21,12 +21,14 @@ from bridge.breaker import BreakerState, CircuitBreaker
 from bridge.errors import (
     AuthenticationFailed,
     DeliveryError,
+    LeaseExpired,
     PermanentDelivery,
     RetryableDelivery,
     StoreUnavailable,
 )
 from bridge.metrics import Metrics
 from bridge.models import ClaimedGroup, Delivery, DeliveryStatus, Finish
+from bridge.ratelimit import lease_left
 from bridge.retry import RetryPolicy
 from bridge.store import Store
 from connectors.base import Activity, Connector, DeliveryResult, LeadUpsert, Outcome, combine
@@ -34,6 +36,13 @@ from connectors.base import Activity, Connector, DeliveryResult, LeadUpsert, Out
 log = logging.getLogger("crm_bridge.delivery")
 
 UPSERT_ACTIONS = ("upsert_lead", "upsert_contact", "update_status")
+
+
+def _check_lease() -> None:
+    """Refuse to start a call (or an in-call retry) once the current claim's lease is over."""
+    left = lease_left.get()
+    if left is not None and left() <= 0:
+        raise LeaseExpired("the claim's lease ran out before this attempt")
 
 
 def merge(deliveries: list[Delivery], record_id: str | None) -> LeadUpsert:
@@ -124,9 +133,10 @@ class DeliveryWorker:
             if free > 0:
                 limit = 1 if probing else free * self.connector.max_batch
                 started = time.perf_counter()
+                claimed_at = self._clock()
                 try:
                     groups = await self._store.claim(
-                        self.name, limit, self._clock(), self._lease, self._coalesce
+                        self.name, limit, claimed_at, self._lease, self._coalesce
                     )
                 except StoreUnavailable as exc:
                     log.warning(
@@ -139,7 +149,8 @@ class DeliveryWorker:
                 if groups and self._pace:
                     await self._pace(time.perf_counter() - started)
                 for action, batch in self._batches(groups):
-                    task = asyncio.create_task(self._deliver(action, batch))
+                    lease_end = claimed_at + self._lease  # the store's lease_until
+                    task = asyncio.create_task(self._deliver(action, batch, lease_end))
                     self._inflight.add(task)
                     task.add_done_callback(self._finished)
                 if len(groups) == limit and not probing:
@@ -181,7 +192,22 @@ class DeliveryWorker:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _deliver(self, action: str, groups: list[ClaimedGroup]) -> None:
+    async def _deliver(self, action: str, groups: list[ClaimedGroup], lease_end: float) -> None:
+        """Send a batch claimed under a lease ending at `lease_end` (the worker's clock).
+
+        Nothing is sent once the lease has run out (another instance may have claimed the
+        deliveries again and be sending them): such deliveries get no outcome here and stay in
+        flight for that claim. The store records an outcome only under its own claim anyway.
+        """
+        token = lease_left.set(lambda: lease_end - self._clock())
+        try:
+            await self._deliver_leased(action, groups, lease_end)
+        finally:
+            lease_left.reset(token)
+
+    async def _deliver_leased(
+        self, action: str, groups: list[ClaimedGroup], lease_end: float
+    ) -> None:
         finishes: list[Finish] = []
         live: list[tuple[ClaimedGroup, list[Delivery]]] = []
         for group in groups:
@@ -203,25 +229,32 @@ class DeliveryWorker:
                     },
                 )
                 finishes.append(
-                    Finish(
-                        delivery_ids=[d.id for d in stale],
+                    Finish.of(
+                        stale,
                         status=DeliveryStatus.SKIPPED,
                         error="older than the data this CRM already has for the contact",
                     )
                 )
             if fresh:
                 live.append((group, fresh))
+        if live and self._clock() >= lease_end:
+            self._lease_lost([d for _, fresh in live for d in fresh])
+            live = []
         if live:
             outcomes = await self._send(action, live)
             self._update_breaker(outcomes)
             now = self._clock()
             for (group, fresh), outcome in zip(live, outcomes, strict=True):
-                if isinstance(outcome, PermanentDelivery) and len(fresh) > 1:
+                if isinstance(outcome, LeaseExpired):
+                    self._lease_lost(fresh)
+                elif isinstance(outcome, PermanentDelivery) and len(fresh) > 1:
                     finishes.extend(await self._unmerged(action, group, fresh))
                 else:
                     finishes.append(self._finish(group, fresh, outcome, now))
-        await self._record(finishes)
-        self._metrics.finished(self.name, action, finishes)  # once recorded: counted once
+        recorded = await self._record(finishes)
+        # Once recorded: counted once (an outcome a later claim overrides is that claim's).
+        counted = [f for f in finishes if recorded.intersection(f.delivery_ids)]
+        self._metrics.finished(self.name, action, counted)
 
     async def _unmerged(
         self, action: str, group: ClaimedGroup, fresh: list[Delivery]
@@ -231,19 +264,35 @@ class DeliveryWorker:
         finishes = []
         for delivery in fresh:
             (outcome,) = await self._send(action, [(group, [delivery])])
+            if isinstance(outcome, LeaseExpired):
+                self._lease_lost([delivery])
+                continue
             finishes.append(self._finish(group, [delivery], outcome, self._clock()))
         return finishes
 
-    async def _record(self, finishes: list[Finish]) -> None:
+    def _lease_lost(self, deliveries: list[Delivery]) -> None:
+        log.warning(
+            "%s: lease ran out before the call's turn; left for the next claim",
+            self.name,
+            extra={
+                "action": "delivery.lease_expired",
+                "connector": self.name,
+                "delivery_ids": [d.id for d in deliveries],
+            },
+        )
+
+    async def _record(self, finishes: list[Finish]) -> set[int]:
         """Store the outcomes; while the store cannot write, keep them and try again.
 
         Given up only at shutdown: the deliveries then stay in flight and are sent again after
         the restart, which the connectors' upserts make harmless.
         """
+        if not finishes:
+            return set()
         wait = 0.05
         while True:
             try:
-                await self._store.finish(finishes, self._clock())
+                recorded = await self._store.finish(finishes, self._clock())
             except StoreUnavailable as exc:
                 if self._stopping:
                     raise
@@ -256,7 +305,17 @@ class DeliveryWorker:
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, 5.0)
             else:
-                return
+                lost = [i for f in finishes for i in f.delivery_ids if i not in recorded]
+                if lost:
+                    # Sent under a lease that ran out and was claimed again meanwhile (the
+                    # other claim records the outcome), or deleted meanwhile (`forget`).
+                    log.warning(
+                        "%s: %d outcomes not recorded: their claim had ended",
+                        self.name,
+                        len(lost),
+                        extra={"action": "delivery.claim_lost", "delivery_ids": lost},
+                    )
+                return recorded
 
     async def _call(
         self, action: str, live: list[tuple[ClaimedGroup, list[Delivery]]], retry: int
@@ -280,6 +339,7 @@ class DeliveryWorker:
         try:
             async for attempt in self._policy.in_call():
                 with attempt:
+                    _check_lease()
                     retry = attempt.retry_state.attempt_number - 1
                     if retry:
                         self._metrics.retried_in_call(self.name)
@@ -299,6 +359,9 @@ class DeliveryWorker:
         raise AssertionError("unreachable: tenacity re-raises the last failure")
 
     def _update_breaker(self, outcomes: list[Outcome]) -> None:
+        outcomes = [o for o in outcomes if not isinstance(o, LeaseExpired)]  # nothing sent
+        if not outcomes:
+            return
         if any(isinstance(o, DeliveryResult) or isinstance(o, PermanentDelivery) for o in outcomes):
             # The CRM answered about records: it is up, even if it refused some.
             self.breaker.record_success()
@@ -335,7 +398,7 @@ class DeliveryWorker:
                     self.name,
                     extra={"action": "delivery.dry_run", **outcome.detail, **context},
                 )
-                return Finish(delivery_ids=ids, status=DeliveryStatus.DRY_RUN, result=result)
+                return Finish.of(fresh, status=DeliveryStatus.DRY_RUN, result=result)
             if outcome.skipped is not None:
                 log.info(
                     "%s: nothing written: %s",
@@ -343,8 +406,8 @@ class DeliveryWorker:
                     outcome.skipped,
                     extra={"action": "delivery.skipped", **context},
                 )
-                return Finish(
-                    delivery_ids=ids,
+                return Finish.of(
+                    fresh,
                     status=DeliveryStatus.SKIPPED,
                     result=result,
                     error=outcome.skipped,
@@ -360,8 +423,8 @@ class DeliveryWorker:
                     **context,
                 },
             )
-            return Finish(
-                delivery_ids=ids,
+            return Finish.of(
+                fresh,
                 status=DeliveryStatus.DONE,
                 result=result,
                 connector=self.name,
@@ -376,8 +439,8 @@ class DeliveryWorker:
                 outcome,
                 extra={"action": "delivery.dead", **context},
             )
-            return Finish(
-                delivery_ids=ids,
+            return Finish.of(
+                fresh,
                 status=DeliveryStatus.DEAD,
                 error=str(outcome),
                 result={"detail": outcome.detail} if outcome.detail else None,
@@ -400,8 +463,8 @@ class DeliveryWorker:
                 outcome,
                 extra={"action": "delivery.dead", **context},
             )
-            return Finish(
-                delivery_ids=ids,
+            return Finish.of(
+                fresh,
                 status=DeliveryStatus.DEAD,
                 error=f"gave up after {attempts} attempts: {outcome}",
             )
@@ -412,6 +475,6 @@ class DeliveryWorker:
             outcome,
             extra={"action": "delivery.retry", "attempts": attempts, **context},
         )
-        return Finish(
-            delivery_ids=ids, status=DeliveryStatus.PENDING, error=str(outcome), next_attempt_at=due
+        return Finish.of(
+            fresh, status=DeliveryStatus.PENDING, error=str(outcome), next_attempt_at=due
         )

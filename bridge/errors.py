@@ -7,7 +7,8 @@ BridgeError
 ├── StoreUnavailable       the store cannot commit: nothing acknowledged, HTTP 503
 └── DeliveryError          raised by connectors only
     ├── RetryableDelivery  network, timeout, 429, 5xx, expired session (.retry_after)
-    └── PermanentDelivery  400, 403, 404, validation, ambiguous match (.detail)
+    ├── PermanentDelivery  400, 403, 404, validation, ambiguous match (.detail)
+    └── LeaseExpired       nothing sent: the claim's lease ran out before the call's turn
 """
 
 from __future__ import annotations
@@ -114,3 +115,9 @@ class PermanentDelivery(DeliveryError):
     def __init__(self, message: str | None = None, *, detail: Any = None) -> None:
         self.detail = detail
         super().__init__(message)
+
+
+class LeaseExpired(DeliveryError):
+    """Nothing was sent: the claim's lease ran out before the call's turn came (the rate limit
+    held it), so another instance may have claimed the delivery. Not an outcome to record: the
+    delivery is left in flight for whoever claims it next."""

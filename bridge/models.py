@@ -12,13 +12,23 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from connectors.base import Operation
 
 # What Supersend documents; newer versions also send `sent`, `unsubscribe` and `finished`, which
 # are accepted and stored like any other string (they match no rule unless a rule asks for them).
 KNOWN_EVENT_TYPES = ("open", "click", "reply", "bounce", "interest", "appointment")
+
+
+def refuse_nul(value: str | None) -> str | None:
+    """The value, unless it holds a NUL character: PostgreSQL's text columns cannot store one
+    (SQLite can), so a field that becomes a column refuses it on both backends alike, with a
+    4xx the sender sees, rather than a store error at every retry. (The body column holds the
+    JSON text, where a NUL can only be the escape `\\u0000`: stored as it is.)"""
+    if value is not None and "\x00" in value:
+        raise ValueError("must not contain a NUL character (\\u0000)")
+    return value
 
 
 def normalise_email(value: object) -> str | None:
@@ -74,7 +84,7 @@ class Contact(BaseModel):
     @field_validator("email")
     @classmethod
     def _normalise_email(cls, value: str | None) -> str | None:
-        return normalise_email(value)
+        return normalise_email(refuse_nul(value))
 
 
 class WebhookPayload(BaseModel):
@@ -85,6 +95,12 @@ class WebhookPayload(BaseModel):
     type: str = Field(min_length=1, max_length=64)
     CampaignId: str | None = None
     contact: Contact
+
+    @field_validator("type")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        refuse_nul(value)  # stored as a column (events.type)
+        return value
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -184,9 +200,16 @@ class ClaimedGroup(BaseModel):
 
 
 class Finish(BaseModel):
-    """How claimed deliveries ended; the store records a batch of these in one transaction."""
+    """How claimed deliveries ended; the store records a batch of these in one transaction.
+
+    Each delivery's outcome is recorded only under the claim it was sent under: `claims` holds,
+    in `delivery_ids`' order, each delivery's `attempts` as that claim left it (every claim
+    counts one more). A delivery another instance has claimed since (its lease ran out here)
+    keeps that instance's state; nor is an outcome recorded for a delivery deleted meanwhile.
+    """
 
     delivery_ids: list[int]
+    claims: list[int]
     status: DeliveryStatus  # pending means "retry at next_attempt_at"
     result: dict[str, Any] | None = None
     error: str | None = None
@@ -196,6 +219,21 @@ class Finish(BaseModel):
     contact_key: str | None = None
     record_id: str | None = None
     applied_sort_at: float | None = None
+
+    @model_validator(mode="after")
+    def _one_claim_per_delivery(self) -> Finish:
+        if len(self.claims) != len(self.delivery_ids):
+            raise ValueError("one claim per delivery id")
+        return self
+
+    @classmethod
+    def of(cls, deliveries: list[Delivery], **fields: Any) -> Finish:
+        """The outcome of these claimed deliveries, under the claims they were sent under."""
+        return cls(
+            delivery_ids=[d.id for d in deliveries],
+            claims=[d.attempts for d in deliveries],
+            **fields,
+        )
 
 
 class IngestResult(BaseModel):

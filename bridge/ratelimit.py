@@ -9,19 +9,36 @@ folds them in, and `pause` honours an explicit Retry-After.
 Several daemons on one PostgreSQL store share each connector's allowance: `share` hands the
 limiter the store's window for the connector (`Store.shared_window`), and every start then also
 needs a slot in that window, which the database serialises. The local log still applies (it
-holds the CRM's phantoms), and a pause is published to the others at the next acquire.
+holds the CRM's phantoms). A pause (a 429's Retry-After) is published to the others as soon as
+`pause` is called, and a pause longer than one window, this instance's or one published by
+another, fails fast with RetryableDelivery (the delivery is rescheduled) rather than holding a
+worker, and its claim's lease, asleep in `acquire`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from bridge.errors import LeaseExpired, RetryableDelivery, StoreUnavailable
+
 if TYPE_CHECKING:
     from bridge.store.base import SharedWindow
+
+log = logging.getLogger("crm_bridge.ratelimit")
+
+
+# Seconds left in the lease of the delivery the current task sends, or None: a delivery worker
+# sets it around its connector calls, and `acquire` refuses a slot that comes too late, since
+# another instance may claim (and send) the delivery once the lease has run out.
+lease_left: contextvars.ContextVar[Callable[[], float] | None] = contextvars.ContextVar(
+    "crm_bridge_lease_left", default=None
+)
 
 
 class RateLimiter:
@@ -50,7 +67,8 @@ class RateLimiter:
         self._lock = asyncio.Lock()
         self.waited_seconds = 0.0  # total time callers spent waiting here, for metrics
         self._shared: SharedWindow | None = None
-        self._unpublished_pause = False
+        self._unpublished_pause = False  # publishing failed (or no loop ran): at next acquire
+        self._publishing: set[asyncio.Task[None]] = set()
 
     def share(self, window: SharedWindow | None) -> None:
         """Count starts in `window` too: the allowance every instance on the store shares."""
@@ -68,10 +86,20 @@ class RateLimiter:
     async def acquire(self) -> float:
         """Wait for a slot and take it; returns the seconds waited."""
         waited = 0.0
+        left = lease_left.get()
         async with self._lock:
             while (delay := await self._next_delay()) > 0:
+                if (paused := self.paused_for()) > self.per_seconds:
+                    # Rescheduled in the store, not slept out here holding a worker and a lease.
+                    raise RetryableDelivery(
+                        f"rate limit: paused for {paused:.0f}s", retry_after=paused
+                    )
+                if left is not None and delay >= left():
+                    raise LeaseExpired(f"the claim's lease ends before a slot frees ({delay:.1f}s)")
                 await self._sleep(delay)
                 waited += delay
+            if left is not None and left() <= 0:
+                raise LeaseExpired("the claim's lease ended while waiting for a slot")
             self._starts.append(self._clock())
         self.waited_seconds += waited
         return waited
@@ -84,16 +112,44 @@ class RateLimiter:
         delay = self._delay(self._clock())
         if delay > 0 or self._shared is None:
             return delay
-        return await self._shared.take(self.requests, self.per_seconds, 0.0)
+        wait = await self._shared.take(self.requests, self.per_seconds, 0.0)
+        if wait > self.per_seconds:
+            # Longer than a window: a pause another instance published. Held here too, so
+            # that the calls after this one fail fast without asking the store.
+            self._paused_until = max(self._paused_until, self._clock() + wait)
+        return wait
 
     def paused_for(self) -> float:
         """Seconds the current pause still lasts; 0 when not paused."""
         return max(0.0, self._paused_until - self._clock())
 
     def pause(self, seconds: float) -> None:
-        """Start nothing for `seconds` (the CRM said Retry-After, or its window is spent)."""
+        """Start nothing for `seconds` (the CRM said Retry-After, or its window is spent).
+
+        With a shared window the pause is published to the other instances at once (in a
+        task: the connectors call this from their error paths, which do not wait for it)."""
         self._paused_until = max(self._paused_until, self._clock() + seconds)
-        self._unpublished_pause = self._shared is not None
+        if self._shared is None:
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self._publish())
+        except RuntimeError:  # no loop runs here: the next acquire publishes it
+            self._unpublished_pause = True
+            return
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
+    async def _publish(self) -> None:
+        assert self._shared is not None
+        try:
+            await self._shared.take(self.requests, self.per_seconds, self.paused_for())
+        except StoreUnavailable as exc:
+            self._unpublished_pause = True  # the next acquire tries again
+            log.warning(
+                "could not share a rate-limit pause yet: %s",
+                exc,
+                extra={"action": "ratelimit.publish_failed"},
+            )
 
     def observe(self, remaining: int | None, window_seconds: float | None = None) -> None:
         """Fold in the CRM's count of what is left in the current window.

@@ -96,8 +96,14 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def finish(self, finishes: list[Finish], now: float) -> None:
-        """Record how claimed deliveries ended, all in one transaction."""
+    async def finish(self, finishes: list[Finish], now: float) -> set[int]:
+        """Record how claimed deliveries ended, all in one transaction; the ids recorded.
+
+        A delivery's outcome is recorded only while the claim it was sent under still holds it
+        (in flight, `attempts` equal to its claim in the Finish): not once another instance
+        has claimed it again after the lease ran out, nor after it was deleted (`forget`).
+        What the CRM holds for the contact (`contact_state`) is remembered only along with a
+        recorded outcome."""
 
     @abc.abstractmethod
     async def backlog(self) -> int:

@@ -6,8 +6,8 @@ sqlite.sql), made safe for instances that run side by side:
 - an acknowledgement waits for the commit of its event: the webhooks arriving together are
   inserted by one statement in one transaction (group commit: one WAL flush per batch, at most
   `INGEST_FLUSHES` batches in flight); the primary key de-duplicates across instances
-  (`ON CONFLICT DO NOTHING`); a batch that fails on its data is retried row by row, so only
-  the bad row fails;
+  (`ON CONFLICT DO NOTHING`); a batch that fails on its data is split in halves until only
+  the bad rows fail;
 - routers lease unrouted events for `ROUTE_LEASE` seconds, and `route` stores deliveries only
   for events still unrouted under a row lock, so two routers never double an event's deliveries;
 - claims take rows `FOR UPDATE SKIP LOCKED` under a lease: a crashed instance's claims are
@@ -30,7 +30,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -45,6 +44,7 @@ from bridge.models import (
     StoredEvent,
 )
 from bridge.store.base import LastError, QueueStat, SharedWindow, Store, queries
+from bridge.store.urls import redact_url
 
 log = logging.getLogger("crm_bridge.store")
 SQL = queries("postgres")
@@ -52,10 +52,10 @@ MIGRATIONS = sorted(name for name in SQL if name.startswith("migration_"))
 MIGRATION_LOCK = 0x63726D62  # pg_advisory_xact_lock key: "crmb"
 INGEST_BATCH = 500  # events inserted together at most
 INGEST_FLUSHES = 2  # batches committing at once, per instance
-ROUTE_LEASE = 10.0
+ROUTE_LEASE = 10.0  # seconds an instance's router holds a batch of unrouted events
 # Deliveries this instance has routed when it refreshes the planner's statistics itself: a
 # fresh or fast-growing table would otherwise be planned blind until autovacuum's next round.
-ANALYZE_AT = (200, 2_000, 20_000)  # seconds an instance's router holds a batch of unrouted events
+ANALYZE_AT = (200, 2_000, 20_000)
 MESSAGE_PURGE_EVERY = 60.0  # seconds between opportunistic purges of old message ids
 # Actions whose queued burst for one contact merges into one write (activities never merge).
 COALESCED_ACTIONS = ("upsert_lead", "upsert_contact")
@@ -76,14 +76,6 @@ UNAVAILABLE = (
     asyncpg.TransactionRollbackError,
     asyncpg.CannotConnectNowError,
 )
-
-
-def redact(url: str) -> str:
-    """The URL without its password."""
-    parts = urlsplit(url)
-    user, at, host = parts.netloc.rpartition("@")
-    netloc = f"{user.partition(':')[0]}@{host}" if at else parts.netloc
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _rowcount(status: str) -> int:
@@ -157,7 +149,7 @@ class PostgresStore(Store):
         self._analyze_at = list(ANALYZE_AT)
 
     def __repr__(self) -> str:
-        return f"PostgresStore({redact(self.url)!r})"
+        return f"PostgresStore({redact_url(self.url)!r})"
 
     # -- lifecycle --------------------------------------------------------------------------
     async def open(self) -> None:
@@ -169,7 +161,7 @@ class PostgresStore(Store):
                 command_timeout=self.command_timeout,
             )
         except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
-            raise StoreUnavailable(f"cannot connect to {redact(self.url)}: {exc}") from exc
+            raise StoreUnavailable(f"cannot connect to {redact_url(self.url)}: {exc}") from exc
         try:
             if self.migrate_on_start:
                 await self.migrate()
@@ -208,7 +200,7 @@ class PostgresStore(Store):
             try:
                 conn = await asyncpg.connect(self.url, timeout=self.command_timeout)
             except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
-                raise StoreUnavailable(f"cannot connect to {redact(self.url)}: {exc}") from exc
+                raise StoreUnavailable(f"cannot connect to {redact_url(self.url)}: {exc}") from exc
             try:
                 applied = await self._migrate(conn)
             except UNAVAILABLE as exc:
@@ -249,7 +241,7 @@ class PostgresStore(Store):
         missing = [m for m in MIGRATIONS if m not in done]
         if missing:
             raise StoreUnavailable(
-                f"the schema of {redact(self.url)} lacks {', '.join(missing)}: "
+                f"the schema of {redact_url(self.url)} lacks {', '.join(missing)}: "
                 "run `crm-bridge migrate` (or set store.migrate_on_start)"
             )
 
@@ -260,7 +252,9 @@ class PostgresStore(Store):
     async def ingest(self, event: NewEvent) -> IngestResult:
         fut: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
         self._waiting.append((event, fut))
-        if len(self._flushes) < INGEST_FLUSHES:
+        # A finished flush may still be in the set (its done-callback runs later): counting
+        # it would leave this event waiting, unflushed, until the next webhook.
+        if sum(not task.done() for task in self._flushes) < INGEST_FLUSHES:
             task = asyncio.create_task(self._flush())
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
@@ -270,25 +264,29 @@ class PostgresStore(Store):
         """Insert what waits, batch after batch, until nothing does."""
         while self._waiting:
             batch, self._waiting = self._waiting[:INGEST_BATCH], self._waiting[INGEST_BATCH:]
-            try:
-                new = await self._insert_events([e for e, _ in batch])
-            except StoreUnavailable as exc:
+            await self._insert_batch(batch)
+
+    async def _insert_batch(
+        self, batch: list[tuple[NewEvent, asyncio.Future[IngestResult]]]
+    ) -> None:
+        """Insert a batch and answer its callers. A batch failing on its data is halved, each
+        half tried on its own: only the bad rows fail, after about 2·log2(n) statements per bad
+        row rather than one statement per row, so the others' acknowledgements wait little."""
+        try:
+            new = await self._insert_events([e for e, _ in batch])
+        except StoreUnavailable as exc:
+            _answer(batch, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - handed to the callers, never swallowed
+            if len(batch) == 1:
                 _answer(batch, exc)
-                continue
-            except Exception as exc:  # noqa: BLE001 - handed to the callers, never swallowed
-                if len(batch) == 1:
-                    _answer(batch, exc)
-                    continue
-                # Something in the data: each row alone, so that only the bad one fails.
-                self._waiting[:0] = batch[1:]
-                batch = batch[:1]
-                new = set()
-                try:
-                    new = await self._insert_events([batch[0][0]])
-                except Exception as one:  # noqa: BLE001 - as above
-                    _answer(batch, one)
-                    continue
-            _answer(batch, new)
+                return
+            # In order: the first of equal payloads stays the new one.
+            half = len(batch) // 2
+            await self._insert_batch(batch[:half])
+            await self._insert_batch(batch[half:])
+            return
+        _answer(batch, new)
 
     async def _insert_events(self, events: list[NewEvent]) -> set[str]:
         unique = list({e.id: e for e in events}.values())
@@ -348,11 +346,19 @@ class PostgresStore(Store):
         return sorted(int(r["id"]) for r in ids)
 
     async def _analyze(self) -> None:
+        """Best effort, after the routing has committed: its failure must not fail `route`.
+        (A role that does not own the tables raises nothing: the server skips them with a
+        WARNING, and autovacuum's rounds keep the statistics.)"""
         try:
             async with self.connection() as conn:
-                await conn.execute("ANALYZE events, deliveries")
-        except asyncpg.InsufficientPrivilegeError:
-            self._analyze_at = []  # not the tables' owner: autovacuum's job alone
+                await conn.execute(SQL["analyze"])
+        except (StoreUnavailable, asyncpg.PostgresError) as exc:
+            log.warning(
+                "could not refresh the statistics: %s",
+                exc,
+                extra={"action": "store.analyze_failed"},
+            )
+            return
         log.debug("statistics refreshed", extra={"action": "store.analyzed"})
 
     # -- delivery ---------------------------------------------------------------------------
@@ -401,23 +407,34 @@ class PostgresStore(Store):
             )
         return groups
 
-    async def finish(self, finishes: list[Finish], now: float) -> None:
-        columns: list[list[Any]] = [[], [], [], [], []]
-        contacts = []
+    async def finish(self, finishes: list[Finish], now: float) -> set[int]:
+        columns: list[list[Any]] = [[], [], [], [], [], []]
         for f in finishes:
             result = json.dumps(f.result) if f.result is not None else None
-            for i in f.delivery_ids:
-                values = (i, str(f.status), result, f.error, f.next_attempt_at)
+            for i, claim in zip(f.delivery_ids, f.claims, strict=True):
+                values = (i, claim, str(f.status), result, f.error, f.next_attempt_at)
                 for column, value in zip(columns, values, strict=True):
                     column.append(value)
-            if f.connector and f.contact_key and f.applied_sort_at is not None:
-                contacts.append((f.connector, f.contact_key, f.record_id, f.applied_sort_at, now))
+        if not columns[0]:
+            return set()
         async with self.connection() as conn, conn.transaction():
             await conn.execute(SQL["background"])
-            if columns[0]:
-                await conn.execute(SQL["finish"], *columns, now)
+            rows = await conn.fetch(SQL["finish"], *columns, now)
+            recorded = {int(r["id"]) for r in rows}
+            # What the CRM holds for the contact, only with an outcome recorded: not for a
+            # contact forgotten meanwhile (its rows are gone, or locked by `forget` until they
+            # are), nor by a claim that has lost its delivery to another instance.
+            contacts = [
+                (f.connector, f.contact_key, f.record_id, f.applied_sort_at, now)
+                for f in finishes
+                if f.connector
+                and f.contact_key
+                and f.applied_sort_at is not None
+                and recorded.intersection(f.delivery_ids)
+            ]
             if contacts:
                 await conn.executemany(SQL["remember_contact"], contacts)
+        return recorded
 
     # -- operators --------------------------------------------------------------------------
     async def backlog(self) -> int:

@@ -348,25 +348,27 @@ class SqliteStore(Store):
 
         return await self._run(claim)
 
-    async def finish(self, finishes: list[Finish], now: float) -> None:
-        def write(conn: sqlite3.Connection) -> None:
+    async def finish(self, finishes: list[Finish], now: float) -> set[int]:
+        def write(conn: sqlite3.Connection) -> set[int]:
+            recorded: set[int] = set()
             for f in finishes:
                 result = json.dumps(f.result) if f.result is not None else None
-                conn.executemany(
-                    SQL["finish"],
-                    [
-                        {
-                            "id": i,
-                            "status": f.status,
-                            "result": result,
-                            "error": f.error,
-                            "next_attempt_at": f.next_attempt_at,
-                            "now": now,
-                        }
-                        for i in f.delivery_ids
-                    ],
-                )
-                if f.connector and f.contact_key and f.applied_sort_at is not None:
+                for i, claim in zip(f.delivery_ids, f.claims, strict=True):
+                    params = {
+                        "id": i,
+                        "claim": claim,
+                        "status": f.status,
+                        "result": result,
+                        "error": f.error,
+                        "next_attempt_at": f.next_attempt_at,
+                        "now": now,
+                    }
+                    if conn.execute(SQL["finish"], params).rowcount:
+                        recorded.add(i)
+                # What the CRM holds for the contact, only with an outcome recorded: not for a
+                # contact forgotten meanwhile, nor by a claim that has lost its delivery.
+                applied = recorded.intersection(f.delivery_ids)
+                if applied and f.connector and f.contact_key and f.applied_sort_at is not None:
                     conn.execute(
                         SQL["remember_contact"],
                         {
@@ -377,8 +379,9 @@ class SqliteStore(Store):
                             "now": now,
                         },
                     )
+            return recorded
 
-        await self._run(write)
+        return await self._run(write)
 
     async def backlog(self) -> int:
         return await self._run(lambda c: int(c.execute(SQL["backlog"]).fetchone()[0]))

@@ -162,6 +162,20 @@ async def test_schema_violations_name_every_field(client):
     }
 
 
+@pytest.mark.parametrize(
+    ("field", "body"),
+    [("type", sample(type="cl\x00ick")), ("contact.email", sample(email="a\x00@example.com"))],
+)
+async def test_a_nul_in_a_stored_column_is_refused_on_every_backend(client, field, body):
+    # PostgreSQL cannot store it (a 500 at every retry); SQLite could: both answer 422.
+    status, refused = await post(client, body)
+    assert (status, refused["error"]) == (422, "invalid_payload")
+    assert [f["field"] for f in refused["fields"]] == [field]
+    # A "\u0000" elsewhere in the body is only JSON text: stored as sent.
+    status, ok = await post(client, sample(first_name="Ada\x00"))
+    assert (status, ok["duplicate"]) == (202, False)
+
+
 async def test_a_missing_contact_is_named(client):
     status, body = await post(client, {"type": "click"})
     assert status == 422

@@ -170,7 +170,7 @@ async def test_forget_deletes_a_contacts_events_and_deliveries(stores):
     await add(store, [new_delivery("a@example.com")], "k2", sort_at=1001.0)
     (group,) = await store.claim("hubspot", 1, now=2000.0, lease_seconds=60)
     await store.finish(
-        [Finish(delivery_ids=group.ids, status=DeliveryStatus.DEAD, error="bad")], now=2000.0
+        [Finish.of(group.deliveries, status=DeliveryStatus.DEAD, error="bad")], now=2000.0
     )
     other = new_event("k3", email="b@example.com")
     await store.ingest(other)
@@ -199,7 +199,12 @@ async def test_purge_delivered_keeps_what_is_unfinished_dead_or_recent(stores):
         [
             done(ids["done"]),
             done(ids["recent"]),
-            Finish(delivery_ids=ids["dead"], status=DeliveryStatus.DEAD, error="x"),
+            Finish(
+                delivery_ids=ids["dead"],
+                claims=[1] * len(ids["dead"]),
+                status=DeliveryStatus.DEAD,
+                error="x",
+            ),
         ],
         now=2000.0,
     )
@@ -233,6 +238,29 @@ async def test_webhooks_arriving_together_commit_together_and_a_bad_one_fails_al
     fine = [r for i, r in enumerate(results) if i != 50]
     assert [r.duplicate for r in fine] == [False] * 100 + [True]
     assert len(await store.unrouted(1000)) == 100
+
+
+async def test_a_bad_row_is_found_by_halving_its_batch_not_row_by_row(stores):
+    store = await stores()
+    statements = 0
+    insert = store._insert_events
+
+    async def counted(events):
+        nonlocal statements
+        statements += 1
+        return await insert(events)
+
+    store._insert_events = counted
+    events = [new_event(f"k{i}") for i in range(256)]
+    bad = new_event("bad").model_copy(update={"body": "{\x00}"})  # PostgreSQL refuses NUL
+    results = await asyncio.gather(
+        *(store.ingest(e) for e in [*events, bad]), return_exceptions=True
+    )
+    assert isinstance(results[-1], asyncpg.PostgresError)
+    assert [r.duplicate for r in results[:-1]] == [False] * 256
+    # One batch of 257: halving finds the bad row in 2 statements per level (log2 257 < 9),
+    # where one row at a time took 258.
+    assert statements <= 1 + 2 * 9
 
 
 async def test_crm_bridge_migrate_applies_then_finds_the_schema_up_to_date(
@@ -294,3 +322,40 @@ async def test_connections_lost_mid_run_fail_alone_and_the_pool_recovers(stores,
     # At most the calls on the dead connections failed, as StoreUnavailable; then it works.
     assert outcomes[-2:] == [False, False]
     assert (await store.ingest(new_event("before"))).duplicate is True
+
+
+async def test_a_failing_statistics_refresh_does_not_fail_the_committed_routing(
+    stores, monkeypatch
+):
+    store = await stores()
+    store._analyze_at = [1]  # refresh after the first delivery routed
+    await store.ingest(new_event("k"))
+    # The routing commits on its connection; the refresh then meets a store gone away.
+    opened = 0
+    connection = store.connection
+
+    def failing_after_the_first():
+        nonlocal opened
+        opened += 1
+        if opened > 1:
+            raise StoreUnavailable("the server went away")
+        return connection()
+
+    monkeypatch.setattr(store, "connection", failing_after_the_first)
+    routed = Routed(event_id="k", sort_at=1000.0, deliveries=[new_delivery()])
+    assert len(await store.route([routed], now=1500.0)) == 1
+    assert opened == 2  # the routing's connection, then the refresh's
+    monkeypatch.undo()
+    assert await store.counts() == {"hubspot": {"pending": 1}}
+
+
+async def test_a_webhook_is_flushed_while_finished_flushes_await_their_callbacks(stores):
+    store = await stores()
+    # Both flush tasks have returned; their done-callbacks (which drop them) have not run yet.
+    loop = asyncio.get_running_loop()
+    for _ in range(2):
+        finished = loop.create_future()
+        finished.set_result(None)
+        store._flushes.add(finished)
+    result = await asyncio.wait_for(store.ingest(new_event("k")), 10)
+    assert result.duplicate is False

@@ -47,8 +47,8 @@ async def finish_all(store, status, connectors=("c0", "c1")):
     for connector in connectors:
         groups = await store.claim(connector, 100, now=2000.0, lease_seconds=60)
         if groups:
-            ids = [i for g in groups for i in g.ids]
-            await store.finish([Finish(delivery_ids=ids, status=status)], now=2000.0)
+            claimed = [d for g in groups for d in g.deliveries]
+            await store.finish([Finish.of(claimed, status=status)], now=2000.0)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -126,9 +126,9 @@ async def test_purge_delivered_keeps_what_is_unfinished_dead_recent_or_unrouted(
 async def test_purge_delivered_counts_skipped_and_dry_run_as_finished(store):
     await stored(store, "k1", "a@example.com", deliveries=2)
     groups = await store.claim("c0", 10, now=2000.0, lease_seconds=60)
-    await store.finish([Finish(delivery_ids=groups[0].ids, status=DeliveryStatus.SKIPPED)], 2000.0)
+    await store.finish([Finish.of(groups[0].deliveries, status=DeliveryStatus.SKIPPED)], 2000.0)
     groups = await store.claim("c1", 10, now=2000.0, lease_seconds=60)
-    await store.finish([Finish(delivery_ids=groups[0].ids, status=DeliveryStatus.DRY_RUN)], 2000.0)
+    await store.finish([Finish.of(groups[0].deliveries, status=DeliveryStatus.DRY_RUN)], 2000.0)
     assert await store.purge_delivered(before=1001.0) == 1
     assert await store.counts() == {}
 

@@ -77,3 +77,21 @@ def test_idempotency_key_ignores_key_order_but_not_content():
     changed["contact"]["updatedAt"] = "2023-01-26T04:48:05.000Z"
     assert idempotency_key("s", data) != idempotency_key("s", changed)
     assert idempotency_key("s", data) != idempotency_key("other", data)
+
+
+@pytest.mark.parametrize(
+    ("field", "change"),
+    [
+        ("type", lambda d: d.update(type="cli\x00ck")),
+        ("contact.email", lambda d: d["contact"].update(email="andrew\x00@xoxo.capital")),
+    ],
+)
+def test_a_nul_in_a_field_stored_as_a_column_is_refused(field, change):
+    # PostgreSQL's text columns cannot hold it; SQLite could: both refuse it alike.
+    data = sample()
+    change(data)
+    with pytest.raises(ValidationError) as refused:
+        WebhookPayload.model_validate(data)
+    (error,) = refused.value.errors()
+    assert ".".join(map(str, error["loc"])) == field
+    assert "NUL" in error["msg"]

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from bridge.errors import RetryableDelivery
 from bridge.ratelimit import RateLimiter
 
 
@@ -186,18 +187,48 @@ async def test_a_shared_window_limits_all_instances_together():
     assert sorted(starts) == [1000.0] * 3 + [1010.0] * 3 + [1020.0] * 3
 
 
-async def test_a_pause_is_published_to_the_shared_window():
+async def test_a_pause_is_published_to_the_shared_window_at_once():
     clock = FakeTime()
     window = FakeWindow(clock)
-    first, other = (RateLimiter(3, 10.0, clock=clock, sleep=clock.sleep) for _ in range(2))
+    first = RateLimiter(3, 10.0, clock=clock, sleep=clock.sleep)
     first.share(window)
-    other.share(window)
-    first.pause(30.0)  # this instance saw a 429 with Retry-After: 30
-    await first.acquire()
-    assert window.pauses == [30.0] and clock.now == 1030.0
-    # The other instance learnt it from the window: nothing started before the pause ended.
-    clock.now = 1000.0
-    window.starts.clear()
-    window.paused_until = 1030.0
-    await other.acquire()
-    assert clock.now == 1030.0
+    # This instance saw a 429 with Retry-After: 30, and its connector failed fast: no acquire.
+    first.pause(30.0)
+    await asyncio.gather(*first._publishing)
+    assert window.pauses == [30.0] and window.paused_until == 1030.0
+
+
+async def test_a_pause_longer_than_a_window_fails_fast():
+    rl, clock = limiter(requests=3, per_seconds=10.0)
+    rl.pause(30.0)
+    with pytest.raises(RetryableDelivery) as refused:
+        await rl.acquire()
+    assert refused.value.retry_after == pytest.approx(30.0)
+    assert clock.slept == []  # nobody slept out the pause holding a worker and its lease
+
+
+async def test_a_long_pause_published_by_another_instance_becomes_a_local_one():
+    clock = FakeTime()
+    window = FakeWindow(clock)
+    window.paused_until = 1030.0  # another instance saw a 429 with Retry-After: 30
+    rl = RateLimiter(3, 10.0, clock=clock, sleep=clock.sleep)
+    rl.share(window)
+    with pytest.raises(RetryableDelivery) as refused:
+        await rl.acquire()
+    assert refused.value.retry_after == pytest.approx(30.0)
+    assert clock.slept == [] and rl.paused_for() == pytest.approx(30.0)
+    # Later calls fail fast here, without asking the shared window again.
+    window.paused_until = 0.0
+    with pytest.raises(RetryableDelivery):
+        await rl.acquire()
+    assert window.starts == []
+
+
+async def test_a_short_shared_wait_is_waited_out():
+    clock = FakeTime()
+    window = FakeWindow(clock)
+    window.paused_until = 1004.0  # within one window: cheaper to wait than to reschedule
+    rl = RateLimiter(3, 10.0, clock=clock, sleep=clock.sleep)
+    rl.share(window)
+    assert await rl.acquire() == pytest.approx(4.0)
+    assert window.starts == [1004.0]

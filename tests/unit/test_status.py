@@ -25,19 +25,17 @@ async def test_queue_stats_count_waiting_deliveries_and_date_the_oldest_pending(
     await add(store, [new_delivery("c@x.io")], "k3")
     claimed = await store.claim("hubspot", 1, now=2000.0, lease_seconds=60)
     (first,) = [d.id for g in claimed for d in g.deliveries]
-    await store.finish([Finish(delivery_ids=[first], status=DeliveryStatus.DONE)], now=2000.0)
+    await store.finish(
+        [Finish(delivery_ids=[first], claims=[1], status=DeliveryStatus.DONE)], now=2000.0
+    )
     [group] = await store.claim("hubspot", 1, now=2000.0, lease_seconds=60)
     assert await store.queue_stats() == {
         "hubspot": QueueStat(pending=1, in_flight=1, oldest_pending_at=1000.0),
         "sf": QueueStat(pending=1, in_flight=0, oldest_pending_at=1000.0),
     }
-    await store.finish(
-        [Finish(delivery_ids=[group.head.id], status=DeliveryStatus.DONE)], now=2000.0
-    )
+    await store.finish([Finish.of([group.head], status=DeliveryStatus.DONE)], now=2000.0)
     [group] = await store.claim("hubspot", 1, now=2000.0, lease_seconds=60)
-    await store.finish(
-        [Finish(delivery_ids=[group.head.id], status=DeliveryStatus.DONE)], now=2000.0
-    )
+    await store.finish([Finish.of([group.head], status=DeliveryStatus.DONE)], now=2000.0)
     assert await store.queue_stats() == {"sf": QueueStat(pending=1, oldest_pending_at=1000.0)}
 
 
@@ -48,12 +46,14 @@ async def test_last_errors_are_the_newest_of_pending_or_dead_deliveries(store):
     assert await store.last_errors() == {}
     await store.claim("hubspot", 3, now=2000.0, lease_seconds=60)
     await store.finish(
-        [Finish(delivery_ids=[a], status=DeliveryStatus.DEAD, error="refused")], now=2001.0
+        [Finish(delivery_ids=[a], claims=[1], status=DeliveryStatus.DEAD, error="refused")],
+        now=2001.0,
     )
     await store.finish(
         [
             Finish(
                 delivery_ids=[b],
+                claims=[1],
                 status=DeliveryStatus.PENDING,
                 error="HubSpot 503",
                 next_attempt_at=3000.0,
@@ -62,7 +62,9 @@ async def test_last_errors_are_the_newest_of_pending_or_dead_deliveries(store):
         now=2002.0,
     )
     # A delivery done after that does not hide the error
-    await store.finish([Finish(delivery_ids=[c], status=DeliveryStatus.DONE)], now=2003.0)
+    await store.finish(
+        [Finish(delivery_ids=[c], claims=[1], status=DeliveryStatus.DONE)], now=2003.0
+    )
     (error,) = (await store.last_errors()).values()
     assert (error.delivery_id, error.status, error.error, error.at) == (
         b,

@@ -38,8 +38,15 @@ async def add(store, deliveries, key, sort_at=1000.0):
     return result, ids
 
 
-def done(ids, **kw):
-    return Finish(delivery_ids=ids, status=DeliveryStatus.DONE, result={"record_id": "1"}, **kw)
+def done(ids, claim=1, **kw):
+    """Delivered, under the claim that made `attempts` equal to `claim`."""
+    return Finish(
+        delivery_ids=ids,
+        claims=[claim] * len(ids),
+        status=DeliveryStatus.DONE,
+        result={"record_id": "1"},
+        **kw,
+    )
 
 
 def new_delivery(email: str = "a@example.com", connector: str = "hubspot") -> NewDelivery:
@@ -166,8 +173,8 @@ async def test_a_contact_with_a_delivery_in_flight_gets_no_second_claim(store):
 async def test_a_rescheduled_delivery_is_not_claimed_before_it_is_due(store):
     await add(store, [new_delivery()], "k")
     (group,) = await store.claim("hubspot", 1, now=2000.0, lease_seconds=60)
-    retry = Finish(
-        delivery_ids=group.ids, status=DeliveryStatus.PENDING, error="503", next_attempt_at=2100.0
+    retry = Finish.of(
+        group.deliveries, status=DeliveryStatus.PENDING, error="503", next_attempt_at=2100.0
     )
     await store.finish([retry], now=2000.0)
     assert await store.claim("hubspot", 1, now=2099.0, lease_seconds=60) == []
@@ -230,8 +237,8 @@ async def test_a_failing_call_rolls_back_alone(sqlite_store):
 async def test_dead_letters_can_be_listed_retried_and_purged(store):
     await add(store, [new_delivery("a@x.io"), new_delivery("b@x.io")], "k1")
     groups = await store.claim("hubspot", 10, now=2000.0, lease_seconds=60)
-    dead = Finish(
-        delivery_ids=[g.head.id for g in groups],
+    dead = Finish.of(
+        [g.head for g in groups],
         status=DeliveryStatus.DEAD,
         error="HubSpot 400: bad",
     )
@@ -269,3 +276,74 @@ async def test_routing_an_event_forgotten_meanwhile_stores_nothing_for_it(store)
     assert [d["contact_key"] for d in (await store.event("k2"))["deliveries"]] == [
         "kept@example.com"
     ]
+
+
+async def test_a_late_finish_under_an_expired_claim_changes_nothing(store):
+    # Given instance A's claim, whose lease ran out while its call waited, and B's claim since
+    await add(store, [new_delivery("a@x.io")], "k")
+    (a,) = await store.claim("hubspot", 1, now=2000.0, lease_seconds=60)
+    (b,) = await store.claim("hubspot", 1, now=2061.0, lease_seconds=60)
+    assert (a.ids, a.head.attempts, b.head.attempts) == (b.ids, 1, 2)
+
+    # When A's outcome arrives late (it sent too), with what the CRM held for it
+    late = done(
+        a.ids,
+        claim=1,
+        connector="hubspot",
+        contact_key="a@x.io",
+        record_id="A",
+        applied_sort_at=1000.0,
+    )
+    assert await store.finish([late], now=2062.0) == set()
+
+    # Then B's row is untouched: still in flight under B's lease, claimable by nobody else
+    row = await store.delivery(a.head.id)
+    assert (row["status"], row["attempts"], row["lease_until"]) == ("in_flight", 2, 2121.0)
+    assert await store.claim("hubspot", 1, now=2062.0, lease_seconds=60) == []
+    await add(store, [new_delivery("a@x.io")], "next", sort_at=2000.0)
+    # and B's own outcome is recorded, with the contact's state
+    mine = done(
+        b.ids,
+        claim=2,
+        connector="hubspot",
+        contact_key="a@x.io",
+        record_id="B",
+        applied_sort_at=1000.0,
+    )
+    assert await store.finish([mine], now=2063.0) == set(b.ids)
+    (nxt,) = await store.claim("hubspot", 1, now=2064.0, lease_seconds=60)
+    assert nxt.head.id != b.head.id and nxt.record_id == "B"
+
+
+async def test_a_finish_applies_only_to_deliveries_still_in_flight(store):
+    await add(store, [new_delivery("a@x.io")], "k")
+    (group,) = await store.claim("hubspot", 1, now=2000.0, lease_seconds=60)
+    assert await store.finish([done(group.ids)], now=2001.0) == set(group.ids)
+    # The same outcome again (a repeated finish) does not rewrite a finished row
+    again = Finish.of(group.deliveries, status=DeliveryStatus.DEAD, error="late")
+    assert await store.finish([again], now=2002.0) == set()
+    assert (await store.delivery(group.head.id))["status"] == "done"
+
+
+async def test_a_delivery_in_flight_during_forget_does_not_bring_the_contact_back(store):
+    # Given a delivery of a@x.io in flight when `crm-bridge forget a@example.com` runs
+    await store.ingest(new_event("k", email="a@x.io"))
+    await store.route(
+        [Routed(event_id="k", sort_at=1000.0, deliveries=[new_delivery("a@x.io")])], now=1000.0
+    )
+    (group,) = await store.claim("hubspot", 1, now=2000.0, lease_seconds=60)
+    assert await store.forget("a@x.io") == (1, 1)
+
+    # When its outcome arrives, with what the CRM now holds for the contact
+    finish = done(
+        group.ids, connector="hubspot", contact_key="a@x.io", record_id="R1", applied_sort_at=1000.0
+    )
+    assert await store.finish([finish], now=2001.0) == set()
+
+    # Then nothing of the contact is stored again: a new delivery knows no record id
+    await store.ingest(new_event("later", email="a@x.io"))
+    await store.route(
+        [Routed(event_id="later", sort_at=900.0, deliveries=[new_delivery("a@x.io")])], now=2002.0
+    )
+    (fresh,) = await store.claim("hubspot", 1, now=2003.0, lease_seconds=60)
+    assert (fresh.record_id, fresh.applied_sort_at) == (None, None)

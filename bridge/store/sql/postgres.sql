@@ -156,9 +156,9 @@ RETURNING id
 -- name: claim_pending
 -- As SQLite's claim_heads, first branch: each contact's first unfinished delivery when due,
 -- none for a contact with one in flight. The walk follows deliveries_due in order and stops at
--- the LIMIT; OFFSET 0 keeps each NOT EXISTS a per-row probe of deliveries_by_contact (without
--- it the planner may turn it into a join over the whole backlog, and on a fresh table, without
--- statistics, into a nested loop over it). SKIP LOCKED: a row another instance is claiming or
+-- the LIMIT; OFFSET 0 keeps each NOT EXISTS a per-row probe of
+-- deliveries_unfinished_by_contact (without it the planner may turn it into a join over the
+-- whole backlog, and on a fresh table, without statistics, into a nested loop over it). SKIP LOCKED: a row another instance is claiming or
 -- finishing is left to it; its followers stay behind it, being unfinished in this snapshot.
 SELECT d.* FROM deliveries d
  WHERE d.connector = $1 AND d.status = 'pending' AND d.next_attempt_at <= $2
@@ -206,14 +206,19 @@ SELECT contact_key, record_id, applied_sort_at FROM contact_state
  WHERE connector = $1 AND contact_key = ANY($2::text[])
 
 -- name: finish
--- All of a call's outcomes in one statement: arrays of ids, statuses, results, errors, times.
+-- All of a call's outcomes in one statement: arrays of ids, claims, statuses, results, errors,
+-- times. Only under the claim they were sent under (still in flight, `attempts` unchanged): a
+-- claim whose lease ran out may have been taken over by another instance, whose row this must
+-- not overwrite; a delivery deleted meanwhile (`forget`) stays deleted. RETURNING: the ids
+-- recorded.
 UPDATE deliveries d
    SET status = f.status, result = f.result, last_error = f.error,
        next_attempt_at = coalesce(f.next_attempt_at, d.next_attempt_at),
-       lease_until = NULL, updated_at = $6
-  FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::float8[])
-       AS f(id, status, result, error, next_attempt_at)
- WHERE d.id = f.id
+       lease_until = NULL, updated_at = $7
+  FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[], $6::float8[])
+       AS f(id, claim, status, result, error, next_attempt_at)
+ WHERE d.id = f.id AND d.status = 'in_flight' AND d.attempts = f.claim
+RETURNING d.id
 
 -- name: remember_contact
 INSERT INTO contact_state (connector, contact_key, record_id, applied_sort_at, updated_at)
@@ -313,6 +318,11 @@ DELETE FROM webhook_messages WHERE seen_at <= $1
 -- after a crash before it was recorded; a routing lost: routed again, the event being still
 -- unrouted in the same lost transaction).
 SET LOCAL synchronous_commit TO OFF
+
+-- name: analyze
+-- The planner's statistics, refreshed by an instance that has routed many deliveries since it
+-- started (ANALYZE_AT); a role that does not own the tables only gets a WARNING.
+ANALYZE events, deliveries
 
 -- name: rate_take
 SELECT crm_bridge_rate_take($1, $2, $3, $4)

@@ -136,11 +136,13 @@ SELECT contact_key, record_id, applied_sort_at FROM contact_state
  WHERE connector = ? AND contact_key IN ({keys})
 
 -- name: finish
+-- Only under the claim it was sent under (still in flight, `attempts` unchanged), as in
+-- postgres.sql; a delivery deleted meanwhile (`forget`) stays deleted.
 UPDATE deliveries
    SET status = :status, result = :result, last_error = :error,
        next_attempt_at = coalesce(:next_attempt_at, next_attempt_at),
        lease_until = NULL, updated_at = :now
- WHERE id = :id
+ WHERE id = :id AND status = 'in_flight' AND attempts = :claim
 
 -- name: remember_contact
 INSERT INTO contact_state (connector, contact_key, record_id, applied_sort_at, updated_at)
