@@ -74,6 +74,11 @@ class Router:
                 # The events stay stored and unrouted: try again at the next poll.
                 log.warning("routing paused: %s", exc, extra={"action": "router.store_unavailable"})
                 routed = 0
+            except Exception:
+                # A bug must not end routing for good: it is logged, the batch stays unrouted
+                # and is tried again at the next poll.
+                log.exception("routing failed", extra={"action": "router.failed"})
+                routed = 0
             if routed:
                 if self._pace:
                     await self._pace(time.perf_counter() - started)

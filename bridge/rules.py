@@ -90,6 +90,12 @@ def _coerce(value: Any, kind: str | None) -> Any:
     return converted
 
 
+def _record_key(rendered: str) -> str:
+    """The rendered record key; a key no store column can hold (a NUL) is none at all."""
+    key = rendered.strip()
+    return "" if "\x00" in key else key
+
+
 @dataclass
 class CompiledField:
     """One mapped field, its template compiled and its map keyed for lookups."""
@@ -185,7 +191,7 @@ class CompiledRule:
         """The activity this rule logs, or None when the record has no key."""
         assert self.subject is not None and self.body is not None and self.config.activity
         try:
-            key = scope.render(self.id_value).strip()
+            key = _record_key(scope.render(self.id_value))
             subject = scope.render(self.subject).strip()
             body = scope.render(self.body).strip()
         except RULE_FAILURES as exc:
@@ -210,7 +216,7 @@ class CompiledRule:
         values: dict[str, Any] = {}
         policies: dict[str, WritePolicy] = {}
         try:
-            key = scope.render(self.id_value).strip()
+            key = _record_key(scope.render(self.id_value))
             for spec in self.fields:
                 value = spec.value(scope)
                 if isinstance(value, Omitted):

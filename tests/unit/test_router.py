@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from bridge.config import RuleConfig
@@ -46,4 +47,36 @@ async def test_an_event_the_rules_fail_on_is_routed_with_a_note_and_the_rest_go_
         assert events["k2"]["notes"] == ["the rules failed on this event (RuntimeError: a bug)"]
         assert await store.unrouted(10) == []
     finally:
+        await store.close()
+
+
+class FailingOnce(SqliteStore):
+    """A store whose first routing write fails with a bug's exception."""
+
+    failed = False
+
+    async def route(self, routed, now, delay=0.0):  # type: ignore[no-untyped-def]
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("a bug")
+        return await super().route(routed, now, delay)
+
+
+async def test_a_failing_batch_is_retried_and_routing_goes_on(tmp_path):
+    store = FailingOnce(tmp_path / "bridge.db")
+    await store.open()
+    router = Router(store, RuleSet([RULE]), on_routed=lambda _: None, poll_interval=0.01)
+    try:
+        await store.ingest(stored("k1", "reply", "k1@example.com"))
+        router.start()
+
+        async def routed() -> None:
+            while await store.unrouted(10):
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(routed(), 10)
+        assert store.failed
+        assert len((await store.event("k1"))["deliveries"]) == 1
+    finally:
+        await router.stop()
         await store.close()

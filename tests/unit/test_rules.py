@@ -318,3 +318,14 @@ def test_a_hubspot_lead_template_failing_on_sender_data_is_a_note_not_a_crash():
 
     assert [d.rule for d in result.deliveries] == ["second"]
     assert len(result.notes) == 1 and result.notes[0].startswith("rule 'interested': ")
+
+
+def test_a_record_key_with_a_nul_is_no_key():
+    rule = {**INTERESTED, "id_value": "{{ contact.custom_id }}"}
+    data = event("interest")
+    data["contact"]["custom_id"] = "abc\x00def"
+
+    result = evaluate([rule], data)
+
+    assert result.deliveries == []
+    assert "the record key ({{ contact.custom_id }}) is empty" in result.notes[0]
