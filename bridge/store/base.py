@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import abc
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from bridge.models import ClaimedGroup, Finish, IngestResult, NewEvent, Routed, StoredEvent
+from bridge.models import (
+    ClaimedGroup,
+    Delivery,
+    Finish,
+    IngestResult,
+    NewEvent,
+    Routed,
+    StoredEvent,
+)
 
 if TYPE_CHECKING:
     from bridge.config import PostgresStoreConfig, SqliteStoreConfig
@@ -168,6 +177,29 @@ class Store(abc.ABC):
         """Remember a signed webhook's message id durably for `keep` seconds: True if it is
         new, False if it was seen within `keep` (a replay). Expired ids may be purged."""
         raise NotImplementedError
+
+
+def claimed_groups(
+    heads: Sequence[Any],
+    members: dict[int, list[int]],
+    rows: dict[int, Delivery],
+    states: dict[str, Any],
+) -> list[ClaimedGroup]:
+    """Each claimed head's group (its deliveries in order), with what the CRM already has for
+    its contact (`states` rows by contact key); both backends' rows read alike."""
+    groups = []
+    for head in heads:
+        state = states.get(head["contact_key"])
+        groups.append(
+            ClaimedGroup(
+                deliveries=sorted(
+                    (rows[i] for i in members[head["id"]]), key=lambda d: (d.sort_at, d.id)
+                ),
+                applied_sort_at=state["applied_sort_at"] if state else None,
+                record_id=state["record_id"] if state else None,
+            )
+        )
+    return groups
 
 
 @cache

@@ -43,7 +43,14 @@ from bridge.models import (
     Routed,
     StoredEvent,
 )
-from bridge.store.base import LastError, QueueStat, SharedWindow, Store, queries
+from bridge.store.base import (
+    LastError,
+    QueueStat,
+    SharedWindow,
+    Store,
+    claimed_groups,
+    queries,
+)
 from bridge.store.urls import redact_url
 
 log = logging.getLogger("crm_bridge.store")
@@ -393,19 +400,7 @@ class PostgresStore(Store):
                 r["contact_key"]: r
                 for r in await conn.fetch(SQL["contact_states"], connector, keys)
             }
-        groups = []
-        for head in heads:
-            state = states.get(head["contact_key"])
-            groups.append(
-                ClaimedGroup(
-                    deliveries=sorted(
-                        (rows[i] for i in members[head["id"]]), key=lambda d: (d.sort_at, d.id)
-                    ),
-                    applied_sort_at=state["applied_sort_at"] if state else None,
-                    record_id=state["record_id"] if state else None,
-                )
-            )
-        return groups
+        return claimed_groups(heads, members, rows, states)
 
     async def finish(self, finishes: list[Finish], now: float) -> set[int]:
         columns: list[list[Any]] = [[], [], [], [], [], []]

@@ -30,7 +30,7 @@ from bridge.models import (
     Routed,
     StoredEvent,
 )
-from bridge.store.base import LastError, QueueStat, Store, queries
+from bridge.store.base import LastError, QueueStat, Store, claimed_groups, queries
 
 T = TypeVar("T")
 log = logging.getLogger("crm_bridge.store")
@@ -332,19 +332,7 @@ class SqliteStore(Store):
             }
             sql = SQL["contact_states"].format(keys=marks)
             states = {r["contact_key"]: r for r in conn.execute(sql, [connector, *keys])}
-            groups = []
-            for head in heads:
-                state = states.get(head["contact_key"])
-                groups.append(
-                    ClaimedGroup(
-                        deliveries=sorted(
-                            (rows[i] for i in members[head["id"]]), key=lambda d: (d.sort_at, d.id)
-                        ),
-                        applied_sort_at=state["applied_sort_at"] if state else None,
-                        record_id=state["record_id"] if state else None,
-                    )
-                )
-            return groups
+            return claimed_groups(heads, members, rows, states)
 
         return await self._run(claim)
 
