@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -177,6 +177,30 @@ class Store(abc.ABC):
         """Remember a signed webhook's message id durably for `keep` seconds: True if it is
         new, False if it was seen within `keep` (a replay). Expired ids may be purged."""
         raise NotImplementedError
+
+
+# Actions whose queued burst for one contact merges into one write (activities never merge).
+COALESCED_ACTIONS = ("upsert_lead", "upsert_contact")
+
+
+def coalesced_members(
+    heads: Sequence[Any], followers: Iterable[Any], coalesce: int
+) -> dict[int, list[int]]:
+    """Each claimed head's delivery ids: itself, then up to `coalesce` queued followers of the
+    same contact and action (`followers` rows in order), when that action merges."""
+    members: dict[int, list[int]] = {h["id"]: [h["id"]] for h in heads}
+    by_key = {h["contact_key"]: h for h in heads}
+    for row in followers:
+        head = by_key[row["contact_key"]]
+        group = members[head["id"]]
+        if (
+            row["id"] != head["id"]
+            and row["action"] == head["action"]
+            and head["action"] in COALESCED_ACTIONS
+            and len(group) <= coalesce
+        ):
+            group.append(row["id"])
+    return members
 
 
 def claimed_groups(

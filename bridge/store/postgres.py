@@ -49,6 +49,7 @@ from bridge.store.base import (
     SharedWindow,
     Store,
     claimed_groups,
+    coalesced_members,
     queries,
 )
 from bridge.store.urls import redact_url
@@ -64,8 +65,6 @@ ROUTE_LEASE = 10.0  # seconds an instance's router holds a batch of unrouted eve
 # fresh or fast-growing table would otherwise be planned blind until autovacuum's next round.
 ANALYZE_AT = (200, 2_000, 20_000)
 MESSAGE_PURGE_EVERY = 60.0  # seconds between opportunistic purges of old message ids
-# Actions whose queued burst for one contact merges into one write (activities never merge).
-COALESCED_ACTIONS = ("upsert_lead", "upsert_contact")
 
 # Faults of the server or the network, not of our SQL: the caller hears StoreUnavailable
 # (a webhook gets 503 + Retry-After; a worker tries again at its next poll).
@@ -380,19 +379,10 @@ class PostgresStore(Store):
             if not heads:
                 return []
             keys = list({h["contact_key"] for h in heads})
-            members: dict[int, list[int]] = {h["id"]: [h["id"]] for h in heads}
-            if coalesce:
-                by_key = {h["contact_key"]: h for h in heads}
-                for row in await conn.fetch(SQL["claim_followers"], connector, now, keys):
-                    head = by_key[row["contact_key"]]
-                    group = members[head["id"]]
-                    if (
-                        row["id"] != head["id"]
-                        and row["action"] == head["action"]
-                        and head["action"] in COALESCED_ACTIONS
-                        and len(group) <= coalesce
-                    ):
-                        group.append(row["id"])
+            followers = (
+                await conn.fetch(SQL["claim_followers"], connector, now, keys) if coalesce else []
+            )
+            members = coalesced_members(heads, followers, coalesce)
             ids = [i for group in members.values() for i in group]
             claimed = await conn.fetch(SQL["mark_claimed"], now + lease_seconds, now, ids)
             rows = {r["id"]: _delivery(r) for r in claimed}

@@ -30,15 +30,20 @@ from bridge.models import (
     Routed,
     StoredEvent,
 )
-from bridge.store.base import LastError, QueueStat, Store, claimed_groups, queries
+from bridge.store.base import (
+    LastError,
+    QueueStat,
+    Store,
+    claimed_groups,
+    coalesced_members,
+    queries,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("crm_bridge.store")
 SQL = queries("sqlite")
 MAX_GROUP = 512  # calls committed together at most
 PURGE_MESSAGES_EVERY = 1000  # seen_message calls between purges of expired message ids
-# Actions whose queued burst for one contact merges into one write (activities never merge).
-COALESCED_ACTIONS = ("upsert_lead", "upsert_contact")
 
 EventRow = tuple[str, str, str, str | None, float, float, str]  # events' columns, in order
 _Work = Callable[[sqlite3.Connection], Any] | EventRow
@@ -311,20 +316,12 @@ class SqliteStore(Store):
                 return []
             keys = list({h["contact_key"] for h in heads})
             marks = ",".join("?" * len(keys))
-            members: dict[int, list[int]] = {h["id"]: [h["id"]] for h in heads}
-            if coalesce:
-                by_key = {h["contact_key"]: h for h in heads}
-                sql = SQL["claim_followers"].format(keys=marks)
-                for row in conn.execute(sql, [connector, now, *keys]):
-                    head = by_key[row["contact_key"]]
-                    group = members[head["id"]]
-                    if (
-                        row["id"] != head["id"]
-                        and row["action"] == head["action"]
-                        and head["action"] in COALESCED_ACTIONS
-                        and len(group) <= coalesce
-                    ):
-                        group.append(row["id"])
+            followers = (
+                conn.execute(SQL["claim_followers"].format(keys=marks), [connector, now, *keys])
+                if coalesce
+                else []
+            )
+            members = coalesced_members(heads, followers, coalesce)
             ids = [i for group in members.values() for i in group]
             sql = SQL["mark_claimed"].format(ids=",".join("?" * len(ids)))
             rows = {
