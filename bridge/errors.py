@@ -7,6 +7,9 @@ BridgeError
 ├── StoreUnavailable       the store cannot commit: nothing acknowledged, HTTP 503
 └── DeliveryError          raised by connectors only
     ├── RetryableDelivery  network, timeout, 429, 5xx, expired session (.retry_after)
+    │   └── ConnectorUnusable  nothing will pass until a person acts: the connector pauses
+    │       ├── AuthenticationFailed  the CRM refused the credentials
+    │       └── Misconfigured         a metadata endpoint the set-up needs is missing (404)
     ├── PermanentDelivery  400, 403, 404, validation, ambiguous match (.detail)
     └── LeaseExpired       nothing sent: the claim's lease ran out before the call's turn
 """
@@ -105,8 +108,19 @@ class RetryableDelivery(DeliveryError):
         super().__init__(message)
 
 
-class AuthenticationFailed(RetryableDelivery):
+class ConnectorUnusable(RetryableDelivery):
+    """Nothing this connector sends can pass until a person fixes its set-up: the delivery
+    engine pauses the whole connector (one log line, shown in status) instead of failing
+    every delivery, and keeps the deliveries queued."""
+
+
+class AuthenticationFailed(ConnectorUnusable):
     """The CRM refused the connector's credentials; nothing will pass until they are fixed."""
+
+
+class Misconfigured(ConnectorUnusable):
+    """The CRM answered a metadata call the connector needs (HubSpot's properties API, a
+    Salesforce describe) with 404 or a missing scope: a configuration problem, not a record's."""
 
 
 class PermanentDelivery(DeliveryError):

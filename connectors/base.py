@@ -134,7 +134,19 @@ class DeliveryResult(BaseModel):
     # Why nothing was written (an update-only write finding no record): the delivery is
     # finished as skipped, not done.
     skipped: str | None = None
+    # With `skipped`: the record to update or log on does not exist (yet). The delivery engine
+    # decides what that means (wait for the delivery that creates it, skip, or dead-letter:
+    # the rule's `if_missing`), so connectors report it rather than raise.
+    missing: bool = False
     detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class Pause(BaseModel):
+    """A connector holding its calls back, for status and metrics: why, and until when."""
+
+    kind: Literal["rate_limit", "daily_allocation", "concurrency", "configuration", "auth"]
+    reason: str
+    until: float  # epoch seconds (wall clock)
 
 
 class Connector(abc.ABC):
@@ -144,6 +156,8 @@ class Connector(abc.ABC):
     config_model: ClassVar[type[ConnectorConfig]] = ConnectorConfig
     # How many records one `upsert_leads` call may carry (the CRM's batch size).
     max_batch: ClassVar[int] = 1
+    # How many activities one `log_activities` call may carry.
+    max_activity_batch: ClassVar[int] = 1
     # The client-side limiter every HTTP call of this connector waits on, or None; the delivery
     # engine reads `limiter.waited_seconds` for its metrics.
     limiter: RateLimiter | None = None
@@ -187,8 +201,33 @@ class Connector(abc.ABC):
         return outcomes
 
     async def log_activity(self, activity: Activity) -> DeliveryResult:
-        """Log an activity on the record keyed by `id_value`; once, whatever the attempt."""
+        """Log an activity on the record keyed by `id_value` (or `record_id`, when known);
+        once, whatever the attempt. No such record: `DeliveryResult(skipped=..., missing=True)`."""
         raise PermanentDelivery(f"the {self.name} connector cannot log activities")
+
+    async def log_activities(self, activities: list[Activity]) -> list[Outcome]:
+        """Log up to `max_activity_batch` activities, one outcome each, in order (as
+        `upsert_leads`). The default logs them one by one."""
+        if len(activities) == 1:
+            return [await self.log_activity(activities[0])]
+        outcomes: list[Outcome] = []
+        for activity in activities:
+            try:
+                outcomes.append(await self.log_activity(activity))
+            except DeliveryError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def implicit_policies(self) -> dict[str, WritePolicy]:
+        """Fields the CRM itself only moves forward (HubSpot's `lifecyclestage`), as monotonic
+        policies: the delivery engine applies them to any write whose rule gave the field no
+        policy, so that merges and out-of-order deliveries keep the CRM's rule too."""
+        return {}
+
+    def pauses(self) -> list[Pause]:
+        """What holds this connector's calls back now (rate limit, spent allocation, ...),
+        for `/status`, `crm-bridge status` and the metrics."""
+        return []
 
     async def describe(self, object: str, reload: bool = False) -> dict[str, FieldInfo]:
         """The fields of `object` ("lead", "contact", "note", "task") as the CRM describes
