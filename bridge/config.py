@@ -11,10 +11,10 @@ import difflib
 import ipaddress
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import (
@@ -122,6 +122,10 @@ class SourceConfig(_Strict):
     signature: SignatureConfig | None = None
     allow_ips: list[IPvAnyNetwork] = Field(default_factory=list, description="CIDRs; empty: any")
     rate_limit: RateLimitConfig | None = None
+    # What this source sends beyond the platform's documented payload, so that `check` does
+    # not take a rule reading them for a typo (`bridge.lint`).
+    event_types: list[str] = Field(default_factory=list, description="extra event types")
+    contact_fields: list[str] = Field(default_factory=list, description="extra contact fields")
 
     @field_validator("tokens")
     @classmethod
@@ -214,6 +218,12 @@ class DeliveryConfig(_Strict):
     auth_pause: float = Field(default=300.0, gt=0, description="pause after a refused login")
     # Above this many unfinished deliveries the webhook answers 503 + Retry-After.
     max_backlog: int = Field(default=100_000, ge=1)
+    # A status update or an activity whose record does not exist yet waits this long for the
+    # contact's delivery that creates it (released at once when it lands); then `if_missing`.
+    await_record: float = Field(default=900.0, ge=0)
+    # Under load, gather what is due for this long (seconds) before a claim, so that batches
+    # fill; a lone delivery after an idle spell leaves at once.
+    batch_gather: float = Field(default=0.05, ge=0, le=5)
 
 
 class ConnectorEntry(BaseModel):
@@ -288,6 +298,10 @@ class RuleConfig(_Strict):
     # HubSpot: also open a Lead object for the contact (once), with these properties (constants
     # or templates); `{}` for the defaults (hs_lead_name: the contact's name, else its email).
     hubspot_lead: dict[str, Any] | None = None
+    # update_status and log_activity, when the record does not exist: `wait` (the default)
+    # for the delivery that creates it up to delivery.await_record, then skip; `skip` at once;
+    # `dead_letter` after the wait (a person must act).
+    if_missing: Literal["wait", "skip", "dead_letter"] = "wait"
 
     @model_validator(mode="after")
     def _settings_go_with_the_action(self) -> RuleConfig:
@@ -303,6 +317,13 @@ class RuleConfig(_Strict):
             raise ValueError(f"`hubspot_lead:` goes with an upsert action, not {self.action}")
         if self.object is not None and self.action != "update_status":
             raise ValueError(f"`object:` is only for action update_status, not {self.action}")
+        if "if_missing" in self.model_fields_set and self.action not in (
+            "update_status",
+            "log_activity",
+        ):
+            raise ValueError(
+                f"`if_missing:` is for update_status and log_activity, not {self.action}"
+            )
         return self
 
     @property
@@ -358,6 +379,12 @@ class Config(_Strict):
     # Filled by the loader: things to fix that do not stop the daemon (a secret readable by
     # others). `check` prints them, `serve` logs them.
     warnings: list[str] = Field(default_factory=list, exclude=True)
+    # Filled by the loader: rules that can never match as written (a type no source sends, a
+    # contact field the payload lacks; `bridge.lint`). `check` prints them, `serve` logs them.
+    rule_warnings: list[str] = Field(default_factory=list, exclude=True)
+    # Filled by the loader: credentials of deferred sections it could not read (`defer=`).
+    unread: list[str] = Field(default_factory=list, exclude=True)
+    readable_credentials: list[str] = Field(default_factory=list, exclude=True)
     _marks: dict[Loc, yaml.Mark] = PrivateAttr(default_factory=dict)
 
     def problem(self, loc: Loc, message: str) -> ConfigProblem:
@@ -367,43 +394,100 @@ class Config(_Strict):
         return problems.items[0]
 
 
-# Credential files (${file:...}) read by the current load that others may read.
-_READABLE_CREDENTIALS: list[str] = []
-
 # ${VAR}, ${VAR:-default}, ${file:/path}
 _INTERPOLATION = re.compile(
     r"\$\{(?:(?P<file>file):(?P<path>[^}]+)|(?P<var>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?)\}"
 )
+# Where systemd hands a service its credentials (LoadCredential=): /run/credentials/<unit>/<name>.
+SYSTEMD_CREDENTIALS = re.compile(r"^/run/credentials/[^/]+/(?P<name>[^/]+)$")
+# What an unread credential becomes in a deferred section (see `load_config`): a value every
+# secret's validator accepts (a token's 16 characters, a Standard Webhooks key's base64), so the
+# rest of the section is still checked. Never sent anywhere: only commands that call no CRM and
+# serve no webhook defer.
+UNREAD = "whsec_Y3JtLWJyaWRnZTogY3JlZGVudGlhbCBub3QgcmVhZA=="
+UNREAD_URL = "postgresql://unread-credential@localhost/unread"
+DEFER_ALL = ("server", "sources", "store", "delivery", "connectors", "rules", "logging", "privacy")
 
 
-def _interpolate(value: str, loc: Loc, problems: list[tuple[Loc, str]]) -> str:
-    def replace(m: re.Match[str]) -> str:
-        if m.group("file"):
-            try:
-                path = Path(m.group("path"))
-                text = path.read_text().strip()
-                if path.stat().st_mode & 0o077:
-                    _READABLE_CREDENTIALS.append(str(path))
-                return text
-            except OSError as exc:
-                problems.append((loc, f"cannot read {m.group('path')}: {exc.strerror}"))
-                return ""
-        var = m.group("var")
-        if var in os.environ:
-            return os.environ[var]
-        if m.group("default") is not None:
-            return m.group("default")
-        problems.append(
-            (loc, f"environment variable {var} is not set (write ${{{var}:-}} to allow it empty)")
-        )
+class _Resolver:
+    """Interpolation for one load: where relative paths start, where systemd credentials are
+    read from, which sections may leave a credential unread, and what was found."""
+
+    def __init__(
+        self,
+        base_dir: Path | None = None,
+        credentials_dir: Path | None = None,
+        defer: tuple[str, ...] = (),
+    ) -> None:
+        self.base_dir = base_dir
+        self.credentials_dir = credentials_dir
+        self.defer = defer
+        self.problems: list[tuple[Loc, str]] = []
+        self.unread: list[tuple[Loc, str]] = []  # in a deferred section: warnings, not problems
+        self.readable_credentials: list[str] = []  # credential files others may read
+        self.failed: list[Loc] = []  # where an interpolation failed (reported already)
+
+    def path(self, text: str) -> Path:
+        """A file a config names: a systemd credential from `credentials_dir` when one is given
+        (`check --credentials-dir` reads the files systemd will hand over), a relative path
+        from the config file's directory."""
+        match = SYSTEMD_CREDENTIALS.match(text)
+        if match and self.credentials_dir is not None:
+            return self.credentials_dir / match["name"]
+        path = Path(text).expanduser()
+        if self.base_dir is not None and not path.is_absolute():
+            return self.base_dir / path
+        return path
+
+    def interpolate(self, value: str, loc: Loc) -> str:
+        unread: list[str] = []
+
+        def replace(m: re.Match[str]) -> str:
+            if m.group("file"):
+                path = self.path(m.group("path"))
+                try:
+                    text = path.read_text().strip()
+                    if path.stat().st_mode & 0o077:
+                        self.readable_credentials.append(str(path))
+                    return text
+                except OSError as exc:
+                    hint = ""
+                    if SYSTEMD_CREDENTIALS.match(str(path)):
+                        hint = (
+                            " (systemd makes it while the service runs; --credentials-dir DIR"
+                            " reads the files it would hand over from DIR)"
+                        )
+                    unread.append(f"cannot read {path}: {exc.strerror}{hint}")
+                    return UNREAD
+            var = m.group("var")
+            if var in os.environ:
+                return os.environ[var]
+            if m.group("default") is not None:
+                return m.group("default")
+            unread.append(
+                f"environment variable {var} is not set (write ${{{var}:-}} to allow it empty)"
+            )
+            return UNREAD
+
+        out = _INTERPOLATION.sub(replace, value)
+        if not unread:
+            return out
+        found = [(loc, message) for message in unread]
+        self.failed.append(loc)
+        if loc[:1] and loc[0] in self.defer:
+            self.unread += found
+            return UNREAD_URL if loc == ("store", "url") else out
+        self.problems += found
         return ""
 
-    return _INTERPOLATION.sub(replace, value)
+    def failed_under(self, loc: Loc) -> bool:
+        """Whether a validation problem at `loc` may come from a value that could not be read
+        (already reported, or deferred) or its stand-in: the field itself, or a model holding
+        it (a model's own check, under its section)."""
+        return len(loc) >= 2 and any(f[: len(loc)] == loc for f in self.failed)
 
 
-def _walk(
-    node: yaml.Node, loc: Loc, marks: dict[Loc, yaml.Mark], problems: list[tuple[Loc, str]]
-) -> Any:
+def _walk(node: yaml.Node, loc: Loc, marks: dict[Loc, yaml.Mark], resolver: _Resolver) -> Any:
     """Build plain data from a YAML node, remembering where each key stands and interpolating."""
     marks[loc] = node.start_mark
     if isinstance(node, yaml.MappingNode):
@@ -417,24 +501,24 @@ def _walk(
                 continue
             key = key_node.value
             if key in out:
-                problems.append(((*loc, key), "duplicate key"))
+                resolver.problems.append(((*loc, key), "duplicate key"))
             marks[(*loc, key)] = key_node.start_mark
-            out[key] = _walk(value_node, (*loc, key), marks, problems)
+            out[key] = _walk(value_node, (*loc, key), marks, resolver)
             marks[(*loc, key)] = key_node.start_mark
         for source in merged:
             if not isinstance(source, yaml.MappingNode):
-                problems.append((loc, "`<<` merges a mapping only"))
+                resolver.problems.append((loc, "`<<` merges a mapping only"))
                 continue
             for key_node, value_node in source.value:
                 if key_node.value not in out:
-                    out[key_node.value] = _walk(value_node, (*loc, key_node.value), marks, problems)
+                    out[key_node.value] = _walk(value_node, (*loc, key_node.value), marks, resolver)
                     marks.setdefault((*loc, key_node.value), key_node.start_mark)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_walk(item, (*loc, i), marks, problems) for i, item in enumerate(node.value)]
+        return [_walk(item, (*loc, i), marks, resolver) for i, item in enumerate(node.value)]
     value = yaml.SafeLoader("").construct_object(node)
     if isinstance(value, str) and "${" in value:
-        return _interpolate(value, loc, problems)
+        return resolver.interpolate(value, loc)
     return value
 
 
@@ -446,8 +530,14 @@ def _key(loc: Loc) -> str:
 
 
 class _Problems:
-    def __init__(self, file: str, marks: dict[Loc, yaml.Mark]) -> None:
+    def __init__(
+        self,
+        file: str,
+        marks: dict[Loc, yaml.Mark],
+        skip: Callable[[Loc], bool] | None = None,
+    ) -> None:
         self.file, self.marks, self.items = file, marks, list[ConfigProblem]()
+        self.skip = skip  # validation problems not to report (an unread credential's stand-in)
 
     def add(self, loc: Loc, message: str) -> None:
         # The deepest location the YAML has: a missing key is reported at its parent.
@@ -488,6 +578,8 @@ class _Problems:
             else:
                 prefix_here = prefix
             loc = (*prefix_here, *err_loc)
+            if self.skip is not None and self.skip(loc):
+                continue
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 siblings = _known_fields(err_model, err_loc[:-1])
@@ -519,8 +611,21 @@ def _known_fields(model: Any, loc: Loc) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
-def parse_config(text: str, file: str = "<memory>") -> Config:
-    """Validate a config given as YAML text; raise ConfigError listing every problem."""
+def parse_config(
+    text: str,
+    file: str = "<memory>",
+    *,
+    base_dir: Path | None = None,
+    credentials_dir: Path | None = None,
+    defer: tuple[str, ...] = (),
+) -> Config:
+    """Validate a config given as YAML text; raise ConfigError listing every problem.
+
+    `base_dir`: where relative paths (store.path, ${file:...}, a connector's files) start.
+    `defer`: the top-level sections whose unreadable credentials are noted (`Config.unread`)
+    instead of refused, for commands that use neither those secrets nor those sections' calls.
+    """
+    resolver = _Resolver(base_dir, credentials_dir, defer)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -537,34 +642,51 @@ def parse_config(text: str, file: str = "<memory>") -> Config:
             ]
         ) from None
     marks: dict[Loc, yaml.Mark] = {}
-    raw: list[tuple[Loc, str]] = []
-    data = _walk(node, (), marks, raw) if node is not None else {}
-    problems = _Problems(file, marks)
-    for loc, message in raw:
+    if node is None:  # nothing but comments: surely the wrong file, or an unsaved one
+        problems = _Problems(file, marks)
+        problems.add((), "the file is empty (config.example.yaml shows every setting)")
+        raise ConfigError(problems.items)
+    data = _walk(node, (), marks, resolver)
+    problems = _Problems(file, marks, skip=resolver.failed_under)
+    for loc, message in resolver.problems:
         problems.add(loc, message)
     if not isinstance(data, dict):
         problems.add((), "the config must be a mapping")
         raise ConfigError(problems.items)
+    unread = _Problems(file, marks)
+    for loc, message in resolver.unread:
+        unread.add(loc, message)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         problems.add_validation((), exc, Config)
-        raise ConfigError(problems.items) from None
+        # A stand-in no validator accepts (a port from an unset variable): refused after all.
+        raise ConfigError(problems.items or unread.items) from None
     config.source_file = file
     config._marks = marks
-    _check_connectors(config, data, problems)
+    config.unread = [str(p) for p in unread.items]
+    if base_dir is not None and config.store.type == "sqlite":
+        config.store.path = resolver.path(str(config.store.path))
+    _check_connectors(config, data, problems, resolver)
     _check_rules(config, problems)
     _check_sources(config, problems)
     if problems.items:
         raise ConfigError(problems.items)
+    from bridge.lint import rule_warnings  # reads the rules' syntax trees
+
+    config.rule_warnings = [str(p) for p in rule_warnings(config)]
+    config.readable_credentials = list(dict.fromkeys(resolver.readable_credentials))
     return config
 
 
 def secret_values(model: Any) -> list[str]:
     """Every secret a config holds (tokens, signing secrets, connector credentials), so that
-    the log redactor can hide them wherever they would appear."""
+    the log redactor can hide them wherever they would appear. A store URL's secret is its
+    password: the rest (user, host, database) is what every message about the store shows."""
     found: list[str] = []
-    if isinstance(model, SecretStr):
+    if isinstance(model, PostgresStoreConfig):
+        found += url_passwords(model.url.get_secret_value())
+    elif isinstance(model, SecretStr):
         found.append(model.get_secret_value())
     elif isinstance(model, BaseModel):
         for name in type(model).model_fields:
@@ -577,11 +699,32 @@ def secret_values(model: Any) -> list[str]:
     elif isinstance(model, list | tuple):
         for value in model:
             found += secret_values(value)
-    return [s for s in found if s]
+    return [s for s in found if s and s not in (UNREAD, UNREAD_URL)]
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a config file."""
+def url_passwords(url: str) -> list[str]:
+    """The password of a libpq URL (userinfo or `?password=`), as written and decoded."""
+    parts = urlsplit(url)
+    found = [parts.password or ""]
+    for pair in parts.query.split("&"):
+        key, _, value = pair.partition("=")
+        if unquote(key).strip().lower() == "password":
+            found.append(value)
+    return [form for p in found if p for form in dict.fromkeys((p, unquote(p)))]
+
+
+def load_config(
+    path: str | Path,
+    *,
+    credentials_dir: Path | None = None,
+    defer: tuple[str, ...] = (),
+) -> Config:
+    """Read and validate a config file; relative paths in it start from its directory.
+
+    `credentials_dir`: read systemd credentials (`${file:/run/credentials/<unit>/<name>}`)
+    from this directory instead (what `LoadCredential=` copies from). `defer`: see
+    `parse_config`; `serve` defers nothing.
+    """
     path = Path(path)
     try:
         text = path.read_text()
@@ -589,8 +732,13 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(
             [ConfigProblem(str(path), None, None, "(file)", exc.strerror or str(exc))]
         ) from None
-    _READABLE_CREDENTIALS.clear()
-    config = parse_config(text, str(path))
+    config = parse_config(
+        text,
+        str(path),
+        base_dir=path.absolute().parent,
+        credentials_dir=credentials_dir,
+        defer=defer,
+    )
     config.warnings += _secret_warnings(path, text, config)
     return config
 
@@ -605,7 +753,7 @@ def _secret_warnings(path: Path, text: str, config: Config) -> list[str]:
             f"{path} holds a secret and is readable by others (mode {mode:04o}): "
             f"chmod 600 {path}, or read the secret from ${{VAR}} or ${{file:...}}"
         )
-    for credential in dict.fromkeys(_READABLE_CREDENTIALS):
+    for credential in config.readable_credentials:
         mode = Path(credential).stat().st_mode & 0o777
         found.append(
             f"{credential} holds a secret and is readable by others (mode {mode:04o}): "
@@ -614,7 +762,9 @@ def _secret_warnings(path: Path, text: str, config: Config) -> list[str]:
     return found
 
 
-def _check_connectors(config: Config, data: dict[str, Any], problems: _Problems) -> None:
+def _check_connectors(
+    config: Config, data: dict[str, Any], problems: _Problems, resolver: _Resolver
+) -> None:
     installed = registry.names()
     for name, entry in config.connectors.items():
         cls = registry.get(entry.type)
@@ -627,12 +777,25 @@ def _check_connectors(config: Config, data: dict[str, Any], problems: _Problems)
                 + f"; installed: {', '.join(installed)}",
             )
             continue
+        settings = dict(data["connectors"][name])
+        for field_name, info in cls.config_model.model_fields.items():
+            # A file a connector reads (ca_bundle, private_key_file): as ${file:...} paths.
+            value = settings.get(field_name)
+            if isinstance(value, str) and value and _is_path(info.annotation):
+                settings[field_name] = str(resolver.path(value))
         try:
-            config.connector_settings[name] = cls.config_model.model_validate(
-                data["connectors"][name]
-            )
+            config.connector_settings[name] = cls.config_model.model_validate(settings)
         except ValidationError as exc:
+            before = len(problems.items)
             problems.add_validation(("connectors", name), exc, cls.config_model)
+            if len(problems.items) == before:  # refused for a stand-in only: refused after all
+                for loc, message in resolver.unread:
+                    if loc[:2] == ("connectors", name):
+                        problems.add(loc, message)
+
+
+def _is_path(annotation: Any) -> bool:
+    return annotation is Path or Path in getattr(annotation, "__args__", ())
 
 
 def _check_rules(config: Config, problems: _Problems) -> None:
@@ -706,17 +869,20 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _check_sources(config: Config, problems: _Problems) -> None:
+def _check_sources(
+    config: Config, problems: _Problems, host: str | None = None, option: str = ""
+) -> None:
     # A source without a token accepts anyone who reaches it: allowed only for the machine
     # itself, so only while the daemon listens on loopback and no proxy passes requests on.
     server = config.server
+    host = server.host if host is None else host
     if server.trusted_proxies:
         reason = (
             "when server.trusted_proxies is set (a proxy passes on anyone's requests,"
             " from its own address)"
         )
-    elif not _is_loopback(server.host):
-        reason = f"when listening on {server.host} (not loopback)"
+    elif not _is_loopback(host):
+        reason = f"when listening on {host}{option} (not loopback)"
     else:
         return
     for name, source in config.sources.items():
@@ -724,3 +890,11 @@ def _check_sources(config: Config, problems: _Problems) -> None:
             problems.add(
                 ("sources", name, "tokens"), f"a token or a signature is required {reason}"
             )
+
+
+def listen_problems(config: Config, host: str) -> list[ConfigProblem]:
+    """The sources' problems when the daemon listens on `host` (`serve --host`) instead of
+    server.host: the command line gets the check the config file gets."""
+    problems = _Problems(config.source_file, config._marks)
+    _check_sources(config, problems, host, " (--host)")
+    return problems.items

@@ -2,11 +2,14 @@
 
 One worker per configured connector, with its own claims, concurrency and circuit breaker, so
 a CRM that is down or slow never delays another. Each claim takes the next delivery of up to
-`max_batch x free slots` contacts; a contact's queued burst of upserts is merged into one write
-holding the latest state, and deliveries older than what the CRM already holds for the contact
-are skipped. A delivery is marked done only after its connector confirmed the write; a crash
-before that leaves it in flight, to be sent again (connectors write by upsert on a natural key,
-so a repeat is harmless).
+`max_batch x free slots` contacts; a contact's queued burst of upserts is merged into one write.
+What reaches the CRM is decided field by field (bridge.staleness): a delivery older than data
+the CRM already has still writes the fields no newer event decided, and never overwrites one
+that a newer event did. A status update or an activity whose record does not exist yet waits
+for the contact's delivery that creates it (`awaiting`), then ends as its rule's `if_missing`
+says. A delivery is marked done only after its connector confirmed the write; a crash before
+that leaves it in flight, to be sent again (connectors write by upsert on a natural key, and
+log activities once by their key, so a repeat is harmless).
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 
 from bridge.breaker import BreakerState, CircuitBreaker
 from bridge.errors import (
-    AuthenticationFailed,
+    ConnectorUnusable,
     DeliveryError,
     LeaseExpired,
     PermanentDelivery,
@@ -30,8 +34,16 @@ from bridge.metrics import Metrics
 from bridge.models import ClaimedGroup, Delivery, DeliveryStatus, Finish
 from bridge.ratelimit import lease_left
 from bridge.retry import RetryPolicy
+from bridge.staleness import Ledger, Write, after, resolve
 from bridge.store import Store
-from connectors.base import Activity, Connector, DeliveryResult, LeadUpsert, Outcome, combine
+from connectors.base import (
+    Activity,
+    Connector,
+    DeliveryResult,
+    LeadUpsert,
+    Outcome,
+    WritePolicy,
+)
 
 log = logging.getLogger("crm_bridge.delivery")
 
@@ -45,14 +57,61 @@ def _check_lease() -> None:
         raise LeaseExpired("the claim's lease ran out before this attempt")
 
 
-def merge(deliveries: list[Delivery], record_id: str | None) -> LeadUpsert:
-    """One write holding the latest state of a contact's burst (deliveries in sort order)."""
-    merged: LeadUpsert | None = None
+@dataclass
+class Planned:
+    """What one claimed group sends: its deliveries, and for upserts the one write the field
+    ledger leaves of them (`upsert` None: every field they write was decided by newer events)."""
+
+    group: ClaimedGroup
+    deliveries: list[Delivery]
+    upsert: LeadUpsert | None = None
+    sent: list[Write] = field(default_factory=list)
+    held: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def nothing_left(self) -> bool:
+        return self.upsert is None or (not self.upsert.fields and bool(self.held))
+
+
+def plan(
+    group: ClaimedGroup,
+    deliveries: list[Delivery],
+    implicit: dict[str, WritePolicy] | None = None,
+    ledger: Ledger | None = None,
+) -> Planned:
+    """The write of a contact's upserts (in sort order) that the ledger allows; fields the CRM
+    itself keeps forward-only (`implicit`) get that policy where the rule gave them none."""
+    writes = []
     for delivery in deliveries:
-        if isinstance(delivery.operation, LeadUpsert):
-            merged = combine(merged, delivery.operation)
-    assert merged is not None
-    return merged.model_copy(update={"record_id": record_id})
+        op = delivery.operation
+        if not isinstance(op, LeadUpsert):
+            continue
+        extra = {
+            k: p for k, p in (implicit or {}).items() if k in op.fields and k not in op.policies
+        }
+        if extra:
+            op = op.model_copy(update={"policies": {**op.policies, **extra}})
+        writes.append((delivery.sort_at, op))
+    upsert, sent, held = resolve(group.ledger if ledger is None else ledger, writes)
+    if upsert is not None:
+        upsert = upsert.model_copy(update={"record_id": group.record_id})
+    return Planned(group, deliveries, upsert, sent, held)
+
+
+def merge(deliveries: list[Delivery], record_id: str | None) -> LeadUpsert:
+    """One write holding the latest state of a contact's burst (deliveries in sort order),
+    for a contact the ledger knows nothing of."""
+    planned = plan(ClaimedGroup(deliveries=deliveries, record_id=record_id), deliveries)
+    assert planned.upsert is not None
+    return planned.upsert
+
+
+def crm_held(result: DeliveryResult) -> frozenset[str]:
+    """The fields the connector's own policy check left as the CRM holds them."""
+    held = set(result.detail.get("held_back") or {})
+    if "lifecyclestage_skipped" in result.detail:
+        held.add("lifecyclestage")
+    return frozenset(held)
 
 
 class DeliveryWorker:
@@ -73,6 +132,8 @@ class DeliveryWorker:
         clock: Callable[[], float] = time.time,
         pace: Callable[[float], Awaitable[None]] | None = None,
         metrics: Metrics | None = None,
+        await_record: float = 900.0,
+        gather: float = 0.0,
     ) -> None:
         self.name = name
         self.connector = connector
@@ -89,6 +150,8 @@ class DeliveryWorker:
         self._clock = clock
         self._pace = pace
         self._metrics = metrics or Metrics()
+        self._await_record = await_record
+        self._gather = gather
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
@@ -103,10 +166,10 @@ class DeliveryWorker:
         the connector (and shows in readiness) before the first delivery meets it."""
         try:
             await self.connector.verify()
-        except AuthenticationFailed as exc:
+        except ConnectorUnusable as exc:
             self.breaker.record_failure(str(exc), auth=True)
             log.warning(
-                "%s refused our credentials: %s",
+                "%s cannot be used until its set-up is fixed: %s",
                 self.name,
                 exc,
                 extra={"action": "connector.auth_failed", "connector": self.name},
@@ -131,6 +194,10 @@ class DeliveryWorker:
             if probing:
                 free = 0 if self._inflight else 1
             if free > 0:
+                if self._inflight and self._gather and not probing:
+                    # Under load: let what is due gather a moment, so that batches fill;
+                    # after an idle spell (nothing in flight) a lone delivery leaves at once.
+                    await asyncio.sleep(self._gather)
                 limit = 1 if probing else free * self.connector.max_batch
                 started = time.perf_counter()
                 claimed_at = self._clock()
@@ -166,8 +233,13 @@ class DeliveryWorker:
         for group in groups:
             by_action.setdefault(group.head.action, []).append(group)
         for action, items in by_action.items():
-            size = self.connector.max_batch if action in UPSERT_ACTIONS else 1
-            for i in range(0, len(items), size):
+            if action in UPSERT_ACTIONS:
+                size = self.connector.max_batch
+            elif action == "log_activity":
+                size = self.connector.max_activity_batch
+            else:
+                size = 1
+            for i in range(0, len(items), max(1, size)):
                 yield action, items[i : i + size]
 
     def _finished(self, task: asyncio.Task[None]) -> None:
@@ -205,69 +277,82 @@ class DeliveryWorker:
         finally:
             lease_left.reset(token)
 
+    def _plan(self, action: str, group: ClaimedGroup) -> Planned:
+        if action not in UPSERT_ACTIONS:
+            return Planned(group, group.deliveries)  # activities happened: never stale
+        return plan(group, group.deliveries, self.connector.implicit_policies())
+
     async def _deliver_leased(
         self, action: str, groups: list[ClaimedGroup], lease_end: float
     ) -> None:
         finishes: list[Finish] = []
-        live: list[tuple[ClaimedGroup, list[Delivery]]] = []
+        live: list[Planned] = []
         for group in groups:
-            # An older state must not overwrite a newer one; an older activity still happened.
-            applied = group.applied_sort_at if action in UPSERT_ACTIONS else None
-            stale = [d for d in group.deliveries if applied is not None and d.sort_at < applied]
-            fresh = [d for d in group.deliveries if d not in stale]
-            if stale:
-                log.info(
-                    "%s: skipped %d deliveries older than what the CRM has",
-                    self.name,
-                    len(stale),
-                    extra={
-                        "action": "delivery.skipped",
-                        "connector": self.name,
-                        "delivery_ids": [d.id for d in stale],
-                        "event_ids": [d.event_id for d in stale],
-                        "contact_key": group.head.contact_key,
-                    },
-                )
-                finishes.append(
-                    Finish.of(
-                        stale,
-                        status=DeliveryStatus.SKIPPED,
-                        error="older than the data this CRM already has for the contact",
-                    )
-                )
-            if fresh:
-                live.append((group, fresh))
+            planned = self._plan(action, group)
+            if action in UPSERT_ACTIONS and planned.nothing_left:
+                finishes.append(self._nothing_left(planned))
+            else:
+                live.append(planned)
         if live and self._clock() >= lease_end:
-            self._lease_lost([d for _, fresh in live for d in fresh])
+            self._lease_lost([d for p in live for d in p.deliveries])
             live = []
         if live:
             outcomes = await self._send(action, live)
             self._update_breaker(outcomes)
             now = self._clock()
-            for (group, fresh), outcome in zip(live, outcomes, strict=True):
+            for planned, outcome in zip(live, outcomes, strict=True):
                 if isinstance(outcome, LeaseExpired):
-                    self._lease_lost(fresh)
-                elif isinstance(outcome, PermanentDelivery) and len(fresh) > 1:
-                    finishes.extend(await self._unmerged(action, group, fresh))
+                    self._lease_lost(planned.deliveries)
+                elif isinstance(outcome, PermanentDelivery) and len(planned.deliveries) > 1:
+                    finishes.extend(await self._unmerged(action, planned))
                 else:
-                    finishes.append(self._finish(group, fresh, outcome, now))
+                    finishes.append(self._finish(planned, outcome, now))
         recorded = await self._record(finishes)
         # Once recorded: counted once (an outcome a later claim overrides is that claim's).
         counted = [f for f in finishes if recorded.intersection(f.delivery_ids)]
         self._metrics.finished(self.name, action, counted)
 
-    async def _unmerged(
-        self, action: str, group: ClaimedGroup, fresh: list[Delivery]
-    ) -> list[Finish]:
+    def _nothing_left(self, planned: Planned) -> Finish:
+        """Every field these deliveries write was decided by a newer event: nothing to send."""
+        log.info(
+            "%s: nothing to write: newer events decided every field",
+            self.name,
+            extra={
+                "action": "delivery.skipped",
+                "connector": self.name,
+                "delivery_ids": [d.id for d in planned.deliveries],
+                "event_ids": [d.event_id for d in planned.deliveries],
+                "contact_key": planned.group.head.contact_key,
+                "held_back": planned.held,
+            },
+        )
+        return Finish.of(
+            planned.deliveries,
+            status=DeliveryStatus.SKIPPED,
+            error="nothing to write: newer events decided every field it maps",
+            result={"held_back": planned.held},
+        )
+
+    async def _unmerged(self, action: str, planned: Planned) -> list[Finish]:
         """A merged write was refused: send its deliveries one by one, in order, so that only
         the ones the CRM refuses fail and the others still land."""
         finishes = []
-        for delivery in fresh:
-            (outcome,) = await self._send(action, [(group, [delivery])])
+        ledger = planned.group.ledger
+        implicit = self.connector.implicit_policies()
+        for delivery in planned.deliveries:
+            single = plan(planned.group, [delivery], implicit, ledger)
+            if single.nothing_left:
+                finishes.append(self._nothing_left(single))
+                continue
+            (outcome,) = await self._send(action, [single])
             if isinstance(outcome, LeaseExpired):
                 self._lease_lost([delivery])
                 continue
-            finishes.append(self._finish(group, [delivery], outcome, self._clock()))
+            finish = self._finish(single, outcome, self._clock())
+            if finish.ledger is not None:
+                ledger = finish.ledger
+                single.group = planned.group.model_copy(update={"ledger": ledger})
+            finishes.append(finish)
         return finishes
 
     def _lease_lost(self, deliveries: list[Delivery]) -> None:
@@ -317,24 +402,30 @@ class DeliveryWorker:
                     )
                 return recorded
 
-    async def _call(
-        self, action: str, live: list[tuple[ClaimedGroup, list[Delivery]]], retry: int
-    ) -> list[Outcome]:
+    async def _call(self, action: str, live: list[Planned], retry: int) -> list[Outcome]:
         if action in UPSERT_ACTIONS:
-            return await self.connector.upsert_leads([merge(f, g.record_id) for g, f in live])
+            leads = [p.upsert for p in live if p.upsert is not None]
+            assert len(leads) == len(live)
+            return await self.connector.upsert_leads(leads)
         if action == "log_activity":
-            ((group, (delivery,)),) = live  # activities are never batched nor merged
-            assert isinstance(delivery.operation, Activity)
-            activity = delivery.operation.model_copy(
-                # An in-call retry is a later attempt too: the failed call may have written it.
-                update={"record_id": group.record_id, "attempt": delivery.attempts + retry}
-            )
-            return [await self.connector.log_activity(activity)]
+            activities = []
+            for planned in live:
+                (delivery,) = planned.deliveries  # activities are never merged
+                assert isinstance(delivery.operation, Activity)
+                activities.append(
+                    delivery.operation.model_copy(
+                        # An in-call retry is a later attempt too: the failed call may have
+                        # written it.
+                        update={
+                            "record_id": planned.group.record_id,
+                            "attempt": delivery.attempts + retry,
+                        }
+                    )
+                )
+            return await self.connector.log_activities(activities)
         return [PermanentDelivery(f"unknown action {action!r}")] * len(live)
 
-    async def _send(
-        self, action: str, live: list[tuple[ClaimedGroup, list[Delivery]]]
-    ) -> list[Outcome]:
+    async def _send(self, action: str, live: list[Planned]) -> list[Outcome]:
         """Outcomes per record; a failure of the whole call becomes every record's outcome."""
         try:
             async for attempt in self._policy.in_call():
@@ -368,23 +459,25 @@ class DeliveryWorker:
             return
         first = outcomes[0]
         before = self.breaker.state
-        self.breaker.record_failure(str(first), auth=isinstance(first, AuthenticationFailed))
+        unusable = isinstance(first, ConnectorUnusable)
+        self.breaker.record_failure(str(first), auth=unusable)
         if self.breaker.state is BreakerState.OPEN and before is not BreakerState.OPEN:
             log.warning(
-                "%s paused for %.0fs after repeated failures: %s",
+                "%s paused for %.0fs %s: %s",
                 self.name,
                 self.breaker.wait_seconds(),
+                "until its set-up is fixed" if unusable else "after repeated failures",
                 first,
                 extra={"action": "connector.breaker_open", "connector": self.name},
             )
 
-    def _finish(
-        self, group: ClaimedGroup, fresh: list[Delivery], outcome: Outcome, now: float
-    ) -> Finish:
+    def _finish(self, planned: Planned, outcome: Outcome, now: float) -> Finish:
+        group, fresh = planned.group, planned.deliveries
         ids = [d.id for d in fresh]
         context = {
             "delivery_ids": ids,
             "event_ids": [d.event_id for d in fresh],
+            "rules": sorted({d.rule for d in fresh}),
             "connector": self.name,
             "contact_key": group.head.contact_key,
         }
@@ -392,6 +485,8 @@ class DeliveryWorker:
             result = outcome.model_dump(mode="json")
             if len(ids) > 1:
                 result["coalesced"] = ids
+            if planned.held:
+                result["detail"] = {**outcome.detail, "decided_by_newer": planned.held}
             if outcome.dry_run:
                 log.info(
                     "dry run: would write to %s",
@@ -399,6 +494,8 @@ class DeliveryWorker:
                     extra={"action": "delivery.dry_run", **outcome.detail, **context},
                 )
                 return Finish.of(fresh, status=DeliveryStatus.DRY_RUN, result=result)
+            if outcome.missing:
+                return self._missing(fresh, outcome, result, now, context)
             if outcome.skipped is not None:
                 log.info(
                     "%s: nothing written: %s",
@@ -431,6 +528,9 @@ class DeliveryWorker:
                 contact_key=group.head.contact_key,
                 record_id=outcome.record_id,
                 applied_sort_at=max(d.sort_at for d in fresh),
+                ledger=after(group.ledger, planned.sent, crm_held(outcome))
+                if planned.sent
+                else None,
             )
         if isinstance(outcome, PermanentDelivery):
             log.warning(
@@ -448,8 +548,8 @@ class DeliveryWorker:
         retry_after = outcome.retry_after if isinstance(outcome, RetryableDelivery) else None
         attempts = max(d.attempts for d in fresh)
         horizon_start = min(d.horizon_start for d in fresh)
-        if isinstance(outcome, AuthenticationFailed):
-            # The breaker holds the whole connector until a probe logs in again; the delivery
+        if isinstance(outcome, ConnectorUnusable):
+            # The breaker holds the whole connector until a probe gets through; the delivery
             # must be due by then, not after its own backoff.
             paused_until = now + self.breaker.auth_cooldown
             due = paused_until if paused_until <= horizon_start + self._policy.horizon else None
@@ -478,3 +578,51 @@ class DeliveryWorker:
         return Finish.of(
             fresh, status=DeliveryStatus.PENDING, error=str(outcome), next_attempt_at=due
         )
+
+    def _missing(
+        self,
+        fresh: list[Delivery],
+        outcome: DeliveryResult,
+        result: dict[str, object],
+        now: float,
+        context: dict[str, object],
+    ) -> Finish:
+        """No record to update or log on: wait for the contact's delivery that creates it
+        (released the moment it lands), then end as the rule's `if_missing` says."""
+        if_missing = fresh[0].operation.if_missing
+        since = min(float((d.result or {}).get("awaiting_since", now)) for d in fresh)
+        deadline = since + self._await_record
+        reason = outcome.skipped or "no record"
+        if if_missing != "skip" and now < deadline:
+            log.info(
+                "%s: %s; waiting up to %.0fs for the delivery that creates it",
+                self.name,
+                reason,
+                deadline - now,
+                extra={"action": "delivery.awaiting", **context},
+            )
+            return Finish.of(
+                fresh,
+                status=DeliveryStatus.AWAITING,
+                error=reason,
+                next_attempt_at=deadline,
+                result={**result, "awaiting_since": since},
+            )
+        waited = f" (waited {now - since:.0f}s for it)" if if_missing != "skip" else ""
+        if if_missing == "dead_letter":
+            log.warning(
+                "%s: %s%s",
+                self.name,
+                reason,
+                waited,
+                extra={"action": "delivery.dead", **context},
+            )
+            return Finish.of(fresh, status=DeliveryStatus.DEAD, error=reason + waited)
+        log.info(
+            "%s: nothing written: %s%s",
+            self.name,
+            reason,
+            waited,
+            extra={"action": "delivery.skipped", **context},
+        )
+        return Finish.of(fresh, status=DeliveryStatus.SKIPPED, result=result, error=reason + waited)

@@ -152,12 +152,55 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """One line for a person: the message, then the record's `extra` fields as `key=value`
+    (the JSON line's fields, masked alike): which delivery, contact, rule and what it would
+    write stay on the line."""
+
     def __init__(self, redactor: Redactor = REDACTOR) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
         self.redactor = redactor
 
     def format(self, record: logging.LogRecord) -> str:
-        return self.redactor.text(super().format(record))
+        text = super().format(record)
+        pairs = [
+            f"{k}={_text_value(self.redactor.value(v))}"
+            for k, v in vars(record).items()
+            if k not in _STANDARD and v is not None and v != [] and v != {}
+        ]
+        if pairs:
+            head, sep, tail = text.partition("\n")  # a traceback stays below the line
+            text = f"{head} {' '.join(pairs)}{sep}{tail}"
+        return self.redactor.text(text)
+
+
+def _text_value(value: Any) -> str:
+    """A bare word as it is; anything else (spaces, quotes, `=`, lists, maps) as JSON."""
+    if isinstance(value, str) and value and not any(c in value for c in " \"'=\n\t"):
+        return value
+    return orjson.dumps(value, default=str).decode()
+
+
+class LogLimiter:
+    """At most `burst` lines per `period` seconds for one kind of line, so that a stranger
+    cannot flood the log (a scanner posting to made-up sources). Each line that gets through
+    says how many were held back since the last one."""
+
+    def __init__(self, burst: int = 10, period: float = 60.0) -> None:
+        self.burst, self.period = burst, period
+        self._window_start = float("-inf")
+        self._in_window = 0
+        self.suppressed = 0
+
+    def allow(self, now: float) -> int | None:
+        """None: drop this line; else how many were dropped before it (then reset)."""
+        if now - self._window_start >= self.period:
+            self._window_start, self._in_window = now, 0
+        if self._in_window >= self.burst:
+            self.suppressed += 1
+            return None
+        self._in_window += 1
+        dropped, self.suppressed = self.suppressed, 0
+        return dropped
 
 
 class RedactingAccessLogger(AbstractAccessLogger):

@@ -6,8 +6,10 @@ apps can run in one process (the tests do). Two kinds of values:
 - counted where they happen, at the cost of one labelled increment: webhooks received, delivery
   outcomes, retries, dead letters, the duration of each CRM call;
 - read when scraped: queue depth and age of the oldest pending delivery (`Store.queue_stats`,
-  one small query), time spent waiting on rate limits (`connector.limiter.waited_seconds`) and
-  circuit-breaker states, from the workers running at that moment (a reload may replace them).
+  one small query), time spent waiting on rate limits (`connector.limiter.waited_seconds`),
+  circuit-breaker states and the seconds each kind of pause still holds a connector back
+  (`bridge.status.live_pauses`), from the workers running at that moment (a reload may
+  replace them).
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ from bridge.breaker import BreakerState
 from bridge.errors import StoreUnavailable
 from bridge.models import DeliveryStatus, Finish
 from bridge.store.base import QueueStat, Store
+
+# Every kind of pause gets a series per connector, 0 when not paused, so alerts need no absent().
+PAUSE_KINDS = (
+    "circuit_breaker",
+    "rate_limit",
+    "daily_allocation",
+    "concurrency",
+    "configuration",
+    "auth",
+)
 
 if TYPE_CHECKING:
     from bridge.delivery import DeliveryWorker
@@ -148,6 +160,7 @@ class LiveCollector:
     def collect(self) -> Iterable[Metric]:
         workers = self._workers()
         yield from self._queue_families(workers)
+        yield self._pause_family(workers)
         waited = CounterMetricFamily(
             "crm_bridge_rate_limit_wait_seconds",
             "Seconds the connector's calls spent waiting on its client-side rate limiter.",
@@ -165,6 +178,24 @@ class LiveCollector:
             breaker.add_metric([name], BREAKER_VALUES[worker.breaker.state])
         yield waited
         yield breaker
+
+    def _pause_family(self, workers: Mapping[str, DeliveryWorker]) -> Metric:
+        from bridge.status import live_pauses  # bridge.status imports the store and config
+
+        paused = GaugeMetricFamily(
+            "crm_bridge_connector_paused_seconds",
+            "Seconds the connector's calls are still held back, by kind of pause "
+            "(circuit_breaker, rate_limit, daily_allocation, concurrency, ...); 0: not paused.",
+            labels=["connector", "kind"],
+        )
+        now = self._clock()
+        for name, worker in sorted(workers.items()):
+            left = dict.fromkeys(PAUSE_KINDS, 0.0)
+            for pause in live_pauses(worker.breaker, worker.connector, now):
+                left[pause["kind"]] = max(left.get(pause["kind"], 0.0), pause["seconds_left"])
+            for kind, seconds in left.items():
+                paused.add_metric([name, kind], seconds)
+        return paused
 
     def _queue_families(self, workers: Mapping[str, DeliveryWorker]) -> Iterable[Metric]:
         if self.queue is None:

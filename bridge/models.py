@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bridge.staleness import Ledger
 from connectors.base import Operation
 
 # What Supersend documents; newer versions also send `sent`, `unsubscribe` and `finished`, which
@@ -111,11 +112,15 @@ class DeliveryStatus(enum.StrEnum):
     DONE = "done"
     DRY_RUN = "dry_run"
     DEAD = "dead"
-    # Older than data the CRM already holds for this contact: applying it would undo a change.
+    # Finished with nothing to write, by the rules' design: newer events decided every field,
+    # or the record to update does not exist (`if_missing`). Counted, never a dead letter.
     SKIPPED = "skipped"
+    # Its record does not exist yet: waits (without holding the contact's other deliveries
+    # back) for the delivery that creates it, until `next_attempt_at` at the latest.
+    AWAITING = "awaiting"
 
 
-UNFINISHED = (DeliveryStatus.PENDING, DeliveryStatus.IN_FLIGHT)
+UNFINISHED = (DeliveryStatus.PENDING, DeliveryStatus.IN_FLIGHT, DeliveryStatus.AWAITING)
 
 
 class NewEvent(BaseModel):
@@ -189,6 +194,7 @@ class ClaimedGroup(BaseModel):
     deliveries: list[Delivery]
     applied_sort_at: float | None = None
     record_id: str | None = None
+    ledger: Ledger = Field(default_factory=Ledger)  # which event decided each field
 
     @property
     def head(self) -> Delivery:
@@ -219,6 +225,7 @@ class Finish(BaseModel):
     contact_key: str | None = None
     record_id: str | None = None
     applied_sort_at: float | None = None
+    ledger: Ledger | None = None  # the contact's field ledger after this write (None: as it was)
 
     @model_validator(mode="after")
     def _one_claim_per_delivery(self) -> Finish:

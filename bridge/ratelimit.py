@@ -12,7 +12,8 @@ needs a slot in that window, which the database serialises. The local log still 
 holds the CRM's phantoms). A pause (a 429's Retry-After) is published to the others as soon as
 `pause` is called, and a pause longer than one window, this instance's or one published by
 another, fails fast with RetryableDelivery (the delivery is rescheduled) rather than holding a
-worker, and its claim's lease, asleep in `acquire`.
+worker, and its claim's lease, asleep in `acquire`. `pauses` reports the current pause, with
+the kind and reason its `pause` call gave, for a connector's `pauses()` (status, metrics).
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from bridge.errors import LeaseExpired, RetryableDelivery, StoreUnavailable
 
 if TYPE_CHECKING:
     from bridge.store.base import SharedWindow
+    from connectors.base import Pause
 
 log = logging.getLogger("crm_bridge.ratelimit")
+# `connectors.base.Pause.kind`: what a limiter's pause is for, as status and metrics show it.
+PauseKind = Literal["rate_limit", "daily_allocation", "concurrency", "configuration", "auth"]
 
 
 # Seconds left in the lease of the delivery the current task sends, or None: a delivery worker
@@ -64,6 +68,8 @@ class RateLimiter:
         self._sleep = sleep
         self._starts: collections.deque[float] = collections.deque()
         self._paused_until = 0.0
+        self._pause_kind: PauseKind = "rate_limit"
+        self._pause_reason = ""
         self._lock = asyncio.Lock()
         self.waited_seconds = 0.0  # total time callers spent waiting here, for metrics
         self._shared: SharedWindow | None = None
@@ -116,6 +122,9 @@ class RateLimiter:
         if wait > self.per_seconds:
             # Longer than a window: a pause another instance published. Held here too, so
             # that the calls after this one fail fast without asking the store.
+            if self._clock() + wait > self._paused_until:
+                self._pause_kind = "rate_limit"
+                self._pause_reason = "another instance sharing this limit paused it"
             self._paused_until = max(self._paused_until, self._clock() + wait)
         return wait
 
@@ -123,12 +132,17 @@ class RateLimiter:
         """Seconds the current pause still lasts; 0 when not paused."""
         return max(0.0, self._paused_until - self._clock())
 
-    def pause(self, seconds: float) -> None:
-        """Start nothing for `seconds` (the CRM said Retry-After, or its window is spent).
+    def pause(self, seconds: float, reason: str = "", kind: PauseKind = "rate_limit") -> None:
+        """Start nothing for `seconds` (the CRM said Retry-After, or its window is spent);
+        `reason` and `kind` are what `pauses` reports (the pause that ends last wins).
 
         With a shared window the pause is published to the other instances at once (in a
         task: the connectors call this from their error paths, which do not wait for it)."""
-        self._paused_until = max(self._paused_until, self._clock() + seconds)
+        until = self._clock() + seconds
+        if until >= self._paused_until:
+            self._pause_kind = kind
+            self._pause_reason = reason or f"the CRM asked for a pause of {seconds:.0f}s"
+        self._paused_until = max(self._paused_until, until)
         if self._shared is None:
             return
         try:
@@ -150,6 +164,17 @@ class RateLimiter:
                 exc,
                 extra={"action": "ratelimit.publish_failed"},
             )
+
+    def pauses(self, wall: Callable[[], float] = time.time) -> list[Pause]:
+        """The current pause as a connector reports it (`Connector.pauses`); [] when none.
+        `until` is wall-clock time (`wall`), as status and metrics show it."""
+        from connectors.base import Pause  # connectors.base imports this module
+
+        left = self.paused_for()
+        if left <= 0:
+            return []
+        reason = self._pause_reason or "paused"
+        return [Pause(kind=self._pause_kind, reason=reason, until=wall() + left)]
 
     def observe(self, remaining: int | None, window_seconds: float | None = None) -> None:
         """Fold in the CRM's count of what is left in the current window.

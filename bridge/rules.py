@@ -208,6 +208,7 @@ class CompiledRule:
             occurred_at=occurred_at,
             # The same event and rule always give the same key: a redelivery finds its twin.
             key=hashlib.sha256(f"{event_id}/{self.config.name}".encode()).hexdigest()[:24],
+            if_missing=self.config.if_missing,
         )
 
     def operation(self, scope: Scope, omitted: dict[str, str] | None = None) -> LeadUpsert | None:
@@ -239,6 +240,7 @@ class CompiledRule:
             policies=policies,
             create=self.config.action != "update_status",
             hubspot_lead=hubspot_lead,
+            if_missing=self.config.if_missing,
         )
 
     def _hubspot_lead(self, scope: Scope) -> dict[str, Any] | None:

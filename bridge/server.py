@@ -404,19 +404,26 @@ async def readyz(request: web.Request) -> web.Response:
 async def show_status(request: web.Request) -> web.Response:
     if refused := _loopback_only(request):
         return refused
+    from bridge.status import live_pauses  # what `crm-bridge status` and the metrics show
+
     workers = request.app[WORKERS]
+    connectors: dict[str, Any] = {}
+    now = time.time()
+    for name, w in workers.items():
+        # The breaker's pause and the connector's own (rate limit, daily allocation, ...):
+        # a connector holding its calls back shows, even while its breaker stays closed.
+        pauses = live_pauses(w.breaker, w.connector, now)
+        connectors[name] = {
+            "breaker": w.breaker.state,
+            "reason": w.breaker.reason,
+            "paused_for": max((p["seconds_left"] for p in pauses), default=0.0),
+            "pauses": pauses,
+        }
     return web.json_response(
         {
             "backlog": await request.app[STORE].backlog(),
             "deliveries": await request.app[STORE].counts(),
-            "connectors": {
-                name: {
-                    "breaker": w.breaker.state,
-                    "reason": w.breaker.reason,
-                    "paused_for": round(w.breaker.wait_seconds(), 1),
-                }
-                for name, w in workers.items()
-            },
+            "connectors": connectors,
         }
     )
 
@@ -479,6 +486,8 @@ def build_worker(
         clock=app[CLOCK],
         pace=app[LOAD].pace,
         metrics=app[METRICS],
+        await_record=delivery.await_record,
+        gather=delivery.batch_gather,
     )
 
 

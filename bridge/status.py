@@ -1,8 +1,13 @@
 """`crm-bridge status`: the queue, the dead letters and each connector's state, for operators.
 
 The figures come from the store, so the command works with the daemon stopped. The circuit
-breakers live in the daemon only: when it answers `/status` on loopback (the config's
-server.port) their states are added, and when it does not the report says so.
+breakers and pauses live in the daemon only: when it answers `/status` on loopback (the
+config's server.port) their states are added, and when it does not the report says so.
+
+A connector's pauses are everything that holds its calls back now (`live_pauses`): its
+circuit breaker while open, and the connector's own (`Connector.pauses`: a rate limit, a spent
+daily allocation, a concurrency backoff), each with its kind, reason, end and seconds left.
+`/status`, this report and the metrics all read them from there.
 """
 
 from __future__ import annotations
@@ -14,13 +19,31 @@ from typing import Any
 
 import aiohttp
 
+from bridge.breaker import BreakerState, CircuitBreaker
 from bridge.config import Config, ServerConfig
 from bridge.dlq import iso
 from bridge.store import Store
-from connectors.base import ConnectorConfig
+from connectors.base import Connector, ConnectorConfig
 
 LIVE_TIMEOUT = 2.0  # seconds to wait for the daemon's answer
 PIPED_ERROR_WIDTH = 160
+# The kind of the pause an open circuit breaker holds (beside `connectors.base.Pause.kind`).
+BREAKER_PAUSE = "circuit_breaker"
+
+
+def live_pauses(breaker: CircuitBreaker, connector: Connector, now: float) -> list[dict[str, Any]]:
+    """What holds the connector's calls back at wall-clock `now`, longest first: the breaker
+    while open, and the connector's own pauses; each as `/status` shows it."""
+    held: list[tuple[float, str, str]] = [
+        (p.until, p.kind, p.reason) for p in connector.pauses() if p.until > now
+    ]
+    if breaker.state is BreakerState.OPEN:
+        reason = breaker.reason or "repeated failures"
+        held.append((now + breaker.wait_seconds(), BREAKER_PAUSE, reason))
+    return [
+        {"kind": kind, "reason": reason, "until": iso(until), "seconds_left": round(until - now, 1)}
+        for until, kind, reason in sorted(held, key=lambda h: h[0], reverse=True)
+    ]
 
 
 def daemon_url(server: ServerConfig) -> str | None:
@@ -83,6 +106,7 @@ async def gather(store: Store, config: Config, now: float) -> dict[str, Any]:
             "breaker": state.get("breaker"),
             "breaker_reason": state.get("reason"),
             "paused_for": state.get("paused_for"),
+            "pauses": state.get("pauses") or [],
             "pending": stat.pending if stat else 0,
             "in_flight": stat.in_flight if stat else 0,
             "oldest_pending_at": iso(oldest),
@@ -140,7 +164,8 @@ def _breaker(connector: dict[str, Any]) -> str:
 
 
 def render(report: dict[str, Any], width: int | None = None) -> str:
-    """The report as a few summary lines and one table row per connector.
+    """The report as a few summary lines (one per pause holding a connector back) and one
+    table row per connector.
 
     The last error is cut to fit `width` (default: the terminal's; to a pipe or a file,
     PIPED_ERROR_WIDTH characters); `--json` has it in full.
@@ -153,6 +178,7 @@ def render(report: dict[str, Any], width: int | None = None) -> str:
         f"{age(report['oldest_pending_age'])}; backlog {report['backlog']} "
         f"(with the events not routed yet)",
         f"dead     {report['dead']} (crm-bridge dlq list)",
+        *_pause_lines(report["connectors"], width),
         "",
     ]
     headers = ("CONNECTOR", "MODE", "BREAKER", "PENDING", "IN_FLIGHT", "OLDEST", "DEAD", "DONE")
@@ -182,3 +208,26 @@ def render(report: dict[str, Any], width: int | None = None) -> str:
         padded = (v.ljust(w) for v, w in zip(row, widths, strict=True))
         lines.append("  ".join([*padded, _one_line(c["last_error"], error_width)]))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _pause_lines(connectors: dict[str, Any], width: int | None) -> list[str]:
+    """One summary line per pause, above the table (whose rows scripts read):
+    `paused   salesforce  daily_allocation  4m  until 2024-05-01T12:05:00Z  <reason>`."""
+    rows = [
+        (name, str(p["kind"]), age(p["seconds_left"]), f"until {p['until']}", p["reason"])
+        for name, c in connectors.items()
+        for p in c.get("pauses") or []
+    ]
+    if not rows:
+        return []
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    used = 9 + sum(widths) + 2 * len(widths)
+    if width is None and not sys.stdout.isatty():
+        reason_width = PIPED_ERROR_WIDTH
+    else:
+        reason_width = max((width or shutil.get_terminal_size().columns) - used, 24)
+    lines = []
+    for row in rows:
+        cells = [v.ljust(w) for v, w in zip(row[:4], widths, strict=True)]
+        lines.append("  ".join(["paused ", *cells, _one_line(row[4], reason_width)]))
+    return lines

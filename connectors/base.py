@@ -93,6 +93,8 @@ class LeadUpsert(BaseModel):
     # contact's name, else its email) associated with the contact, unless it has one already.
     # Other CRMs ignore it.
     hubspot_lead: dict[str, Any] | None = None
+    # An update-only write finding no record: what the delivery engine does (the rule's).
+    if_missing: Literal["wait", "skip", "dead_letter"] = "wait"
 
     def guarded(self) -> dict[str, WritePolicy]:
         """The fields whose policy needs the record's current values before writing."""
@@ -120,6 +122,8 @@ class Activity(BaseModel):
     key: str
     record_id: str | None = None
     attempt: int = 1
+    # No record to log on: what the delivery engine does (the rule's `if_missing`).
+    if_missing: Literal["wait", "skip", "dead_letter"] = "wait"
 
 
 Operation = Annotated[LeadUpsert | Activity, Field(discriminator="op")]
@@ -282,7 +286,7 @@ def apply_policies(
             held[name] = "on_create: the record exists"
         elif policy.mode == "if_empty" and not _empty(now):
             held[name] = f"if_empty: the CRM holds {now!r}"
-        elif policy.mode == "monotonic" and not _forward(policy.order, now, value):
+        elif policy.mode == "monotonic" and not forward(policy.order, now, value):
             held[name] = f"monotonic: {value!r} is not after {now!r}"
         else:
             write[name] = value
@@ -303,7 +307,7 @@ def combine(into: LeadUpsert | None, later: LeadUpsert) -> LeadUpsert:
         policy = later.policies.get(name)
         if policy is not None and name in fields:
             earlier = fields[name]
-            if policy.mode == "monotonic" and not _forward(policy.order, earlier, value):
+            if policy.mode == "monotonic" and not forward(policy.order, earlier, value):
                 continue
             if policy.mode in ("if_empty", "on_create") and not _empty(earlier):
                 continue
@@ -322,7 +326,7 @@ def combine(into: LeadUpsert | None, later: LeadUpsert) -> LeadUpsert:
     )
 
 
-def _forward(order: tuple[str, ...], now: Any, new: Any) -> bool:
+def forward(order: tuple[str, ...], now: Any, new: Any) -> bool:
     """True when `new` is later than `now` along `order`, in any case (a CRM may store an
     option in its own spelling). A current value outside the order (empty, or one a rep
     chose) is before its start; a new value outside it never moves."""
@@ -385,7 +389,7 @@ class DryRunConnector(Connector):
         # The options a plain upsert does not use are shown only when a rule set them.
         unset = {
             name
-            for name in ("policies", "create", "hubspot_lead")
+            for name in ("policies", "create", "hubspot_lead", "if_missing")
             if getattr(lead, name)
             == LeadUpsert.model_fields[name].get_default(call_default_factory=True)
         }

@@ -6,17 +6,19 @@ Up to 100 records go out in one call. HubSpot fails a whole batch with 400 when 
 invalid, so such a batch is split (first the inputs that do not carry the property HubSpot
 named, then halves) until the bad records stand alone: the good ones still land.
 
-Activities are notes or tasks (status COMPLETED) created with their association to the
-contact in the same call, so there is never an activity without its contact. The contact is the
-`record_id` hint, else the one a GET by email finds (never search: it lags behind writes); a
-contact HubSpot does not have yet is created with just its email by the same batch upsert, so
-an activity never waits on, nor races, the contact's own upsert delivery.
+Activities are notes or tasks (status COMPLETED), up to 100 created by one batch create, each
+with its association to the contact, so there is never an activity without its contact. The
+contact is the `record_id` hint (no lookup), else the one a batch read by email finds (one call
+for the batch; never search: it lags behind writes). No contact: the activity's result says so
+(`missing`) and the delivery engine decides whether to wait for the contact's own upsert. A
+hint HubSpot refuses (the contact was deleted or merged: the association is invalid) is checked
+with one batch read by id, and those activities fall back to their email.
 
 An activity is logged once: its body ends with `<!-- crm-bridge:KEY -->`. A first attempt
-creates it directly (1 call with a hint, 2 with the GET); a later attempt, or a call after a
-create whose answer never came, first lists the contact's notes or tasks (v4 associations, 500
-a page) and reads their bodies newest first (batch read, 100 a call) and creates nothing if one
-carries the key.
+creates it directly (1 call for the batch with hints, 2 without); a later attempt, or a call
+after a create whose answer never came, first lists the contacts' notes or tasks (v4 batch
+association read, 100 contacts a call) and reads their bodies newest first (batch read, 100 a
+call), and creates nothing for an activity whose key one of them carries.
 
 Contact properties are checked and coerced before they are sent, against the portal's own
 definitions (GET /crm/v3/properties/contacts, cached; the cache is emptied by `open`, expires
@@ -27,9 +29,16 @@ read-only property, a value that is not one of an enumeration's options or not o
 property's type is refused before sending, naming the field, the value and what is allowed;
 without it such a value goes out as given and HubSpot's own 400 refuses the record.
 
-`lifecyclestage` only moves forward in HubSpot, which silently ignores a backward write. The
-contact's current stage is read first (a GET by its id property); a backward value is left out
-and noted in the result's detail, or, with `lifecycle_demotion`, cleared (PATCH "") then set.
+`lifecyclestage` only moves forward in HubSpot, which silently ignores a backward write:
+`implicit_policies` says so (a monotonic policy along the portal's stage order) for the delivery
+engine, and the connector gives a write without a policy for it the same one before it merges
+two writes of one contact, so a merge never moves the stage back either. The contacts' current
+stages are read first (one batch read per 100); a backward value is left out and noted in the
+result's detail, or, with `lifecycle_demotion` or the rule's explicit `always`, cleared (PATCH
+"") then set.
+
+A 404 or 403 from the properties API (a wrong `base_url`, a token without the schema scopes) is
+`Misconfigured`: the delivery engine pauses the connector rather than dead-lettering each write.
 
 A 409 "Contact already exists. Existing ID: <id>" on a create becomes an update of that contact.
 
@@ -40,7 +49,8 @@ when a call gets a 401, under a lock, and writes it into every SDK API object's 
 
 Every HTTP call first waits on `limiter`, a sliding window sized from the portal's tier and
 corrected by the rate-limit headers of every answer. The SDK's own urllib3 retries are off
-(`retry=False`): retries are the delivery engine's.
+(`retry=False`): retries are the delivery engine's. `pauses` reports the limiter's pause (a
+429, a spent daily allocation) for the status page.
 """
 
 from __future__ import annotations
@@ -58,7 +68,13 @@ from typing import Any, Literal
 import urllib3
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from bridge.errors import AuthenticationFailed, DeliveryError, PermanentDelivery, RetryableDelivery
+from bridge.errors import (
+    AuthenticationFailed,
+    DeliveryError,
+    Misconfigured,
+    PermanentDelivery,
+    RetryableDelivery,
+)
 from bridge.ratelimit import RateLimiter
 from connectors.base import (
     Activity,
@@ -69,6 +85,7 @@ from connectors.base import (
     LeadUpsert,
     Outcome,
     Outcomes,
+    Pause,
     WritePolicy,
     apply_policies,
     combine,
@@ -99,9 +116,23 @@ AUTH_PAUSE_SECONDS = 300.0
 RETRYABLE_CATEGORIES = frozenset({"RATE_LIMITS", "INTERNAL_ERROR"})
 # Whole-batch refusals that one of its inputs may have caused: split the batch to find it.
 PER_RECORD_STATUSES = frozenset({400, 409})
-# The v4 association list's largest page, and the batch read's largest batch.
-ASSOCIATION_PAGE = 500
+# The batch read's and batch create's largest batch (also contacts per v4 association read).
 BATCH_READ = 100
+# HubSpot's default lifecycle stages, in order: the forward-only order until the portal's own
+# definition of lifecyclestage (which may add custom stages) has been read.
+DEFAULT_STAGES = (
+    "subscriber",
+    "lead",
+    "marketingqualifiedlead",
+    "salesqualifiedlead",
+    "opportunity",
+    "customer",
+    "evangelist",
+    "other",
+)
+# Statuses of a metadata call that say the set-up is wrong, not a record: no such API at
+# `base_url` (404) or a token without the scope (403).
+MISCONFIGURED_STATUSES = frozenset({403, 404})
 # hs_note_body and hs_task_body hold at most 65,536 characters.
 BODY_MAX = 65536
 # Keys of activities whose create got no answer (timeout, reset): the write may have landed,
@@ -442,6 +473,9 @@ class _Input:
     detail: dict[str, Any] = field(default_factory=dict)  # added to its result's detail
     policies: dict[str, WritePolicy] = field(default_factory=dict)
     create: bool = True  # False: update an existing contact only
+    # The contact as HubSpot holds it (the values of the properties read), once read; None
+    # when it was not read or does not exist.
+    current: dict[str, Any] | None = None
 
     def guarded(self) -> list[str]:
         """Properties whose write policy needs the contact's current value."""
@@ -454,23 +488,40 @@ class _Input:
         return policy is not None and policy.mode == "always"
 
 
+def _reads(item: _Input) -> list[str]:
+    """The properties of the contact to read before writing `item`; empty: no read needed.
+    An update-only write reads too (its id property), to know whether the contact exists."""
+    names = item.guarded()
+    if "lifecyclestage" in item.properties:
+        names.append("lifecyclestage")
+    if not names and not item.create:
+        names.append(item.id_property)
+    return names
+
+
 def _key(id_property: str, value: str) -> str:
     return value.strip().lower() if id_property == "email" else value
 
 
-def _inputs(leads: list[tuple[int, LeadUpsert, dict[str, str]]]) -> list[_Input]:
+def _inputs(
+    leads: list[tuple[int, LeadUpsert, dict[str, str]]], implicit: dict[str, WritePolicy]
+) -> list[_Input]:
     """One input per contact, in first-seen order.
 
     HubSpot refuses a batch that names a contact twice. The caller sends one input per contact;
     if it does not, the duplicates are merged in order (later fields win, as two upserts in a
     row would leave them, but monotonic fields never move back) and every one of them gets the
-    merged write's outcome.
+    merged write's outcome. A field the rule gave no policy gets its `implicit` one first (the
+    forward-only lifecyclestage): without it the later, lower stage would win the merge.
     """
     merged: dict[tuple[str, str], tuple[_Input, LeadUpsert]] = {}
     for position, lead, coerced in leads:
         id_property = lead.id_property or "email"
         key = _key(id_property, lead.id_value)
-        written = lead.model_copy(update={"fields": coerced})
+        extra = {k: p for k, p in implicit.items() if k in coerced and k not in lead.policies}
+        written = lead.model_copy(
+            update={"fields": coerced, "policies": {**lead.policies, **extra}}
+        )
         if (id_property, key) in merged:
             item, earlier = merged[(id_property, key)]
             written = combine(earlier, written)
@@ -559,11 +610,77 @@ def _existing_id(refusal: PermanentDelivery) -> str | None:
     return match.group(1) if match else None
 
 
-def _contact_gone(exc: PermanentDelivery) -> bool:
-    """A refusal that says the contact named by a hint is not there (deleted, merged away)."""
+def _association_refused(exc: PermanentDelivery) -> bool:
+    """A 400 about an association: one of the contacts a batch names may be gone (deleted,
+    merged away)."""
+    detail = exc.detail if isinstance(exc.detail, dict) else {}
+    return detail.get("status") == 400 and "association" in str(exc).lower()
+
+
+def _contact(item: _Pending) -> str:
+    """The contact an activity goes to, once located."""
+    assert item.contact_id is not None
+    return item.contact_id
+
+
+def _stage_behind(stages: tuple[str, ...], current: Any, requested: Any) -> bool:
+    """Whether `requested` is an earlier lifecycle stage than `current` (HubSpot ignores it)."""
+    if current in (None, "") or current not in stages or requested not in stages:
+        return False
+    return stages.index(requested) < stages.index(current)
+
+
+def _misconfigured(exc: PermanentDelivery, what: str) -> Misconfigured | None:
+    """A metadata call's 404 or 403 as the configuration problem it is, else None."""
     detail = exc.detail if isinstance(exc.detail, dict) else {}
     status = detail.get("status")
-    return status == 404 or (status == 400 and "association" in str(exc).lower())
+    if status not in MISCONFIGURED_STATUSES:
+        return None
+    why = (
+        "no such API at base_url"
+        if status == 404
+        else "the token lacks a scope it needs (HubSpot: private app scopes)"
+    )
+    return Misconfigured(
+        f"HubSpot {what} answered {status}: {why}: {exc}", retry_after=AUTH_PAUSE_SECONDS
+    )
+
+
+@dataclass(frozen=True)
+class _Contact:
+    """A contact a batch read found: its id and the values of the properties read."""
+
+    id: str
+    values: dict[str, Any]
+
+
+@dataclass
+class _Pending:
+    """One activity of a batch on its way to HubSpot."""
+
+    position: int
+    activity: Activity
+    kind: _Engagement
+    properties: dict[str, str]
+    contact_id: str | None  # the hint until HubSpot refuses it, else the one found by email
+    # The contact came from a hint: if HubSpot says it is gone, look for it by its email.
+    hinted: bool
+    look: bool  # look for an earlier write of it before creating
+
+    @property
+    def trace_id(self) -> str:
+        """Sent as objectWriteTraceId: HubSpot's results come back in any order."""
+        return str(self.position)
+
+    def missing(self) -> DeliveryResult:
+        activity = self.activity
+        return DeliveryResult(
+            skipped=(
+                f"no contact with {activity.id_property or 'email'} {activity.id_value!r} "
+                f"to log the {activity.kind} on"
+            ),
+            missing=True,
+        )
 
 
 class HubSpotConnector(Connector):
@@ -573,6 +690,7 @@ class HubSpotConnector(Connector):
     config_model = HubSpotConfig
     config: HubSpotConfig
     max_batch = 100
+    max_activity_batch = BATCH_READ
     limiter: RateLimiter
 
     def __init__(self, instance: str, config: HubSpotConfig) -> None:
@@ -580,6 +698,8 @@ class HubSpotConnector(Connector):
         # Half a second covers the trip of a batch call before HubSpot counts it.
         self.limiter = RateLimiter(config.requests_per_window(), RATE_WINDOW_SECONDS, margin=0.5)
         self._unsure: dict[str, None] = {}  # insertion-ordered set (UNSURE_KEYS_MAX)
+        # What the limiter's current pause is (kind, reason), for `pauses`.
+        self._pause: tuple[Literal["rate_limit", "daily_allocation"], str] = ("rate_limit", "")
         # The portal's contact properties and when they were loaded (time.monotonic).
         self._definitions: dict[str, _PropertyDef] = {}
         self._definitions_at: float | None = None
@@ -616,19 +736,12 @@ class HubSpotConnector(Connector):
         self._properties = client.crm.properties.core_api
         self._contacts = client.crm.contacts.basic_api
         self._associations = client.crm.associations.v4.basic_api
+        self._association_batch = client.crm.associations.v4.batch_api
         self._leads = client.crm.objects.leads.basic_api
-        # Per object type: (basic API, batch API, the package of its models).
-        self._engagements: dict[str, tuple[Any, Any, Any]] = {
-            "notes": (
-                client.crm.objects.notes.basic_api,
-                client.crm.objects.notes.batch_api,
-                notes,
-            ),
-            "tasks": (
-                client.crm.objects.tasks.basic_api,
-                client.crm.objects.tasks.batch_api,
-                tasks,
-            ),
+        # Per object type: (batch API, the package of its models).
+        self._engagements: dict[str, tuple[Any, Any]] = {
+            "notes": (client.crm.objects.notes.batch_api, notes),
+            "tasks": (client.crm.objects.tasks.batch_api, tasks),
         }
         self._oauth = client.oauth.tokens_api
         # Every API object that carries the bearer token (OAuth renewals rewrite it).
@@ -637,12 +750,9 @@ class HubSpotConnector(Connector):
             self._properties,
             self._contacts,
             self._associations,
+            self._association_batch,
             self._leads,
-            *(
-                api
-                for basic, batch, _models in self._engagements.values()
-                for api in (basic, batch)
-            ),
+            *(batch for batch, _models in self._engagements.values()),
         ]
         # No other host, no redirects (connectors/outbound.py).
         guard_sdk_apis([*self._apis, self._oauth], self.config.base_url)
@@ -653,6 +763,27 @@ class HubSpotConnector(Connector):
         self._definitions_at = None
         self._other_definitions = {}
         self._lead_definitions = None
+
+    def implicit_policies(self) -> dict[str, WritePolicy]:
+        """lifecyclestage moves forward only (HubSpot ignores a backward write), unless
+        `lifecycle_demotion` lets a write move it back."""
+        if self.config.lifecycle_demotion:
+            return {}
+        return {"lifecyclestage": WritePolicy(mode="monotonic", order=self._stage_order())}
+
+    def _stage_order(self) -> tuple[str, ...]:
+        """The portal's lifecycle stages in display order once read, else HubSpot's defaults."""
+        definition = self._definitions.get("lifecyclestage")
+        if definition is None or not definition.options:
+            return DEFAULT_STAGES
+        return definition.options
+
+    def pauses(self) -> list[Pause]:
+        paused = self.limiter.paused_for()
+        if paused <= 0:
+            return []
+        kind, reason = self._pause
+        return [Pause(kind=kind, reason=reason or "HubSpot rate limit", until=time.time() + paused)]
 
     async def upsert_lead(self, lead: LeadUpsert) -> DeliveryResult:
         (outcome,) = await self.upsert_leads([lead])
@@ -671,7 +802,7 @@ class HubSpotConnector(Connector):
 
         async def send(outcomes: Outcomes) -> None:
             ready = await self._check(leads, outcomes)
-            items = await self._policies(_inputs(ready), outcomes)
+            items = await self._policies(_inputs(ready, self.implicit_policies()), outcomes)
             items = await self._lifecycle(items, outcomes)
             by_property: dict[str, list[_Input]] = {}
             for item in items:
@@ -730,14 +861,22 @@ class HubSpotConnector(Connector):
         async with self._definitions_lock:
             if reload or self._definitions_stale(self.config.property_cache_seconds):
                 started = time.monotonic()
-                response = await self._send(
-                    self._properties.get_all_with_http_info, object_type="contacts", archived=False
-                )
-                self._definitions = {
-                    d.name: d for d in (_PropertyDef.of(p) for p in response.results or [])
-                }
+                self._definitions = await self._property_defs("contacts")
                 self._definitions_at = started
             return self._definitions
+
+    async def _property_defs(self, object_type: str) -> dict[str, _PropertyDef]:
+        """GET /crm/v3/properties/{object_type}; a 404 or 403 is the set-up's, not a record's."""
+        try:
+            response = await self._send(
+                self._properties.get_all_with_http_info, object_type=object_type, archived=False
+            )
+        except PermanentDelivery as exc:
+            misconfigured = _misconfigured(exc, f"GET /crm/v3/properties/{object_type}")
+            if misconfigured is None:
+                raise
+            raise misconfigured from exc
+        return {d.name: d for d in map(_PropertyDef.of, response.results or [])}
 
     async def describe(self, object: str, reload: bool = False) -> dict[str, FieldInfo]:
         object_type = HUBSPOT_OBJECTS.get(object, object)
@@ -745,10 +884,8 @@ class HubSpotConnector(Connector):
             return {n: d.info() for n, d in (await self._contact_properties(reload)).items()}
         cached = self._other_definitions.get(object_type)
         if cached is None or reload:
-            response = await self._send(
-                self._properties.get_all_with_http_info, object_type=object_type, archived=False
-            )
-            cached = {d.name: d.info() for d in map(_PropertyDef.of, response.results or [])}
+            definitions = await self._property_defs(object_type)
+            cached = {name: d.info() for name, d in definitions.items()}
             self._other_definitions[object_type] = cached
         return cached
 
@@ -837,27 +974,26 @@ class HubSpotConnector(Connector):
 
     async def _lead_properties(self) -> dict[str, _PropertyDef]:
         if self._lead_definitions is None:
-            response = await self._send(
-                self._properties.get_all_with_http_info, object_type="leads", archived=False
-            )
-            self._lead_definitions = {
-                d.name: d for d in map(_PropertyDef.of, response.results or [])
-            }
+            self._lead_definitions = await self._property_defs("leads")
         return self._lead_definitions
 
     # -- write policies --------------------------------------------------------------------------
     async def current(self, lead: LeadUpsert, names: list[str]) -> dict[str, Any] | None:
         id_property = lead.id_property or "email"
         found = await self._read_contacts(id_property, [lead.id_value], names)
-        return found.get(_key(id_property, lead.id_value))
+        record = found.get(_key(id_property, lead.id_value))
+        return record.values if record is not None else None
 
     async def _read_contacts(
         self, id_property: str, values: list[str], names: list[str]
-    ) -> dict[str, dict[str, Any]]:
-        """Contacts by id property value (its key), with `names`; missing ones are absent."""
+    ) -> dict[str, _Contact]:
+        """Contacts by id property value (its key), with `names`; missing ones are absent.
+        One batch read per 100 values: HubSpot answers 207 naming the ones it does not have."""
         from hubspot.crm.contacts import BatchReadInputSimplePublicObjectId, SimplePublicObjectId
 
-        found: dict[str, dict[str, Any]] = {}
+        found: dict[str, _Contact] = {}
+        # Once per contact: HubSpot compares emails in any case.
+        values = list({_key(id_property, v): v for v in values}.values())
         for start in range(0, len(values), BATCH_READ):
             body = BatchReadInputSimplePublicObjectId(
                 # The id property too: the results come back keyed by it, in any order.
@@ -876,22 +1012,25 @@ class HubSpotConnector(Connector):
                 properties = record.properties or {}
                 value = record.id if id_property == "hs_object_id" else properties.get(id_property)
                 if value is not None:
-                    found[_key(id_property, str(value))] = {n: properties.get(n) for n in names}
+                    values_read = {n: properties.get(n) for n in names}
+                    found[_key(id_property, str(value))] = _Contact(str(record.id), values_read)
         return found
 
     async def _policies(self, items: list[_Input], outcomes: Outcomes) -> list[_Input]:
-        """Apply write policies and `create: false`: the contacts that need it are read first
-        (one batch read per 100); held-back properties are left out and noted in the result.
-        Returns the inputs still to write; the others have their outcome."""
-        needy = [i for i in items if i.guarded() or not i.create]
+        """Apply write policies and `create: false`: the contacts that need it (and those
+        writing lifecyclestage, which only moves forward) are read first, one batch read per
+        100; held-back properties are left out and noted in the result. Returns the inputs
+        still to write; the others have their outcome."""
+        needy = [i for i in items if _reads(i)]
         by_property: dict[str, list[_Input]] = {}
         for item in needy:
             by_property.setdefault(item.id_property, []).append(item)
         current: dict[tuple[str, str], dict[str, Any]] = {}
         for id_property, group in by_property.items():
-            names = sorted({n for i in group for n in i.guarded()})
+            names = sorted({n for i in group for n in _reads(i)})
             found = await self._read_contacts(id_property, [i.id_value for i in group], names)
-            current.update({(id_property, k): v for k, v in found.items()})
+            current.update({(id_property, k): c.values for k, c in found.items()})
+        stages = self._stage_order()
         kept: list[_Input] = []
         for item in items:
             if item not in needy:
@@ -903,12 +1042,16 @@ class HubSpotConnector(Connector):
                     f"no contact with {item.id_property} {item.id_value!r} to update, "
                     "and the rule does not create one"
                 )
-                self._settle(item, DeliveryResult(skipped=reason), outcomes)
+                self._settle(item, DeliveryResult(skipped=reason, missing=True), outcomes)
                 continue
+            item.current = record
             probe = LeadUpsert(
                 id_value=item.id_value, fields=item.properties, policies=item.policies
             )
             properties, held = apply_policies(probe, record)
+            stage, now = item.properties.get("lifecyclestage"), (record or {}).get("lifecyclestage")
+            if "lifecyclestage" in held and _stage_behind(stages, now, stage):
+                item.detail["lifecyclestage_skipped"] = {"current": now, "requested": stage}
             item.properties = {k: str(v) for k, v in properties.items()}
             if held:
                 item.detail["held_back"] = held
@@ -917,20 +1060,14 @@ class HubSpotConnector(Connector):
 
     # -- lifecycle stage ---------------------------------------------------------------------------
     async def _lifecycle(self, items: list[_Input], outcomes: Outcomes) -> list[_Input]:
-        """Backward lifecyclestage values left out (noted), or cleared first with demotion."""
+        """Backward lifecyclestage values (against the stage `_policies` read) left out and
+        noted, or, with demotion, cleared first (HubSpot takes a lower stage only after "")."""
+        stages = self._stage_order()
         kept: list[_Input] = []
         for item in items:
             stage = item.properties.get("lifecyclestage")
-            if not stage:
-                kept.append(item)
-                continue
-            order = (await self._contact_properties()).get("lifecyclestage")
-            stages = list(order.options) if order is not None else []
-            current = await self._current_stage(item)
-            if not current or current not in stages or stage not in stages:
-                kept.append(item)
-                continue
-            if stages.index(stage) >= stages.index(current):
+            current = (item.current or {}).get("lifecyclestage") or None
+            if not stage or not _stage_behind(stages, current, stage):
                 kept.append(item)
                 continue
             if not (self.config.lifecycle_demotion or item.may_demote):
@@ -952,21 +1089,6 @@ class HubSpotConnector(Connector):
             item.detail["lifecyclestage_demoted"] = {"from": current, "to": stage}
             kept.append(item)
         return kept
-
-    async def _current_stage(self, item: _Input) -> str | None:
-        """The contact's lifecyclestage by a GET on its id property; None if it has none."""
-        try:
-            record = await self._send(
-                self._contacts.get_by_id_with_http_info,
-                contact_id=item.id_value,
-                id_property=None if item.id_property == "hs_object_id" else item.id_property,
-                properties=["lifecyclestage"],
-            )
-        except PermanentDelivery as exc:
-            if (exc.detail or {}).get("status") == 404:
-                return None  # not created yet: any stage is forward
-            raise
-        return (getattr(record, "properties", None) or {}).get("lifecyclestage") or None
 
     @staticmethod
     def _contact_input(properties: dict[str, str]) -> Any:
@@ -1050,98 +1172,155 @@ class HubSpotConnector(Connector):
 
     # -- activities --------------------------------------------------------------------------------
     async def log_activity(self, activity: Activity) -> DeliveryResult:
-        """A note or a completed task on the contact, once whatever the attempt.
+        """A note or a completed task on the contact, once whatever the attempt."""
+        (outcome,) = await self.log_activities([activity])
+        if isinstance(outcome, DeliveryError):
+            raise outcome
+        return outcome
 
-        The result's `record_id` is the contact's id (the store remembers it for the contact's
-        next deliveries); the note's or task's id is in `detail["activity_id"]`.
+    async def log_activities(self, activities: list[Activity]) -> list[Outcome]:
+        """Notes and completed tasks on their contacts, each once whatever the attempt: one
+        batch read finds the contacts that come without a hint, one batch create per kind and
+        100 writes them. Outcomes per activity, in order, as `upsert_leads`.
+
+        A result's `record_id` is the contact's id (the store remembers it for the contact's
+        next deliveries); the note's or task's id is in `detail["activity_id"]`. No contact to
+        log on: `DeliveryResult(skipped=..., missing=True)`.
         """
-        kind = ENGAGEMENTS[activity.kind]
-        properties = _activity_properties(activity)
-        # Look before creating on a redelivery, or after a create whose answer never came.
-        look = activity.attempt > 1 or activity.key in self._unsure
-        if activity.record_id is not None:
-            try:
-                return await self._log_on(
-                    activity.record_id, False, kind, properties, activity, look
+
+        async def send(outcomes: Outcomes) -> None:
+            pending = [self._pending(i, a) for i, a in enumerate(activities)]
+            await self._log(pending, outcomes, fall_back=True)
+
+        return await per_record(len(activities), "HubSpot", send)
+
+    def _pending(self, position: int, activity: Activity) -> _Pending:
+        return _Pending(
+            position=position,
+            activity=activity,
+            kind=ENGAGEMENTS[activity.kind],
+            properties=_activity_properties(activity),
+            contact_id=activity.record_id,
+            hinted=activity.record_id is not None,
+            # Look before creating on a redelivery, or after a create whose answer never came.
+            look=activity.attempt > 1 or activity.key in self._unsure,
+        )
+
+    async def _log(self, pending: list[_Pending], outcomes: Outcomes, fall_back: bool) -> None:
+        """Find the contacts, look for earlier writes where needed, create the rest; then once
+        more, by their id property, for those whose hinted contact HubSpot says is gone."""
+        pending = await self._locate(pending, outcomes)
+        pending = await self._find_logged(pending, outcomes)
+        gone: list[_Pending] = []
+        for kind in ENGAGEMENTS.values():
+            of_kind = [p for p in pending if p.kind is kind]
+            for start in range(0, len(of_kind), self.max_activity_batch):
+                chunk = of_kind[start : start + self.max_activity_batch]
+                gone.extend(await self._create(chunk, outcomes, check=True))
+        again = [p for p in gone if fall_back and p.hinted]
+        for item in gone:
+            if item not in again:
+                outcomes[item.position] = item.missing()
+        if again:
+            for item in again:
+                item.contact_id, item.hinted = None, False
+            await self._log(again, outcomes, fall_back=False)
+
+    async def _locate(self, pending: list[_Pending], outcomes: Outcomes) -> list[_Pending]:
+        """The contact of each activity that has none yet, by its id property (one batch read
+        per 100); those HubSpot does not have get their `missing` result. Returns the rest."""
+        by_property: dict[str, list[_Pending]] = {}
+        for item in pending:
+            if item.contact_id is not None:
+                continue
+            id_property = item.activity.id_property or "email"
+            if id_property == "hs_object_id":
+                item.contact_id = item.activity.id_value  # the contact's id itself
+            else:
+                by_property.setdefault(id_property, []).append(item)
+        for id_property, group in by_property.items():
+            values = [item.activity.id_value for item in group]
+            found = await self._read_contacts(id_property, values, [])
+            for item in group:
+                contact = found.get(_key(id_property, item.activity.id_value))
+                if contact is None:
+                    outcomes[item.position] = item.missing()
+                else:
+                    item.contact_id = contact.id
+        return [item for item in pending if item.contact_id is not None]
+
+    async def _find_logged(self, pending: list[_Pending], outcomes: Outcomes) -> list[_Pending]:
+        """The activities that must look and whose key a note or task of their contact carries
+        get that one as their result (nothing is created). Returns the others."""
+        lookers = [item for item in pending if item.look]
+        found: dict[int, str] = {}  # position -> the note's or task's id
+        for kind in ENGAGEMENTS.values():
+            of_kind = [item for item in lookers if item.kind is kind]
+            if of_kind:
+                linked = await self._linked(kind, {_contact(item) for item in of_kind})
+                found.update(await self._carrying(kind, of_kind, linked))
+        for item in lookers:
+            if item.position in found:
+                self._unsure.pop(item.activity.key, None)
+                detail = {
+                    "object_type": item.kind.object_type,
+                    "activity_id": found[item.position],
+                    "found_existing": True,
+                }
+                outcomes[item.position] = DeliveryResult(
+                    record_id=item.contact_id, created=False, detail=detail
                 )
-            except PermanentDelivery as exc:
-                if not _contact_gone(exc):
-                    raise
-            # The hint names a contact that is gone (deleted, merged): find it by its id.
-        contact_id, created = await self._contact_of(activity)
-        return await self._log_on(contact_id, created, kind, properties, activity, look)
+        return [item for item in pending if item.position not in found]
 
-    async def _log_on(
-        self,
-        contact_id: str,
-        contact_created: bool,
-        kind: _Engagement,
-        properties: dict[str, str],
-        activity: Activity,
-        look: bool,
-    ) -> DeliveryResult:
-        detail: dict[str, Any] = {"object_type": kind.object_type}
-        if contact_created:
-            detail["contact_created"] = True
-        elif look:  # a contact created just now has no activities to find
-            found = await self._find_engagement(kind, contact_id, activity.key)
-            if found is not None:
-                self._unsure.pop(activity.key, None)
-                detail.update(activity_id=found, found_existing=True)
-                return DeliveryResult(record_id=contact_id, created=False, detail=detail)
-        detail["activity_id"] = await self._create_engagement(
-            kind, contact_id, properties, activity.key
+    async def _linked(self, kind: _Engagement, contact_ids: set[str]) -> dict[str, set[str]]:
+        """The ids of each contact's notes or tasks: v4 batch association reads, 100 contacts
+        a call, again with `after` for a contact whose list has more pages."""
+        from hubspot.crm.associations.v4 import (
+            BatchInputPublicFetchAssociationsBatchRequest,
+            PublicFetchAssociationsBatchRequest,
         )
-        return DeliveryResult(record_id=contact_id, created=True, detail=detail)
 
-    async def _contact_of(self, activity: Activity) -> tuple[str, bool]:
-        """The contact's id by a GET on its id property, and whether it was created just now.
-
-        A contact HubSpot does not have is created with only its id property (email), by the
-        batch upsert: idempotent, so a race with the contact's own upsert or a repeat of this
-        call cannot make two. Its other fields arrive with its upsert deliveries.
-        """
-        id_property = activity.id_property or "email"
-        try:
-            record = await self._send(
-                self._contacts.get_by_id_with_http_info,
-                contact_id=activity.id_value,
-                id_property=None if id_property == "hs_object_id" else id_property,
-                properties=[id_property],
+        linked: dict[str, set[str]] = {c: set() for c in contact_ids}
+        todo: list[tuple[str, str | None]] = [(c, None) for c in sorted(contact_ids)]
+        while todo:
+            chunk, todo = todo[:BATCH_READ], todo[BATCH_READ:]
+            body = BatchInputPublicFetchAssociationsBatchRequest(
+                inputs=[PublicFetchAssociationsBatchRequest(id=c, after=a) for c, a in chunk]
             )
-            return str(record.id), False
-        except PermanentDelivery as exc:
-            if (exc.detail or {}).get("status") != 404:
-                raise
-        upsert = LeadUpsert(
-            object="contact", id_property=activity.id_property, id_value=activity.id_value
-        )
-        result = await self.upsert_lead(upsert)
-        if result.record_id is None:
-            raise RetryableDelivery(f"HubSpot upserted contact {activity.id_value} without an id")
-        return result.record_id, bool(result.created)
-
-    async def _find_engagement(self, kind: _Engagement, contact_id: str, key: str) -> str | None:
-        """The id of the contact's note or task whose body carries `key`, or None."""
-        ids: list[str] = []
-        after: str | None = None
-        while True:
-            page = await self._send(
-                self._associations.get_page_with_http_info,
-                object_type="contacts",
-                object_id=contact_id,
+            # A contact without any (or one that is gone) makes it a 207 naming it: none there.
+            response = await self._send(
+                self._association_batch.get_page_with_http_info,
+                from_object_type="contacts",
                 to_object_type=kind.object_type,
-                after=after,
-                limit=ASSOCIATION_PAGE,
+                batch_input_public_fetch_associations_batch_request=body,
             )
-            ids.extend(str(r.to_object_id) for r in page.results or [])
-            after = page.paging.next.after if page.paging and page.paging.next else None
-            if not after:
-                break
-        # Newest first: HubSpot's ids grow over time, and the one sought was written lately.
-        ids = sorted(set(ids), key=lambda i: (len(i), i), reverse=True)
-        _basic, batch, models = self._engagements[kind.object_type]
+            for result in response.results or []:
+                contact = str(result._from.id)
+                linked.setdefault(contact, set()).update(
+                    str(to.to_object_id) for to in result.to or []
+                )
+                paging = result.paging
+                if paging is not None and paging.next is not None and paging.next.after:
+                    todo.append((contact, str(paging.next.after)))
+        return linked
+
+    async def _carrying(
+        self, kind: _Engagement, lookers: list[_Pending], linked: dict[str, set[str]]
+    ) -> dict[int, str]:
+        """For each looker, the id of its contact's note or task whose body carries its key.
+        The bodies are read newest first (HubSpot's ids grow over time, and the ones sought
+        were written lately), 100 a call, until every key is found or no id is left."""
+        ids = sorted(
+            {i for item in lookers for i in linked.get(_contact(item), set())},
+            key=lambda i: (len(i), i),
+            reverse=True,
+        )
+        wanted = {item.position: item for item in lookers}
+        found: dict[int, str] = {}
+        batch, models = self._engagements[kind.object_type]
         for start in range(0, len(ids), BATCH_READ):
+            if not wanted:
+                break
             body = models.BatchReadInputSimplePublicObjectId(
                 properties=[kind.body_property],
                 properties_with_history=[],
@@ -1154,47 +1333,127 @@ class HubSpotConnector(Connector):
                 archived=False,
             )
             for record in response.results or []:
-                if _carries((record.properties or {}).get(kind.body_property) or "", key):
-                    return str(record.id)
-        return None
+                text = (record.properties or {}).get(kind.body_property) or ""
+                for position, item in list(wanted.items()):
+                    mine = str(record.id) in linked.get(_contact(item), set())
+                    if mine and _carries(text, item.activity.key):
+                        found[position] = str(record.id)
+                        del wanted[position]
+        return found
 
-    async def _create_engagement(
-        self, kind: _Engagement, contact_id: str, properties: dict[str, str], key: str
-    ) -> str:
-        """Create the note or task with its association to the contact, in one call."""
-        basic, _batch, models = self._engagements[kind.object_type]
+    async def _create(
+        self, chunk: list[_Pending], outcomes: Outcomes, check: bool
+    ) -> list[_Pending]:
+        """One batch create of notes or tasks (one kind), each with its association to its
+        contact. Returns the activities whose contact HubSpot says is gone (`check`: it refused
+        the batch over an association, and a batch read by id shows which)."""
+        kind = chunk[0].kind
+        batch, models = self._engagements[kind.object_type]
         spec = models.AssociationSpec(
             association_category="HUBSPOT_DEFINED", association_type_id=kind.to_contact
         )
-        body = models.SimplePublicObjectInputForCreate(
-            properties=properties,
-            associations=[
-                models.PublicAssociationsForObject(
-                    to=models.PublicObjectId(id=contact_id), types=[spec]
+        body = models.BatchInputSimplePublicObjectBatchInputForCreate(
+            inputs=[
+                models.SimplePublicObjectBatchInputForCreate(
+                    properties=item.properties,
+                    associations=[
+                        models.PublicAssociationsForObject(
+                            to=models.PublicObjectId(id=item.contact_id), types=[spec]
+                        )
+                    ],
+                    object_write_trace_id=item.trace_id,
                 )
-            ],
+                for item in chunk
+            ]
         )
-        # Until HubSpot answers, the write may land without us hearing of it.
-        self._unsure[key] = None
-        while len(self._unsure) > UNSURE_KEYS_MAX:
-            del self._unsure[next(iter(self._unsure))]
+        # Until HubSpot answers, the writes may land without us hearing of it.
+        for item in chunk:
+            self._mark_unsure(item.activity.key)
         try:
-            record = await self._send(
-                basic.create_with_http_info, simple_public_object_input_for_create=body
+            response = await self._send(
+                batch.create_with_http_info,
+                batch_input_simple_public_object_batch_input_for_create=body,
             )
+        except PermanentDelivery as refusal:
+            for item in chunk:  # refused: nothing was written
+                self._unsure.pop(item.activity.key, None)
+            return await self._refused(chunk, refusal, outcomes, check)
         except DeliveryError as exc:
             if not _maybe_written(exc):
-                self._unsure.pop(key, None)
+                for item in chunk:
+                    self._unsure.pop(item.activity.key, None)
                 raise
             # Not again at once: give a write still in progress time to land, then look.
             settle = self.config.activity_settle_seconds
             raise RetryableDelivery(
-                f"{exc} (the {kind.object_type[:-1]} may have been written: the next attempt "
-                "looks for it first)",
+                f"{exc} (the {kind.object_type} may have been written: the next attempt "
+                "looks for them first)",
                 retry_after=max(settle, getattr(exc, "retry_after", None) or 0.0),
             ) from exc
-        self._unsure.pop(key, None)
-        return str(record.id)
+        self._map_created(chunk, response, outcomes)
+        return []
+
+    async def _refused(
+        self, chunk: list[_Pending], refusal: PermanentDelivery, outcomes: Outcomes, check: bool
+    ) -> list[_Pending]:
+        """A batch create HubSpot refused whole: the gone contacts' activities are returned,
+        the rest sent again; else the batch is split until the refused input stands alone."""
+        if check and _association_refused(refusal):
+            gone_ids = await self._gone({_contact(item) for item in chunk})
+            gone = [item for item in chunk if item.contact_id in gone_ids]
+            rest = [item for item in chunk if item.contact_id not in gone_ids]
+            if gone:
+                return gone + (await self._create(rest, outcomes, check=False) if rest else [])
+        if (refusal.detail or {}).get("status") not in PER_RECORD_STATUSES:
+            raise refusal  # not about a record (403 scopes, 404 route): the whole call failed
+        if len(chunk) == 1:
+            outcomes[chunk[0].position] = refusal
+            return []
+        half = len(chunk) // 2
+        first = await self._create(chunk[:half], outcomes, check=False)
+        return first + await self._create(chunk[half:], outcomes, check=False)
+
+    async def _gone(self, contact_ids: set[str]) -> set[str]:
+        """Those of `contact_ids` HubSpot does not have (deleted, merged away)."""
+        found = await self._read_contacts("hs_object_id", sorted(contact_ids), [])
+        return contact_ids - found.keys()
+
+    def _map_created(self, chunk: list[_Pending], response: Any, outcomes: Outcomes) -> None:
+        """Results by their objectWriteTraceId (else by the key in the body): HubSpot's order
+        is not the input's. An activity without a result stays unsure: its retry looks first."""
+        kind = chunk[0].kind
+        waiting = {item.trace_id: item for item in chunk}
+        for record in getattr(response, "results", None) or []:
+            item = waiting.get(str(getattr(record, "object_write_trace_id", None) or ""))
+            if item is None:
+                text = (record.properties or {}).get(kind.body_property) or ""
+                item = next((i for i in waiting.values() if _carries(text, i.activity.key)), None)
+            if item is None:
+                continue
+            del waiting[item.trace_id]
+            self._unsure.pop(item.activity.key, None)
+            detail = {"object_type": kind.object_type, "activity_id": str(record.id)}
+            outcomes[item.position] = DeliveryResult(
+                record_id=item.contact_id, created=True, detail=detail
+            )
+        for error in getattr(response, "errors", None) or []:
+            context = getattr(error, "context", None) or {}
+            named = {str(v) for values in context.values() for v in values or []}
+            failure: DeliveryError
+            text = f"HubSpot refused the {kind.object_type[:-1]}: {error.message}"
+            if getattr(error, "category", None) in RETRYABLE_CATEGORIES:
+                failure = RetryableDelivery(text)
+            else:
+                failure = PermanentDelivery(text, detail={"errors": [error.to_dict()]})
+            for trace_id in named & waiting.keys():
+                item = waiting.pop(trace_id)
+                self._unsure.pop(item.activity.key, None)
+                outcomes[item.position] = failure
+
+    def _mark_unsure(self, key: str) -> None:
+        self._unsure[key] = None
+        while len(self._unsure) > UNSURE_KEYS_MAX:
+            del self._unsure[next(iter(self._unsure))]
 
     async def _upsert(self, items: list[_Input]) -> Any:
         """One batch upsert call, under the limiter; its headers correct the limiter."""
@@ -1218,11 +1477,17 @@ class HubSpotConnector(Connector):
 
     async def verify(self) -> None:
         # One small read the token must be allowed: the definition of `email`.
-        await self._send(
-            self._properties.get_by_name_with_http_info,
-            object_type="contacts",
-            property_name="email",
-        )
+        try:
+            await self._send(
+                self._properties.get_by_name_with_http_info,
+                object_type="contacts",
+                property_name="email",
+            )
+        except PermanentDelivery as exc:
+            misconfigured = _misconfigured(exc, "GET /crm/v3/properties/contacts/email")
+            if misconfigured is None:
+                raise
+            raise misconfigured from exc
 
     async def _send(self, call: Callable[..., Any], **kwargs: Any) -> Any:
         """One `*_with_http_info` call under the limiter; its headers correct the limiter.
@@ -1332,7 +1597,13 @@ class HubSpotConnector(Connector):
             self.limiter.observe(int(remaining) - reserve, window)
         daily = _number(headers, "X-HubSpot-RateLimit-Daily-Remaining")
         if daily is not None and daily <= 0:
-            self.limiter.pause(DAILY_PAUSE_SECONDS)
+            limit = _number(headers, "X-HubSpot-RateLimit-Daily")
+            of = f" of {int(limit)}" if limit is not None else ""
+            self._pause_for(
+                DAILY_PAUSE_SECONDS,
+                "daily_allocation",
+                f"HubSpot's daily API allocation{of} is spent (resets at midnight, portal time)",
+            )
 
     def _rate_limited(self, exc: Exception) -> RetryableDelivery:
         """A 429: pause the limiter for as long as HubSpot asked, or as the limit implies."""
@@ -1347,7 +1618,17 @@ class HubSpotConnector(Connector):
             # A rolling window: everything counted now has left it one window from now.
             interval = _number(headers, "X-HubSpot-RateLimit-Interval-Milliseconds")
             retry_after = interval / 1000 if interval else RATE_WINDOW_SECONDS
-        self.limiter.pause(retry_after)
-        return RetryableDelivery(
-            f"HubSpot 429: {_message(getattr(exc, 'body', None))}", retry_after=retry_after
+        message = f"HubSpot 429: {_message(getattr(exc, 'body', None))}"
+        kind: Literal["rate_limit", "daily_allocation"] = (
+            "daily_allocation" if policy == "DAILY" else "rate_limit"
         )
+        self._pause_for(retry_after, kind, message)
+        return RetryableDelivery(message, retry_after=retry_after)
+
+    def _pause_for(
+        self, seconds: float, kind: Literal["rate_limit", "daily_allocation"], reason: str
+    ) -> None:
+        """Pause the limiter, and remember why for `pauses` (the longer pause's reason wins)."""
+        if seconds >= self.limiter.paused_for():
+            self._pause = (kind, reason)
+        self.limiter.pause(seconds)

@@ -13,19 +13,26 @@ carry a `record_id` hint skip it), one sObject Collections update and one Collec
 each with `allOrNone: false` so that one bad record fails alone. A hint whose record is gone
 (deleted, merged) falls back to the lookup. Records keyed by an external-id field go out in one
 Collections upsert, where Salesforce decides create versus update. A batch of one record uses
-the single-record routes instead (no cheaper as a collection, and its errors are plain).
+the single-record routes instead (no cheaper as a collection, and its errors are plain). Emails
+match in any case, and an existing record's Email is written only when a rule maps it (a rep's
+`Ada.Lovelace@Example.com` stays as typed); an update left with nothing to write sends nothing.
 
 An activity is a completed Task on the Lead or Contact (WhoId): the `record_id` hint if it is
-an id of that object, else the oldest record with the email (one SOQL query); none is a
-PermanentDelivery, as the rules upsert the record first. The Task's Description ends with a
-marker line `[crm-bridge:KEY]`: a first attempt creates it directly (1 call with a hint, 2
-without); a later attempt, or a call after a create whose answer never came, first queries
-the record's Tasks with that Subject (Description cannot be filtered in SOQL) and creates
-nothing if one carries the marker.
+an id of that object, else the record with the email that upserts update (one SOQL query per
+batch); none is `DeliveryResult(missing=True)`, for the delivery engine to decide. A hint that
+Salesforce refuses as WhoId (deleted, merged, a converted Lead) falls back to the lookup, which
+names a converted Lead's Contact. The Task's Description ends with a marker line
+`[crm-bridge:KEY]`: a first attempt creates it directly; a later attempt, or a call after a
+create whose answer never came, first queries the records' Tasks with those Subjects
+(Description cannot be filtered in SOQL) and creates nothing where one carries the marker. A
+batch of Tasks is one Collections create (one call for up to 200 with hints).
 
-Every call first waits on `limiter`; after each, the org's API usage (`Sforce-Limit-Info`)
-decides whether the next may go: above `daily_reserve` of the daily allocation the connector
-stops calling for an hour and answers RetryableDelivery instead.
+Every call first waits on `limiter`; after each, the org's API usage (`Sforce-Limit-Info`, of
+refused calls too) decides whether the next may go. At `daily_reserve` of the daily allocation,
+or on REQUEST_LIMIT_EXCEEDED with the allocation spent, the connector stops calling for
+`daily_recheck_seconds`, then asks `/limits` whether the rolling 24-hour window freed calls.
+REQUEST_LIMIT_EXCEEDED for concurrent long requests (or while the org's count leaves room)
+clears in seconds: a short backoff, doubled while it repeats. `pauses()` reports each.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from pydantic import Field, SecretStr, model_validator
 from bridge.errors import (
     AuthenticationFailed,
     DeliveryError,
+    Misconfigured,
     PermanentDelivery,
     RetryableDelivery,
 )
@@ -62,6 +70,7 @@ from connectors.base import (
     LeadUpsert,
     Outcome,
     Outcomes,
+    Pause,
     WritePolicy,
     apply_policies,
     combine,
@@ -84,7 +93,11 @@ from connectors.values import (
 T = TypeVar("T")
 log = logging.getLogger("crm_bridge.connectors.salesforce")
 AUTH_PAUSE_SECONDS = 300.0
-DAILY_LIMIT_PAUSE_SECONDS = 3600.0
+# The longest backoff after repeated concurrent-request refusals: they clear in seconds.
+CONCURRENCY_BACKOFF_MAX = 60.0
+# The pauses the connector holds itself (the limiter's are its own).
+HoldKind = Literal["daily_allocation", "concurrency"]
+API_USAGE = re.compile(r"(?<![\w-])api-usage=(\d+)/(\d+)")
 # Per-record errors that may pass when the same record is sent again.
 RETRYABLE_RECORD_CODES = frozenset({"UNABLE_TO_LOCK_ROW"})
 # Errors of an update by id that mean the record is not there (any more): a stale hint.
@@ -93,13 +106,7 @@ MISSING_RECORD_CODES = frozenset(
 )
 # SOQL goes out in the URL of a GET: keep each lookup well below the ~16 KB URI limit.
 MAX_SOQL_CHARS = 6000
-LOOKUP_SOQL = "SELECT {:literal} FROM {:literal} WHERE Email IN {} ORDER BY {:literal}"
-# The record an activity is logged on: the one upserts update (the `tie_break`).
-WHO_SOQL = "SELECT Id FROM {:literal} WHERE {:literal} = {} ORDER BY {:literal} LIMIT 1"
-WHO_LEAD_SOQL = (
-    "SELECT Id, IsConverted, ConvertedContactId FROM Lead WHERE {:literal} = {} "
-    "ORDER BY {:literal} LIMIT 200"
-)
+LOOKUP_SOQL = "SELECT {:literal} FROM {:literal} WHERE {:literal} IN {} ORDER BY {:literal}"
 # Which record an email lookup picks when several have the email (`tie_break`).
 TIE_BREAK_ORDER = {
     "oldest": "CreatedDate ASC, Id ASC",
@@ -127,16 +134,18 @@ JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 JWT_LIFETIME_SECONDS = 180  # what simple-salesforce uses; Salesforce allows at most 3 minutes
 ASSIGNMENT_RULE_ID = re.compile(r"01Q[a-zA-Z0-9]{12}(?:[a-zA-Z0-9]{3})?")
 AuthFlow = Literal["soap", "client_credentials", "jwt", "session"]
-TASKS_SOQL = "SELECT Id, Description FROM Task WHERE WhoId = {} AND Subject = {}"
+TASKS_SOQL = "SELECT Id, WhoId, Description FROM Task WHERE WhoId IN {} AND Subject IN {}"
 # Id prefixes of the objects a Task's WhoId may name: a hint of another object is ignored.
 WHO_PREFIXES = {"Lead": "00Q", "Contact": "003"}
-# Task create errors that mean the WhoId record is not there (any more): a stale hint.
+# Task create errors that mean the WhoId record is not there (any more), or is a converted
+# Lead (whose activities belong on its Contact): a stale hint.
 WHO_GONE_CODES = frozenset(
     {
         "INVALID_CROSS_REFERENCE_KEY",
         "ENTITY_IS_DELETED",
         "MALFORMED_ID",
         "FIELD_INTEGRITY_EXCEPTION",
+        "CANNOT_UPDATE_CONVERTED_LEAD",
     }
 )
 # The rule-level object names `describe` takes, and the sObject each means.
@@ -194,9 +203,14 @@ class SalesforceConfig(ConnectorConfig):
     # an assignment rule id (01Q...). None: no header (Salesforce's own default).
     assignment_rule: str | None = None
     # Stop calling once the org's rolling 24-hour API usage reaches this share of its daily
-    # allocation (0.9: stop at 90%, leaving 10% to the org's other integrations); look again
-    # an hour later.
+    # allocation (0.9: stop at 90%, leaving 10% to the org's other integrations).
     daily_reserve: float = Field(default=0.9, gt=0, le=1)
+    # While stopped for the daily allocation, ask `/limits` this often whether the rolling
+    # window has freed calls (one call each time), instead of sitting out a fixed hour.
+    daily_recheck_seconds: float = Field(default=300.0, gt=0)
+    # REQUEST_LIMIT_EXCEEDED for concurrent long requests clears in seconds: hold calls back
+    # this long, twice as long for each refusal in a row (at most a minute).
+    concurrency_backoff_seconds: float = Field(default=5.0, gt=0)
     # Client-side pacing, at most this many calls per `rate_limit_seconds`. Salesforce has no
     # short-window limit (only the daily allocation and 25 concurrent long requests): this
     # keeps a backlog from spending the org's daily pool in a few minutes.
@@ -298,13 +312,25 @@ class _Session(requests.Session):
         self.verify = verify
         # REQUESTS_CA_BUNDLE in the environment would silently override `verify`.
         self.trust_env = False
+        self._answers = threading.local()
 
     def request(
         self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any
     ) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)
         kwargs.setdefault("allow_redirects", False)
-        return super().request(method, url, *args, **kwargs)
+        response = super().request(method, url, *args, **kwargs)
+        # The SDK keeps no header of a refused call, and the org's count in a 403 tells a
+        # spent allocation from a concurrency refusal. Per thread: calls run on several.
+        self._answers.limit_info = response.headers.get("Sforce-Limit-Info")
+        return response
+
+    def take_usage(self) -> tuple[int, int] | None:
+        """(used, max) of the daily allocation from this thread's latest answer, once."""
+        info = getattr(self._answers, "limit_info", None)
+        self._answers.limit_info = None
+        found = API_USAGE.search(info or "")
+        return (int(found[1]), int(found[2])) if found else None
 
 
 def _first_error(content: Any) -> tuple[str, str]:
@@ -315,10 +341,14 @@ def _first_error(content: Any) -> tuple[str, str]:
     return "", str(content)[:500]
 
 
-def _is_daily_limit(exc: Exception) -> bool:
-    """403 REQUEST_LIMIT_EXCEEDED for the daily allocation (not for long concurrent calls)."""
-    code, message = _first_error(getattr(exc, "content", None))
-    return code == "REQUEST_LIMIT_EXCEEDED" and "ConcurrentPerOrgLongTxn" not in message
+def _allocation_spent(message: str, usage: tuple[int, int] | None) -> bool:
+    """Whether a REQUEST_LIMIT_EXCEEDED means the daily allocation: the same answer's count
+    of the org's calls decides ("api-usage=0/15000" is not a spent allocation, whatever the
+    message); without one, the message ("TotalRequests Limit exceeded." for the daily pool,
+    "ConcurrentPerOrgLongTxn Limit exceeded." and the like for concurrent requests)."""
+    if usage is not None and usage[1]:
+        return usage[0] >= usage[1]
+    return "TotalRequests" in message
 
 
 def classify(exc: Exception) -> DeliveryError | None:
@@ -342,10 +372,8 @@ def classify(exc: Exception) -> DeliveryError | None:
         if code == "UNABLE_TO_LOCK_ROW" or exc.status == 429 or exc.status >= 500:
             return RetryableDelivery(text)
         if code == "REQUEST_LIMIT_EXCEEDED":
-            # Too many long requests passes quickly; the daily allocation takes hours.
-            return RetryableDelivery(
-                text, retry_after=DAILY_LIMIT_PAUSE_SECONDS if _is_daily_limit(exc) else None
-            )
+            # The connector's `_limited` judges it with the answer's usage header first.
+            return RetryableDelivery(text)
         return PermanentDelivery(text, detail={"status": exc.status, "errors": exc.content})
     if isinstance(exc, (requests.RequestException, OSError, TimeoutError)):
         return RetryableDelivery(f"Salesforce unreachable: {type(exc).__name__}")
@@ -469,9 +497,12 @@ def _coerce_fields(
 
 
 def _required_for_create(obj: str, fields: dict[str, Any], email: str) -> dict[str, Any]:
-    """A Lead needs LastName and Company, a Contact LastName: fill them from the email."""
+    """A new record keyed by `email` carries it (unless a rule maps Email itself); a Lead
+    needs LastName and Company, a Contact LastName: fill them from the email."""
     local, _, domain = email.partition("@")
     out = dict(fields)
+    if not any(name.lower() == "email" for name in out):
+        out["Email"] = email
     if not out.get("LastName"):
         out["LastName"] = local or "Unknown"
     if obj == "Lead" and not out.get("Company"):
@@ -497,6 +528,8 @@ class _Item:
     policies: dict[str, WritePolicy] = field(default_factory=dict)
     create: bool = True  # False: update an existing record only
     held: dict[str, str] = field(default_factory=dict)  # fields left out, and why
+    # The target's values of the guarded fields, when the lookup that found it read them.
+    current: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.base_obj = self.base_obj or self.obj
@@ -525,7 +558,7 @@ class _Item:
 
     @property
     def email_key(self) -> str:
-        return self.id_value.strip().lower()
+        return _fold(self.id_value)
 
 
 def _items(leads: Iterable[tuple[int, LeadUpsert]], target: str = "rule") -> list[_Item]:
@@ -568,34 +601,63 @@ def _items(leads: Iterable[tuple[int, LeadUpsert]], target: str = "rule") -> lis
             item.hint = item.hint or hint
     items = []
     for item, lead in merged.values():
+        # The key field is written on create only (`_required_for_create`), or when a rule
+        # maps it: an update never rewrites the Email a rep typed.
         item.fields = dict(lead.fields)
-        if item.by_email:
-            item.fields.setdefault("Email", lead.id_value)
         item.policies, item.create = dict(lead.policies), lead.create
         items.append(item)
     return items
 
 
-def _soql_chunks(obj: str, emails: list[str], order: str = TIE_BREAK_ORDER["oldest"]) -> list[str]:
-    """Lookups of `emails`, as few as fit in MAX_SOQL_CHARS each, sorted by `order`."""
-    from simple_salesforce.format import format_soql
+def _fold(value: Any) -> str:
+    """A key value as Salesforce compares it: text in any case (emails, external ids)."""
+    return str(value).strip().casefold()
 
-    # A converted Lead is never updated: its Contact is, so the lookup reads where it went.
-    fields = "Id, Email, IsConverted, ConvertedContactId" if obj == "Lead" else "Id, Email"
 
-    def soql(chunk: list[str]) -> str:
-        return format_soql(LOOKUP_SOQL, fields, obj, chunk, order)
+V = TypeVar("V")
 
+
+def _chunks(values: list[V], soql: Callable[[list[V]], str]) -> list[str]:
+    """`soql` of `values` split into as few queries as fit in MAX_SOQL_CHARS each."""
     queries: list[str] = []
-    chunk: list[str] = []
-    for email in emails:
-        if chunk and len(soql([*chunk, email])) > MAX_SOQL_CHARS:
+    chunk: list[V] = []
+    for value in values:
+        if chunk and len(soql([*chunk, value])) > MAX_SOQL_CHARS:
             queries.append(soql(chunk))
             chunk = []
-        chunk.append(email)
+        chunk.append(value)
     if chunk:
         queries.append(soql(chunk))
     return queries
+
+
+def _soql_chunks(
+    obj: str,
+    values: list[str],
+    order: str = TIE_BREAK_ORDER["oldest"],
+    key: str = "Email",
+    also: Iterable[str] = (),
+) -> list[str]:
+    """Lookups of the records whose `key` is one of `values`, sorted by `order`, reading the
+    fields `also` names too."""
+    from simple_salesforce.format import format_soql
+
+    # A converted Lead is never updated: its Contact is, so the lookup reads where it went.
+    names = ["Id", key, *(["IsConverted", "ConvertedContactId"] if obj == "Lead" else [])]
+    fields = ", ".join(dict.fromkeys([*names, *also]))
+    return _chunks(values, lambda chunk: format_soql(LOOKUP_SOQL, fields, obj, key, chunk, order))
+
+
+def _tasks_soql(pairs: list[tuple[str, str | None]]) -> list[str]:
+    """Queries of the Tasks on these (WhoId, Subject) pairs: a superset, the caller matches."""
+    from simple_salesforce.format import format_soql
+
+    def soql(chunk: list[tuple[str, str | None]]) -> str:
+        whos = list(dict.fromkeys(who for who, _ in chunk))
+        subjects = list(dict.fromkeys(subject for _, subject in chunk))
+        return format_soql(TASKS_SOQL, whos, subjects)
+
+    return _chunks(pairs, soql)
 
 
 def _record_errors(exc: Exception) -> list[dict[str, Any]]:
@@ -718,6 +780,10 @@ def _describe(sf: Any, sobject: str) -> Any:
     return getattr(sf, sobject).describe()
 
 
+def _limits(sf: Any) -> Any:
+    return sf.restful("limits/")
+
+
 def _query_more(sf: Any, url: str) -> Any:
     return sf.query_more(url, identifier_is_url=True)
 
@@ -765,6 +831,51 @@ class _SessionExpired(Exception):
         self.client = client
 
 
+class _Refused(Exception):
+    """A call on a thread failed with `error`; `usage` is the org's count from its answer."""
+
+    def __init__(self, error: Exception, usage: tuple[int, int] | None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.usage = usage
+
+
+@dataclass
+class _Hold:
+    """A pause the connector holds itself: no call before `until` (the connector's `clock`)."""
+
+    until: float
+    reason: str
+
+
+@dataclass
+class _Logging:
+    """One activity of a batch on its way to a Task."""
+
+    position: int
+    activity: Activity
+    obj: str  # "Lead" or "Contact": the object the activity is for
+    look: bool  # an earlier attempt may have written it: look for its Task before creating
+    who: str | None = None  # the WhoId; None: not known yet
+    by_hint: bool = False  # `who` is the activity's record_id, not found by a lookup
+
+    @property
+    def id_field(self) -> str:
+        return self.activity.id_property or "Email"
+
+    @property
+    def by_email(self) -> bool:
+        return self.id_field.lower() == "email"
+
+    @property
+    def key(self) -> str:
+        return _fold(self.activity.id_value)
+
+    @property
+    def subject(self) -> str | None:
+        return self.activity.subject[:SUBJECT_MAX] or None  # Salesforce keeps "" as null
+
+
 class SalesforceConnector(Connector):
     """Leads and Contacts in one Salesforce org."""
 
@@ -772,6 +883,7 @@ class SalesforceConnector(Connector):
     config_model = SalesforceConfig
     config: SalesforceConfig
     max_batch = 200  # an sObject Collections request takes 200 records
+    max_activity_batch = 200  # Tasks go out in one Collections create
     limiter: RateLimiter
 
     def __init__(self, instance: str, config: SalesforceConfig) -> None:
@@ -779,8 +891,13 @@ class SalesforceConnector(Connector):
         self.limiter = RateLimiter(config.rate_limit_requests, config.rate_limit_seconds)
         # (used, max) of the org's daily allocation from the latest answer, for metrics.
         self.api_usage: tuple[int, int] | None = None
-        self._paused_until = 0.0  # time.monotonic() before which no call goes out
-        self._pause_reason = ""
+        # Monotonic seconds the connector's own pauses are timed by (tests move it).
+        self.clock: Callable[[], float] = time.monotonic
+        self._holds: dict[HoldKind, _Hold] = {}  # the connector's own pauses, by kind
+        # A daily-allocation pause ran out: the next call first asks /limits (one at a time).
+        self._recheck_daily = False
+        self._probe_lock = asyncio.Lock()
+        self._concurrency_refusals = 0  # REQUEST_LIMIT_EXCEEDED for concurrency in a row
         self._unsure: dict[str, None] = {}  # insertion-ordered set (UNSURE_KEYS_MAX)
         # sObject -> (its fields as describe lists them, when loaded: time.monotonic()).
         self._described: dict[str, tuple[dict[str, FieldInfo], float]] = {}
@@ -921,75 +1038,159 @@ class SalesforceConnector(Connector):
             )
         return str(body["access_token"]), instance
 
-    # -- one HTTP call: daily guard, limiter, session, usage ----------------------------------
+    # -- one HTTP call: pauses, limiter, session, usage ----------------------------------------
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(client, *args)` on a thread, after the daily guard and the limiter."""
+        """`fn(client, *args)` on a thread, unless a pause holds calls back, after the limiter."""
+        await self._check_pauses()
+        return await self._send(fn, *args)
+
+    async def _send(self, fn: Callable[..., T], *args: Any) -> T:
         try:
-            self._check_daily_usage()
             await self.limiter.acquire()
+            answer: tuple[T, tuple[int, int] | None]
             try:
-                return await self.run_blocking(self._run, fn, args, None)
+                answer = await self.run_blocking(self._run, fn, args, None)
             except _SessionExpired as expired:
                 await self.limiter.acquire()
-                return await self.run_blocking(self._run, fn, args, expired.client)
+                answer = await self.run_blocking(self._run, fn, args, expired.client)
         except DeliveryError:
             raise
-        except Exception as exc:
-            if _is_daily_limit(exc):
-                self._pause_calls("the org's daily API allocation is spent")
+        except _Refused as refused:
+            exc = refused.error
+            limited = self._limited(exc, refused.usage)
+            if limited is not None:
+                self.api_usage = refused.usage or self.api_usage
+                raise limited from exc
+            self._note_usage(refused.usage)
+            mapped = classify(exc)
+            if mapped is None:
+                raise exc from None
+            raise mapped from exc
+        except Exception as exc:  # around the call: the outer timeout
             mapped = classify(exc)
             if mapped is None:
                 raise
             raise mapped from exc
-
-    def _run(self, fn: Callable[..., T], args: tuple[Any, ...], stale: Any) -> T:
-        from simple_salesforce.exceptions import SalesforceExpiredSession
-
-        sf = self._sf if stale is None and self._sf is not None else self._login(stale)
-        try:
-            result = fn(sf, *args)
-        except SalesforceExpiredSession as exc:
-            if stale is not None:
-                raise  # expired again right after a login: give up for now
-            raise _SessionExpired(sf) from exc
-        self._note_usage(sf)
+        result, usage = answer
+        self._concurrency_refusals = 0
+        self._note_usage(usage)
         return result
 
-    def _note_usage(self, sf: Any) -> None:
-        # The SDK keeps the last Sforce-Limit-Info of client-level calls on the client.
-        usage = (getattr(sf, "api_usage", None) or {}).get("api-usage")
+    def _run(
+        self, fn: Callable[..., T], args: tuple[Any, ...], stale: Any
+    ) -> tuple[T, tuple[int, int] | None]:
+        """The call and the org's usage its answer reported; a failure comes as `_Refused`."""
+        from simple_salesforce.exceptions import SalesforceExpiredSession
+
+        self._session.take_usage()  # not an earlier call's on this thread
+        try:
+            sf = self._sf if stale is None and self._sf is not None else self._login(stale)
+            try:
+                result = fn(sf, *args)
+            except SalesforceExpiredSession as exc:
+                if stale is not None:
+                    raise  # expired again right after a login: give up for now
+                raise _SessionExpired(sf) from exc
+        except _SessionExpired:
+            raise
+        except Exception as exc:
+            raise _Refused(exc, self._session.take_usage()) from exc
+        return result, self._session.take_usage()
+
+    def _note_usage(self, usage: tuple[int, int] | None) -> None:
         if usage is None:
             return
-        self.api_usage = (int(usage.used), int(usage.total))
-        if usage.total and usage.used >= self.config.daily_reserve * usage.total:
-            self._pause_calls(
-                f"the org used {usage.used} of {usage.total} daily API requests, at or above "
-                f"the {self.config.daily_reserve:.0%} this connector may use"
+        self.api_usage = usage
+        used, total = usage
+        if total and used >= self.config.daily_reserve * total:
+            self._hold(
+                "daily_allocation",
+                self.config.daily_recheck_seconds,
+                f"the org used {used} of {total} daily API requests, at or above "
+                f"the {self.config.daily_reserve:.0%} this connector may use",
             )
 
-    def _pause_calls(self, reason: str) -> None:
-        if self._paused_until <= time.monotonic():
+    def _limited(self, exc: Exception, usage: tuple[int, int] | None) -> RetryableDelivery | None:
+        """REQUEST_LIMIT_EXCEEDED as a pause of its kind; None for any other error."""
+        code, message = _first_error(getattr(exc, "content", None))
+        if code != "REQUEST_LIMIT_EXCEEDED":
+            return None
+        text = f"Salesforce {getattr(exc, 'status', 403)} {code}: {message}"
+        if _allocation_spent(message, usage):
+            counted = f" ({usage[0]} of {usage[1]} requests used)" if usage else ""
+            seconds = self._hold(
+                "daily_allocation",
+                self.config.daily_recheck_seconds,
+                f"the org's daily API allocation is spent{counted}",
+            )
+            return RetryableDelivery(text, retry_after=seconds)
+        # Concurrent long requests (or a refusal the org's count does not back): seconds.
+        self._concurrency_refusals += 1
+        backoff = self.config.concurrency_backoff_seconds * 2 ** (self._concurrency_refusals - 1)
+        seconds = self._hold(
+            "concurrency",
+            min(backoff, CONCURRENCY_BACKOFF_MAX),
+            f"Salesforce refused concurrent requests ({message.strip() or code})",
+        )
+        return RetryableDelivery(text, retry_after=seconds)
+
+    def _hold(self, kind: HoldKind, seconds: float, reason: str) -> float:
+        """Hold every call back for `seconds` (longer if already held); returns `seconds`."""
+        now = self.clock()
+        current = self._holds.get(kind)
+        if current is None or current.until <= now:
             log.warning(
                 "salesforce %s: no calls for %.0fs: %s",
                 self.instance,
-                DAILY_LIMIT_PAUSE_SECONDS,
+                seconds,
                 reason,
-                extra={"action": "connector.daily_limit", "connector": self.instance},
+                extra={"action": f"connector.{kind}", "connector": self.instance},
             )
-        self._paused_until = time.monotonic() + DAILY_LIMIT_PAUSE_SECONDS
-        self._pause_reason = reason
+        until = max(now + seconds, current.until if current else 0.0)
+        self._holds[kind] = _Hold(until, reason)
+        if kind == "daily_allocation":
+            self._recheck_daily = True
+        return seconds
 
-    def _check_daily_usage(self) -> None:
-        """Answer instead of calling while the org is near its daily allocation.
+    def _held(self) -> tuple[float, str] | None:
+        """(seconds left, reason) of the longest pause now; None when nothing holds."""
+        now = self.clock()
+        live = [(h.until - now, h.reason) for h in self._holds.values() if h.until > now]
+        return max(live) if live else None
 
-        Usage is a rolling 24-hour count: after the pause one call goes out again, and its
-        answer says whether to pause once more.
-        """
-        wait = self._paused_until - time.monotonic()
-        if wait > 0:
-            raise RetryableDelivery(
-                f"Salesforce: {self._pause_reason}", retry_after=float(math.ceil(wait))
-            )
+    async def _check_pauses(self) -> None:
+        """Answer instead of calling while a pause holds; after a daily-allocation pause,
+        ask /limits first whether the rolling 24-hour window freed calls (usage is a rolling
+        count: nobody can say when, so the connector looks every `daily_recheck_seconds`)."""
+        if self._recheck_daily and self._held() is None:
+            async with self._probe_lock:
+                if self._recheck_daily and self._held() is None:
+                    await self._probe_limits()
+        held = self._held()
+        if held is not None:
+            wait, reason = held
+            raise RetryableDelivery(f"Salesforce: {reason}", retry_after=float(math.ceil(wait)))
+
+    async def _probe_limits(self) -> None:
+        self._recheck_daily = False
+        try:
+            limits = await self._send(_limits)
+        except DeliveryError:
+            self._recheck_daily = True  # unanswered: the next call asks again
+            raise
+        daily = (limits if isinstance(limits, dict) else {}).get("DailyApiRequests") or {}
+        total, remaining = daily.get("Max"), daily.get("Remaining")
+        if isinstance(total, int) and isinstance(remaining, int):
+            self._note_usage((total - remaining, total))  # may hold again
+
+    def pauses(self) -> list[Pause]:
+        now, wall = self.clock(), time.time()
+        own = [
+            Pause(kind=kind, reason=f"Salesforce: {hold.reason}", until=wall + hold.until - now)
+            for kind, hold in self._holds.items()
+            if hold.until > now
+        ]
+        return own + self.limiter.pauses()
 
     # -- batches -------------------------------------------------------------------------------
     async def upsert_lead(self, lead: LeadUpsert) -> DeliveryResult:
@@ -1023,10 +1224,26 @@ class SalesforceConnector(Connector):
             age = time.monotonic() - cached[1] if cached else math.inf
             if reload or age >= self.config.describe_cache_seconds:
                 started = time.monotonic()
-                raw = await self._call(_describe, sobject)
+                raw = await self._describe(sobject)
                 fields = {f["name"]: _field_info(f) for f in raw.get("fields") or []}
                 self._described[sobject] = (fields, started)
             return self._described[sobject][0]
+
+    async def _describe(self, sobject: str) -> Any:
+        try:
+            return await self._call(_describe, sobject)
+        except PermanentDelivery as exc:
+            cause = exc.__cause__
+            if getattr(cause, "status", None) != 404:
+                raise
+            # No record can pass while the org hides the object: the connector's set-up (the
+            # object or the user's permissions), for a person to fix, not every delivery's.
+            raise Misconfigured(
+                f"Salesforce has no {sobject} object for this user (describe answered 404 "
+                f"{_first_error(getattr(cause, 'content', None))[0] or 'NOT_FOUND'}): check "
+                "the object's name and the user's profile and permission sets",
+                retry_after=AUTH_PAUSE_SECONDS,
+            ) from cause
 
     def _describe_stale(self, sobject: str) -> bool:
         cached = self._described.get(sobject)
@@ -1103,22 +1320,31 @@ class SalesforceConnector(Connector):
         for item in items:
             if item.target is None:
                 if not item.create:
+                    # The delivery engine decides: wait for the write creating it, or not.
                     skipped = DeliveryResult(
                         skipped=f"no {item.obj} with {item.id_property} {item.id_value!r} "
-                        "to update, and the rule does not create one"
+                        "to update, and the rule does not create one",
+                        missing=True,
                     )
                     self._settle(item, skipped, outcomes)
                     continue
             elif item.guarded():
-                by_obj.setdefault(item.obj, []).append(item)
+                if item.current is not None and set(item.guarded()) <= set(item.current):
+                    item.hold_back(item.current)  # the lookup read them: no second query
+                else:
+                    by_obj.setdefault(item.obj, []).append(item)
             out.append(item)
         for obj, group in by_obj.items():
             names = sorted({n for i in group for n in i.guarded()})
+            if obj == "Lead":
+                names = list(dict.fromkeys([*names, "IsConverted"]))
             found = await self._current_by(obj, "Id", [str(i.target) for i in group], names)
             for item in group:
-                # A hinted record that is gone keeps its fields: the update fails as stale.
-                if str(item.target) in found:
-                    item.hold_back(found[str(item.target)])
+                # A hinted record that is gone (or a converted Lead) keeps its fields: the
+                # update fails as stale, and the lookup finds where the record went.
+                current = found.get(str(item.target))
+                if current is not None and not current.get("IsConverted"):
+                    item.hold_back(current)
         return out
 
     async def _upsert_batch(self, items: list[_Item], outcomes: Outcomes) -> None:
@@ -1136,6 +1362,7 @@ class SalesforceConnector(Connector):
                 for item in group:
                     item.target = (by_value.get(item.id_value.casefold()) or {}).get("Id")
                 group = await self._policies(group, outcomes)
+                group = self._unchanged(group, outcomes)
             if group:
                 await self._upsert_by_external_id(obj, id_field, group, outcomes)
 
@@ -1151,6 +1378,22 @@ class SalesforceConnector(Connector):
             await self._look_up(stale)
             await self._save(await self._policies(stale, outcomes), outcomes)
 
+    def _unchanged(self, items: list[_Item], outcomes: Outcomes) -> list[_Item]:
+        """Existing records left with nothing to write (every field held back by its policy,
+        or none mapped) are done without a call; returns the others."""
+        out = []
+        for item in items:
+            if item.target and not item.record_fields():
+                done = DeliveryResult(
+                    record_id=item.target,
+                    created=False,
+                    detail={"unchanged": "nothing left to write"},
+                )
+                self._settle(item, done, outcomes)
+            else:
+                out.append(item)
+        return out
+
     async def _look_up(self, items: list[_Item]) -> None:
         """Set each item's object and target: the record with its email that `tie_break`
         picks, in one query per object; None: create one.
@@ -1161,36 +1404,58 @@ class SalesforceConnector(Connector):
         """
         for item in items:
             item.obj = "Contact" if item.contact_first else item.base_obj
-        contacts = [i for i in items if i.obj == "Contact"]
-        found = await self._find_by_email("Contact", contacts)
-        for item in contacts:
-            item.target = found.get(item.email_key)
-            if item.contact_first and item.target is None:
-                item.obj = "Lead"
-        leads = [i for i in items if i.obj == "Lead"]
-        found = await self._find_by_email("Lead", leads)
-        for item in leads:
-            item.target = found.get(item.email_key)
-            if item.target and item.target.startswith(WHO_PREFIXES["Contact"]):
-                item.obj = "Contact"  # the Contact a converted Lead became
+            item.current = None
+        for obj in ("Contact", "Lead"):  # a contact_else_lead item not found moves on to Leads
+            group = [i for i in items if i.obj == obj]
+            also = self._readable(obj, {n for i in group for n in i.guarded()})
+            found = await self._find_records(obj, "Email", [i.email_key for i in group], also)
+            for item in group:
+                item.target, item.current = found.get(item.email_key, (None, None))
+                if obj == "Contact" and item.contact_first and item.target is None:
+                    item.obj = "Lead"
+                if (
+                    obj == "Lead"
+                    and item.target
+                    and item.target.startswith(WHO_PREFIXES["Contact"])
+                ):
+                    item.obj = "Contact"  # the Contact a converted Lead became
 
-    async def _find_by_email(self, obj: str, items: list[_Item]) -> dict[str, str]:
-        """Email (lower case) -> the id of the record to update ("003…" for converted Leads)."""
-        if not items:
+    def _readable(self, obj: str, names: set[str]) -> list[str]:
+        """The fields of `names` a lookup of `obj` may read as well: those its cached describe
+        lists (a name it does not know would fail the whole query; `_policies` reads the
+        others by Id)."""
+        described = self._described.get(obj)
+        return sorted(n for n in names if described and n in described[0])
+
+    async def _find_by(self, obj: str, key: str, values: list[str]) -> dict[str, str]:
+        """Folded key value -> the id of the record with it that `tie_break` picks."""
+        found = await self._find_records(obj, key, values)
+        return {value: record_id for value, (record_id, _) in found.items()}
+
+    async def _find_records(
+        self, obj: str, key: str, values: list[str], also: list[str] | None = None
+    ) -> dict[str, tuple[str, dict[str, Any] | None]]:
+        """Folded key value -> (the id of the record with it that `tie_break` picks, its
+        values of `also`), in one query per ~6 KB of values; a converted Lead's Contact
+        ("003…") comes without values."""
+        if not values:
             return {}
         order = TIE_BREAK_ORDER[self.config.tie_break]
-        found: dict[str, str] = {}
-        converted: dict[str, str] = {}
-        for soql in _soql_chunks(obj, list(dict.fromkeys(i.email_key for i in items)), order):
+        found: dict[str, tuple[str, dict[str, Any] | None]] = {}
+        converted: dict[str, tuple[str, dict[str, Any] | None]] = {}
+        for soql in _soql_chunks(obj, list(dict.fromkeys(values)), order, key, also or ()):
             page = await self._call(_query, soql)
             while True:
                 for record in page.get("records", []):
-                    # Sorted by the tie-break: keep the first record seen per email.
-                    email = str(record.get("Email") or "").lower()
+                    # Sorted by the tie-break: keep the first record seen per value; SOQL
+                    # compares text in any case, so must this.
+                    value = next((v for k, v in record.items() if k.lower() == key.lower()), "")
+                    folded = _fold(value or "")
                     if not record.get("IsConverted"):
-                        found.setdefault(email, record["Id"])
+                        current = {n: record.get(n) for n in also} if also else None
+                        found.setdefault(folded, (str(record["Id"]), current))
                     elif record.get("ConvertedContactId"):
-                        converted.setdefault(email, str(record["ConvertedContactId"]))
+                        converted.setdefault(folded, (str(record["ConvertedContactId"]), None))
                 if page.get("done", True) or not page.get("nextRecordsUrl"):
                     break
                 page = await self._call(_query_more, page["nextRecordsUrl"])
@@ -1203,7 +1468,9 @@ class SalesforceConnector(Connector):
         """
         stale: list[_Item] = []
         # Grouped by object: Salesforce processes a collection in runs of one type (10 at most).
-        updates = sorted((i for i in items if i.target), key=lambda i: i.obj)
+        updates = sorted(
+            self._unchanged([i for i in items if i.target], outcomes), key=lambda i: i.obj
+        )
         creates = sorted((i for i in items if not i.target), key=lambda i: i.obj)
         if updates:
             records = [{"Id": i.target, **i.record_fields()} for i in updates]
@@ -1274,76 +1541,111 @@ class SalesforceConnector(Connector):
         The result's `record_id` is the Lead's or Contact's id (the store remembers it for the
         record's next deliveries); the Task's id is in `detail["activity_id"]`.
         """
+        (outcome,) = await self.log_activities([activity])
+        if isinstance(outcome, DeliveryError):
+            raise outcome
+        return outcome
+
+    async def log_activities(self, activities: list[Activity]) -> list[Outcome]:
+        """Outcomes per activity, in order, as `upsert_leads`: the WhoIds of a batch in one
+        query per object (none for a `record_id` hint), its Tasks in one Collections create."""
+
+        async def send(outcomes: Outcomes) -> None:
+            entries = [self._logging(i, a) for i, a in enumerate(activities)]
+            for start in range(0, len(entries), self.max_activity_batch):
+                await self._log_batch(entries[start : start + self.max_activity_batch], outcomes)
+
+        return await per_record(len(activities), "Salesforce", send)
+
+    def _logging(self, position: int, activity: Activity) -> _Logging:
         target = self.config.target
         wanted = activity.object if target in ("rule", "contact_else_lead") else target
         obj = "Lead" if wanted == "lead" else "Contact"
         # Look before creating on a redelivery, or after a create whose answer never came.
         look = activity.attempt > 1 or activity.key in self._unsure
+        entry = _Logging(position, activity, obj, look)
         hint = activity.record_id
-        either = target == "contact_else_lead"
-        if hint and (hint.startswith(WHO_PREFIXES[obj]) or either):
-            logged = await self._log_on(hint, activity, look)
-            if logged is not None:
-                return logged
-            # The hint names a record that is gone (deleted, merged): find it by its key.
-        logged = await self._log_on(await self._who(obj, activity), activity, look)
-        if logged is None:  # deleted or merged between the query and the create: look again
-            raise RetryableDelivery(
-                f"Salesforce {obj} {activity.id_value} vanished while logging the activity"
+        # A hint of another object than the activity's is no hint (contact_else_lead: either).
+        prefixes = tuple(WHO_PREFIXES.values()) if target == "contact_else_lead" else ()
+        if hint and hint.startswith((WHO_PREFIXES[obj], *prefixes)):
+            entry.who, entry.by_hint = hint, True
+        return entry
+
+    async def _log_batch(self, entries: list[_Logging], outcomes: Outcomes) -> None:
+        await self._find_whos([e for e in entries if e.who is None], outcomes)
+        gone = await self._create_tasks([e for e in entries if e.who is not None], outcomes)
+        stale = [e for e in gone if e.by_hint]
+        gone = [e for e in gone if not e.by_hint]
+        for entry in stale:  # deleted, merged or converted: find the record by its key
+            entry.who, entry.by_hint = None, False
+        await self._find_whos(stale, outcomes)
+        gone += await self._create_tasks([e for e in stale if e.who is not None], outcomes)
+        for entry in gone:  # deleted or merged between the query and the create: look again
+            outcomes[entry.position] = RetryableDelivery(
+                f"Salesforce {entry.obj} {entry.activity.id_value} vanished while logging "
+                "the activity"
             )
-        return logged
 
-    async def _who(self, obj: str, activity: Activity) -> str:
-        """The Lead or Contact with the activity's key (its email by default) that upserts
-        update: `tie_break`, `contact_else_lead` (a Contact first), and a converted Lead's
-        Contact rather than the converted Lead."""
-        from simple_salesforce.format import format_soql
+    async def _find_whos(self, entries: list[_Logging], outcomes: Outcomes) -> None:
+        """Set each entry's WhoId: the record with its key that upserts update (`tie_break`,
+        `contact_else_lead` a Contact first, a converted Lead's Contact), in one query per
+        object and key field. An entry without one gets its `missing` outcome."""
+        either = self.config.target == "contact_else_lead"
+        by_email = [e for e in entries if e.by_email]
+        contacts = [e for e in by_email if either or e.obj == "Contact"]
+        found = await self._find_by("Contact", "Email", [e.key for e in contacts])
+        for entry in contacts:
+            entry.who = found.get(entry.key)
+        leads = [e for e in by_email if e.who is None and e.obj == "Lead"]
+        found = await self._find_by("Lead", "Email", [e.key for e in leads])
+        for entry in leads:
+            entry.who = found.get(entry.key)
+        # An external id belongs to the activity's object only.
+        by_field: dict[tuple[str, str], list[_Logging]] = {}
+        for entry in entries:
+            if not entry.by_email:
+                by_field.setdefault((entry.obj, entry.id_field), []).append(entry)
+        for (obj, id_field), group in by_field.items():
+            found = await self._find_by(obj, id_field, [e.activity.id_value for e in group])
+            for entry in group:
+                entry.who = found.get(entry.key)
+        for entry in entries:
+            if entry.who is None:
+                value = entry.activity.id_value.strip()
+                outcomes[entry.position] = DeliveryResult(
+                    skipped=f"no Salesforce {entry.obj} with {entry.id_field} {value} to log "
+                    "the activity on",
+                    missing=True,
+                    detail={"object": entry.obj, "id_field": entry.id_field, "id_value": value},
+                )
 
-        id_field = activity.id_property or "Email"
-        value = activity.id_value.strip()
-        order = TIE_BREAK_ORDER[self.config.tie_break]
-        email_mode = id_field.lower() == "email"
-        objects = ["Contact", obj] if self.config.target == "contact_else_lead" else [obj]
-        for name in dict.fromkeys(objects):
-            if name == "Lead":  # a converted Lead's Task belongs on its Contact
-                soql = format_soql(WHO_LEAD_SOQL, id_field, value, order)
-            else:
-                soql = format_soql(WHO_SOQL, name, id_field, value, order)
-            records = (await self._call(_query, soql)).get("records") or []
-            open_ones = [r for r in records if not r.get("IsConverted")]
-            converted = [r["ConvertedContactId"] for r in records if r.get("ConvertedContactId")]
-            if open_ones:
-                return str(open_ones[0]["Id"])
-            if converted:
-                return str(converted[0])
-            if not email_mode:
-                break  # an external id belongs to the rule's object only
-        raise PermanentDelivery(
-            f"no Salesforce {obj} with {id_field} {value} to log the activity on: "
-            f"the rules must upsert the {obj.lower()} first",
-            detail={"object": obj, "id_field": id_field, "id_value": value},
-        )
-
-    async def _log_on(self, who: str, activity: Activity, look: bool) -> DeliveryResult | None:
-        """Find or create the Task on `who`; None when `who` is not there."""
-        detail: dict[str, Any] = {"object": "Task"}
-        if look:
-            found = await self._find_task(who, activity)
-            if found is not None:
-                self._unsure.pop(activity.key, None)
-                detail.update(activity_id=found, found_existing=True)
-                return DeliveryResult(record_id=who, created=False, detail=detail)
-        # Until Salesforce answers, the write may land without us hearing of it.
-        self._unsure[activity.key] = None
+    async def _create_tasks(self, entries: list[_Logging], outcomes: Outcomes) -> list[_Logging]:
+        """Find or create each entry's Task on its `who`; returns the entries whose `who`
+        Salesforce says is not there (any more), without an outcome."""
+        found = await self._find_tasks([e for e in entries if e.look])
+        for entry in entries:
+            if (task_id := found.get(entry.activity.key)) is not None:
+                self._unsure.pop(entry.activity.key, None)
+                detail = {"object": "Task", "activity_id": task_id, "found_existing": True}
+                outcomes[entry.position] = DeliveryResult(
+                    record_id=entry.who, created=False, detail=detail
+                )
+        entries = [e for e in entries if e.activity.key not in found]
+        if not entries:
+            return []
+        # Until Salesforce answers, the writes may land without us hearing of it.
+        for entry in entries:
+            self._unsure[entry.activity.key] = None
         while len(self._unsure) > UNSURE_KEYS_MAX:
             del self._unsure[next(iter(self._unsure))]
         try:
-            result = await self._call(
-                _write_one, "POST", "sobjects/Task/", _task_fields(activity, who)
+            results = await self._write_tasks(
+                [_task_fields(e.activity, str(e.who)) for e in entries]
             )
         except DeliveryError as exc:
             if not _maybe_written(exc):
-                self._unsure.pop(activity.key, None)
+                for entry in entries:
+                    self._unsure.pop(entry.activity.key, None)
                 raise
             # Not again at once: give a write still in progress time to land, then look.
             settle = self.config.activity_settle_seconds
@@ -1351,33 +1653,52 @@ class SalesforceConnector(Connector):
                 f"{exc} (the Task may have been written: the next attempt looks for it first)",
                 retry_after=max(settle, getattr(exc, "retry_after", None) or 0.0),
             ) from exc
-        self._unsure.pop(activity.key, None)  # an answer: written or refused
-        if result.get("success"):
-            detail["activity_id"] = result.get("id")
-            return DeliveryResult(record_id=who, created=True, detail=detail)
-        if _who_gone(result):
-            return None
-        failure = _outcome(result, None, None)
-        assert isinstance(failure, DeliveryError)
-        raise failure
+        gone = []
+        for entry, result in zip(entries, results, strict=True):
+            self._unsure.pop(entry.activity.key, None)  # an answer: written or refused
+            if result.get("success"):
+                detail = {"object": "Task", "activity_id": result.get("id")}
+                outcomes[entry.position] = DeliveryResult(
+                    record_id=entry.who, created=True, detail=detail
+                )
+            elif _who_gone(result):
+                gone.append(entry)
+            else:
+                outcomes[entry.position] = _outcome(result, None, None)
+        return gone
 
-    async def _find_task(self, who: str, activity: Activity) -> str | None:
-        """The id of the Task on `who` whose Description carries the key's marker, or None."""
-        from simple_salesforce.format import format_soql
+    async def _write_tasks(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if len(records) == 1:  # the single-record route: no cheaper as a collection
+            return [await self._call(_write_one, "POST", "sobjects/Task/", records[0])]
+        typed = [{"attributes": {"type": "Task"}, **r} for r in records]
+        answer = await self._call(_collection, "composite/sobjects", "POST", typed)
+        return self._checked(answer, records)
 
-        subject = activity.subject[:SUBJECT_MAX] or None  # Salesforce keeps "" as null
-        marker = _marker(activity.key)
-        page = await self._call(_query, format_soql(TASKS_SOQL, who, subject))
-        while True:
-            for record in page.get("records", []):
-                if marker in (record.get("Description") or ""):
-                    return str(record["Id"])
-            if page.get("done", True) or not page.get("nextRecordsUrl"):
-                return None
-            page = await self._call(_query_more, page["nextRecordsUrl"])
+    async def _find_tasks(self, entries: list[_Logging]) -> dict[str, str]:
+        """Activity key -> the id of the Task on the entry's `who` whose Description carries
+        the key's marker, for the entries that have one; one query per ~6 KB of ids."""
+        if not entries:
+            return {}
+        wanted: dict[str, list[_Logging]] = {}
+        for entry in entries:
+            wanted.setdefault(str(entry.who)[:15], []).append(entry)
+        found: dict[str, str] = {}
+        for soql in _tasks_soql([(str(e.who), e.subject) for e in entries]):
+            page = await self._call(_query, soql)
+            while True:
+                for record in page.get("records", []):
+                    description = record.get("Description") or ""
+                    # The marker names the key: the Subject only narrowed the query.
+                    for entry in wanted.get(str(record.get("WhoId"))[:15], []):
+                        if _marker(entry.activity.key) in description:
+                            found.setdefault(entry.activity.key, str(record["Id"]))
+                if page.get("done", True) or not page.get("nextRecordsUrl"):
+                    break
+                page = await self._call(_query_more, page["nextRecordsUrl"])
+        return found
 
     @staticmethod
-    def _checked(results: Any, items: list[_Item]) -> list[dict[str, Any]]:
+    def _checked(results: Any, items: list[Any]) -> list[dict[str, Any]]:
         if not isinstance(results, list) or len(results) != len(items):
             raise RetryableDelivery(f"Salesforce answered a collection with {results!r:.200}")
         return [r if isinstance(r, dict) else {"success": False, "errors": []} for r in results]

@@ -26,6 +26,7 @@ from bridge.models import (
     Routed,
     StoredEvent,
 )
+from bridge.staleness import Ledger
 
 if TYPE_CHECKING:
     from bridge.config import PostgresStoreConfig, SqliteStoreConfig
@@ -210,7 +211,8 @@ def claimed_groups(
     states: dict[str, Any],
 ) -> list[ClaimedGroup]:
     """Each claimed head's group (its deliveries in order), with what the CRM already has for
-    its contact (`states` rows by contact key); both backends' rows read alike."""
+    its contact (`states` rows by contact key: record id, field ledger); both backends' rows
+    read alike."""
     groups = []
     for head in heads:
         state = states.get(head["contact_key"])
@@ -221,6 +223,9 @@ def claimed_groups(
                 ),
                 applied_sort_at=state["applied_sort_at"] if state else None,
                 record_id=state["record_id"] if state else None,
+                ledger=Ledger.model_validate_json(state["fields"])
+                if state and state["fields"]
+                else Ledger(),
             )
         )
     return groups

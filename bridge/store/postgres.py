@@ -37,6 +37,7 @@ from bridge.errors import StoreUnavailable
 from bridge.models import (
     ClaimedGroup,
     Delivery,
+    DeliveryStatus,
     Finish,
     IngestResult,
     NewEvent,
@@ -373,6 +374,7 @@ class PostgresStore(Store):
     ) -> list[ClaimedGroup]:
         async with self.connection() as conn, conn.transaction():
             await conn.execute(SQL["background"])
+            await conn.execute(SQL["awaited_enough"], connector, now)
             heads = list(await conn.fetch(SQL["claim_pending"], connector, now, limit))
             if len(heads) < limit:
                 heads += await conn.fetch(SQL["claim_expired"], connector, now, limit - len(heads))
@@ -409,16 +411,36 @@ class PostgresStore(Store):
             # What the CRM holds for the contact, only with an outcome recorded: not for a
             # contact forgotten meanwhile (its rows are gone, or locked by `forget` until they
             # are), nor by a claim that has lost its delivery to another instance.
-            contacts = [
-                (f.connector, f.contact_key, f.record_id, f.applied_sort_at, now)
+            remembered = [
+                f
                 for f in finishes
                 if f.connector
                 and f.contact_key
                 and f.applied_sort_at is not None
                 and recorded.intersection(f.delivery_ids)
             ]
-            if contacts:
-                await conn.executemany(SQL["remember_contact"], contacts)
+            if remembered:
+                await conn.executemany(
+                    SQL["remember_contact"],
+                    [
+                        (
+                            f.connector,
+                            f.contact_key,
+                            f.record_id,
+                            f.applied_sort_at,
+                            now,
+                            f.ledger.model_dump_json() if f.ledger else None,
+                        )
+                        for f in remembered
+                    ],
+                )
+                released = [
+                    (f.connector, f.contact_key, now)
+                    for f in remembered
+                    if f.status == DeliveryStatus.DONE
+                ]
+                if released:
+                    await conn.executemany(SQL["release_awaiting"], released)
         return recorded
 
     # -- operators --------------------------------------------------------------------------
@@ -513,7 +535,9 @@ class PostgresStore(Store):
             if not ids:
                 return 0
             await conn.execute(SQL["delete_deliveries_of"], ids)
-            return _rowcount(await conn.execute(SQL["delete_events"], ids))
+            deleted = _rowcount(await conn.execute(SQL["delete_events"], ids))
+            await conn.execute(SQL["purge_contact_state"])
+            return deleted
 
     async def seen_message(self, source: str, message_id: str, now: float, keep: float) -> bool:
         async with self.connection() as conn:

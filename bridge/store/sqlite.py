@@ -24,6 +24,7 @@ from bridge.errors import StoreUnavailable
 from bridge.models import (
     ClaimedGroup,
     Delivery,
+    DeliveryStatus,
     Finish,
     IngestResult,
     NewEvent,
@@ -99,6 +100,9 @@ class _Writer:
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("PRAGMA secure_delete=ON")  # a forgotten person leaves no bytes behind
         conn.executescript(SQL["schema"])  # executescript commits: run it before any group
+        columns = {row["name"] for row in conn.execute("PRAGMA table_info(contact_state)")}
+        if "fields" not in columns:  # a store made before the field ledger
+            conn.execute(SQL["add_ledger"])
         return conn
 
     def _run(self) -> None:
@@ -311,6 +315,7 @@ class SqliteStore(Store):
         params = {"connector": connector, "limit": limit, "now": now}
 
         def claim(conn: sqlite3.Connection) -> list[ClaimedGroup]:
+            conn.execute(SQL["awaited_enough"], {"connector": connector, "now": now})
             heads = conn.execute(SQL["claim_heads"], params).fetchall()[:limit]
             if not heads:
                 return []
@@ -362,8 +367,14 @@ class SqliteStore(Store):
                             "record_id": f.record_id,
                             "applied_sort_at": f.applied_sort_at,
                             "now": now,
+                            "fields": f.ledger.model_dump_json() if f.ledger else None,
                         },
                     )
+                    if f.status == DeliveryStatus.DONE:
+                        conn.execute(
+                            SQL["release_awaiting"],
+                            {"connector": f.connector, "contact_key": f.contact_key, "now": now},
+                        )
             return recorded
 
         return await self._run(write)
@@ -465,6 +476,8 @@ class SqliteStore(Store):
         def delete(conn: sqlite3.Connection) -> int:
             ids = [r[0] for r in conn.execute(SQL["purge_delivered"], {"before": before})]
             _delete_events(conn, ids)
+            if ids:
+                conn.execute(SQL["purge_contact_state"])
             return len(ids)
 
         return await self._run(delete)

@@ -206,5 +206,5 @@ def test_sigkill_while_logging_activities_logs_each_once(
     assert notes_per_contact == dict.fromkeys(emails, 1)
     assert len(bodies) == len(emails)
     # and it did meet a note it had sent before the kill: it looked for it before writing again
-    assert hubspot_emulator.calls_to("GET", "/associations/notes")
+    assert hubspot_emulator.calls_to("POST", "/associations/contacts/notes/batch/read")
     assert restarted.stop() == 0

@@ -1,5 +1,7 @@
-"""HubSpot CRM v3 emulator: contacts, notes and tasks (create, batch read), v4 associations
-(default create, list a contact's notes or tasks), properties, OAuth token refresh.
+"""HubSpot CRM v3 emulator: contacts (batch upsert, batch read by id, email or another unique
+property), notes and tasks (create, batch create with associations, batch read), v4 associations
+(default create, list a contact's notes or tasks, batch read), properties, OAuth token refresh.
+``endpoint_counts()`` counts the calls per endpoint, so tests can assert calls per record.
 
 Wire format, status codes, error bodies and rate-limit headers follow
 /work/shared/docs/crm-apis.md §2; where the real API is unverified (§5) the
@@ -57,6 +59,17 @@ ENGAGEMENT_SYSTEM_PROPERTIES = ["hs_createdate", "hs_lastmodifieddate", "hs_obje
 TASK_STATUSES = "NOT_STARTED IN_PROGRESS WAITING COMPLETED DEFERRED".split()
 TASK_PRIORITIES = "LOW MEDIUM HIGH".split()
 TASK_TYPES = "EMAIL CALL TODO LINKED_IN".split()
+# Inputs per batch call (v3 batch create/read/upsert), and per v4 association batch read.
+BATCH_LIMIT = 100
+ASSOCIATION_BATCH_LIMIT = 1000
+# Associations of one record per page (the v4 list, and each input of the v4 batch read).
+ASSOCIATION_PAGE = 500
+# A path segment that is a record id or an email, for ``endpoint_counts``.
+ID_SEGMENT_RE = re.compile(r"/(\d+|[^/]*(?:@|%40)[^/]*)(?=/|$)")
+MISSING_SCOPES_MESSAGE = (
+    "This app hasn't been granted all required scopes to make this call. Read more about "
+    "required scopes here: https://developers.hubspot.com/scopes."
+)
 # hs_timestamp and other datetimes: epoch milliseconds, or an ISO 8601 date or date-time.
 EPOCH_MS_RE = re.compile(r"^-?\d+$")
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -235,6 +248,14 @@ class BadInput(Exception):
     """A body the API cannot deserialize: 400 without a category."""
 
 
+class Refused(Exception):
+    """A request a route refuses with ``reply`` (raised from helpers shared by routes)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.status)
+        self.reply = reply
+
+
 class ValidationFailure(Exception):
     """A 400 VALIDATION_ERROR with HubSpot's per-property error entries."""
 
@@ -277,7 +298,8 @@ class HubSpotEmulator(EmulatorBase):
     ``properties`` (object type → name → PropertyDef), ``calls``.
     Knobs read on every request: ``token``, ``tier_max``, ``interval_ms``, ``daily``,
     ``daily_used``, ``search_per_second``, ``retry_after``, ``search_delay``, ``latency``,
-    ``clock``, ``reverse_batch_results``, ``oauth_expires_in``.
+    ``clock``, ``reverse_batch_results``, ``oauth_expires_in``, ``unavailable`` (path prefixes
+    answered as unknown routes: 404) and ``missing_scopes`` (path prefix → scope: 403).
     OAuth: ``add_oauth_app`` registers a client and its refresh token; ``POST /oauth/v1/token``
     (form-encoded, ``grant_type=refresh_token``) issues access tokens accepted like ``token``
     until they expire on ``clock`` (``expire_oauth_tokens`` ends them early).
@@ -323,6 +345,11 @@ class HubSpotEmulator(EmulatorBase):
         self.refresh_tokens: dict[str, str] = {}  # refresh token -> client id
         self.oauth_tokens: dict[str, float] = {}  # access token -> expiry on ``clock``
         self.oauth_expires_in = OAUTH_EXPIRES_IN
+        # Path prefixes this portal does not serve (a wrong base URL, an API not enabled): the
+        # gateway's 404 page, as for any unknown path.
+        self.unavailable: set[str] = set()
+        # Path prefix -> the scope the token lacks for it: 403 MISSING_SCOPES.
+        self.missing_scopes: dict[str, str] = {}
         self._next_id = 100
         self._window: collections.deque[float] = collections.deque()
         self._search_window: collections.deque[float] = collections.deque()
@@ -343,9 +370,19 @@ class HubSpotEmulator(EmulatorBase):
             ("GET", contact + "/(?P<object_id>[^/]+)", self._get_contact),
             ("PATCH", contact + "/(?P<object_id>[^/]+)", self._update_contact),
             ("POST", engagement + "/?", self._create_engagement),
+            ("POST", engagement + "/batch/create", self._batch_create),
             ("POST", engagement + "/batch/read", self._batch_read),
             ("PUT", assoc_default + "/(?P<to_id>[^/]+)", self._associate_default),
             ("GET", assoc_of + "/associations/" + v4_type.format("to_type"), self._associations),
+            (
+                "POST",
+                "/crm/v4/associations/"
+                + v4_type.format("from_type")
+                + "/"
+                + v4_type.format("to_type")
+                + "/batch/read",
+                self._batch_associations,
+            ),
             ("GET", props + "/(?P<object_type>[^/]+)/?", self._list_properties),
             ("GET", props + "/(?P<object_type>[^/]+)/(?P<name>[^/]+)", self._get_property),
         ]
@@ -367,6 +404,24 @@ class HubSpotEmulator(EmulatorBase):
     def contact_by_email(self, email: str) -> HubSpotRecord | None:
         with self.lock:
             return self._find_contact("email", email)
+
+    def delete_contact(self, contact_id: str) -> None:
+        """Remove a contact and its associations (deleted or merged away in the portal)."""
+        with self.lock:
+            self.contacts.pop(contact_id, None)
+            for links in (self.associations, self.task_associations, self.lead_associations):
+                links.difference_update({link for link in links if link[1] == contact_id})
+
+    def endpoint_counts(self, since: int = 0) -> dict[str, int]:
+        """Calls per endpoint since the ``since``-th call, as ``{"POST /crm/v3/objects/
+        notes/batch/create": 1, "GET /crm/v3/objects/contacts/{id}": 3}``: record ids and
+        emails in the path read ``{id}``."""
+        with self.lock:
+            calls = self.calls[since:]
+        counts = collections.Counter(
+            f"{c.method} {ID_SEGMENT_RE.sub('/{id}', c.raw_path)}" for c in calls
+        )
+        return dict(counts)
 
     def add_engagement(
         self, object_type: str, properties: dict[str, Any], contact_id: str | None = None
@@ -516,6 +571,25 @@ class HubSpotEmulator(EmulatorBase):
         refused = self._unauthorized(call)
         if refused is not None:
             return refused
+        if any(call.raw_path.startswith(prefix) for prefix in self.unavailable):
+            page = JETTY_PAGE.format(status=404, reason="Not Found", path=call.path)
+            return Reply(404, page, {}, HTML)
+        scope = next(
+            (v for k, v in self.missing_scopes.items() if call.raw_path.startswith(k)), None
+        )
+        if scope is not None:
+            return hs_error(
+                403,
+                MISSING_SCOPES_MESSAGE,
+                "MISSING_SCOPES",
+                errors=[
+                    {
+                        "message": "One or more of the following scopes are required.",
+                        "context": {"requiredGranularScopes": [scope]},
+                    }
+                ],
+                links={"scopes": "https://developers.hubspot.com/scopes"},
+            )
         is_search = call.method == "POST" and call.raw_path.rstrip("/").endswith("/search")
         limited = self._check_search_limit() if is_search else self._check_rate_limit()
         if limited is not None:
@@ -539,6 +613,8 @@ class HubSpotEmulator(EmulatorBase):
                     return handler(call, **{k: unquote(v) for k, v in m.groupdict().items()})
                 except ValidationFailure as exc:
                     return self._validation_error(exc.errors)
+                except Refused as exc:
+                    return exc.reply
                 except BadInput as exc:
                     return hs_error(400, f"Invalid input JSON on line -1, column -1: {exc}")
         status, reason = (405, "Method Not Allowed") if path_known else (404, "Not Found")
@@ -835,35 +911,80 @@ class HubSpotEmulator(EmulatorBase):
     def _create_engagement(self, call: Call, object_type: str) -> Reply:
         """A note, a task or a lead, created with its associations in the same call (a lead
         must have one: its contact)."""
-        body = _body(call, "properties")
-        props = self._validate(object_type, body["properties"])
+        props, links = self._plan_engagement(object_type, _body(call, "properties"))
+        record = self._insert(self._table(object_type), props)
+        self._links(object_type).update((record.id, contact_id) for contact_id in links)
+        return Reply(201, record.to_json())
+
+    def _plan_engagement(
+        self, object_type: str, body: dict[str, Any]
+    ) -> tuple[dict[str, str], list[str]]:
+        """The checked properties and the contact ids of one create input; raises what the
+        API answers for a bad one."""
+        props = self._validate(object_type, body.get("properties"))
         required = "hs_lead_name" if object_type == "leads" else "hs_timestamp"
         if not props.get(required):
             raise ValidationFailure(
                 invalid(required, "REQUIRED_PROPERTY", f'Property "{required}" is required')
             )
         if object_type == "leads" and not body.get("associations"):
-            return bad_request("A lead must be associated with a contact or a company")
+            raise Refused(bad_request("A lead must be associated with a contact or a company"))
         expected = ASSOCIATION_TYPES[(object_type, "contacts")]
         singular = object_type[:-1]
         links: list[str] = []
         for assoc in body.get("associations") or []:
             if not isinstance(assoc, dict):
-                return bad_request("associations must be objects")
+                raise Refused(bad_request("associations must be objects"))
             to_id = str((assoc.get("to") or {}).get("id", ""))
             types = assoc.get("types") or []
             if to_id not in self.contacts:
-                return bad_request(f"One or more associations are invalid: no contact {to_id}")
+                # The exact text is unverified (crm-apis.md §5); it names the association.
+                raise Refused(
+                    bad_request(f"One or more associations are invalid: no contact {to_id}")
+                )
             if not any(
                 t.get("associationCategory") == "HUBSPOT_DEFINED"
                 and int(t.get("associationTypeId", 0)) == expected
                 for t in types
             ):
-                return bad_request(f"invalid association type for {singular} to contact: {types}")
+                raise Refused(
+                    bad_request(f"invalid association type for {singular} to contact: {types}")
+                )
             links.append(to_id)
-        record = self._insert(self._table(object_type), props)
-        self._links(object_type).update((record.id, contact_id) for contact_id in links)
-        return Reply(201, record.to_json())
+        return props, links
+
+    def _batch_create(self, call: Call, object_type: str) -> Reply:
+        """``{inputs: [{properties, associations, objectWriteTraceId?}]}``, up to 100: every
+        input is checked before any is written, and one bad input refuses the whole batch (as
+        batch upsert does). 201 with the records, each echoing its objectWriteTraceId."""
+        inputs = _body(call, "inputs")["inputs"]
+        if (
+            not isinstance(inputs, list)
+            or not inputs
+            or not all(isinstance(i, dict) for i in inputs)
+        ):
+            return bad_request("inputs must be a non-empty list of objects")
+        if len(inputs) > BATCH_LIMIT:
+            return bad_request(f"Too many inputs: {len(inputs)}. The limit is {BATCH_LIMIT}.")
+        started = iso_now()
+        planned = [(item, *self._plan_engagement(object_type, item)) for item in inputs]
+        results = []
+        for item, props, links in planned:
+            record = self._insert(self._table(object_type), props)
+            self._links(object_type).update((record.id, contact_id) for contact_id in links)
+            result = record.to_json()
+            if item.get("objectWriteTraceId") is not None:
+                result["objectWriteTraceId"] = str(item["objectWriteTraceId"])
+            results.append(result)
+        if self.reverse_batch_results:
+            results.reverse()
+        data = {
+            "status": "COMPLETE",
+            "results": results,
+            "startedAt": started,
+            "completedAt": iso_now(),
+        }
+        return Reply(201, data)
 
     def _batch_read_contacts(self, call: Call) -> Reply:
         return self._batch_read(call, "contacts")
@@ -875,13 +996,12 @@ class HubSpotEmulator(EmulatorBase):
         inputs = body["inputs"]
         if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
             return bad_request("inputs must be a list of objects")
-        if len(inputs) > 100:
-            return bad_request(f"Too many inputs: {len(inputs)}. The limit is 100.")
+        if len(inputs) > BATCH_LIMIT:
+            return bad_request(f"Too many inputs: {len(inputs)}. The limit is {BATCH_LIMIT}.")
         contacts = object_type == "contacts"
         id_property = body.get("idProperty") or "hs_object_id"
-        if id_property not in ("hs_object_id", "email") or (
-            id_property != "hs_object_id" and not contacts
-        ):
+        unique = self.properties[object_type].get(id_property)
+        if id_property != "hs_object_id" and (not contacts or unique is None or not unique.unique):
             return bad_request(f"{id_property} is not a unique property of {object_type}")
         archived = (call.param("archived") or "").lower() == "true"  # nothing is ever archived
         names = body.get("properties") or []
@@ -937,11 +1057,7 @@ class HubSpotEmulator(EmulatorBase):
         if not 1 <= limit <= 500:
             return bad_request("limit must be between 1 and 500")
         # An unknown record has no associations (the real answer for it is unverified).
-        if from_type == "contacts":
-            ids = [e for e, c in self._links(to_type) if c == from_id]
-        else:
-            ids = [c for e, c in self._links(from_type) if e == from_id]
-        ids.sort(key=int)
+        ids = self._linked_ids(from_type, from_id, to_type)
         spec = {"category": "HUBSPOT_DEFINED", "typeId": ASSOCIATION_TYPES[pair], "label": None}
         page = ids[offset : offset + limit]
         data: dict[str, Any] = {
@@ -951,6 +1067,70 @@ class HubSpotEmulator(EmulatorBase):
             after = base64.urlsafe_b64encode(str(offset + limit).encode()).decode()
             data["paging"] = {"next": {"after": after, "link": f"?after={after}"}}
         return Reply(200, data)
+
+    def _linked_ids(self, from_type: str, from_id: str, to_type: str) -> list[str]:
+        """The ids of ``to_type`` records associated with one record, oldest first."""
+        if from_type == "contacts":
+            ids = [e for e, c in self._links(to_type) if c == from_id]
+        else:
+            ids = [c for e, c in self._links(from_type) if e == from_id]
+        return sorted(ids, key=int)
+
+    def _batch_associations(self, call: Call, from_type: str, to_type: str) -> Reply:
+        """v4 ``{inputs: [{id, after?}]}``: per record ``{from: {id}, to: [{toObjectId,
+        associationTypes}], paging?}``, 500 a page (``paging`` only when there are more). A
+        record without any (or unknown) is an error of a 207: the real text is unverified."""
+        from_type, to_type = _plural(from_type), _plural(to_type)
+        pair = (from_type, to_type)
+        if pair not in ASSOCIATION_TYPES:
+            return bad_request(f"No associations from {from_type} to {to_type} here")
+        inputs = _body(call, "inputs")["inputs"]
+        if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
+            return bad_request("inputs must be a list of objects")
+        if len(inputs) > ASSOCIATION_BATCH_LIMIT:
+            return bad_request(
+                f"Too many inputs: {len(inputs)}. The limit is {ASSOCIATION_BATCH_LIMIT}."
+            )
+        started = iso_now()
+        spec = {"category": "HUBSPOT_DEFINED", "typeId": ASSOCIATION_TYPES[pair], "label": None}
+        results, without = [], []
+        for item in inputs:
+            from_id = str(item.get("id", ""))
+            try:
+                offset = int(base64.urlsafe_b64decode(item.get("after") or "MA==").decode())
+            except ValueError:
+                return bad_request("after must be a paging cursor")
+            ids = self._linked_ids(from_type, from_id, to_type)
+            if not ids:
+                without.append(from_id)
+                continue
+            page = ids[offset : offset + ASSOCIATION_PAGE]
+            result: dict[str, Any] = {
+                "from": {"id": from_id},
+                "to": [{"toObjectId": int(i), "associationTypes": [dict(spec)]} for i in page],
+            }
+            if offset + ASSOCIATION_PAGE < len(ids):
+                after = base64.urlsafe_b64encode(str(offset + ASSOCIATION_PAGE).encode()).decode()
+                result["paging"] = {"next": {"after": after, "link": None}}
+            results.append(result)
+        data: dict[str, Any] = {
+            "status": "COMPLETE",
+            "results": results,
+            "startedAt": started,
+            "completedAt": iso_now(),
+        }
+        if not without:
+            return Reply(200, data)
+        errors = [
+            {
+                "status": "error",
+                "category": "OBJECT_NOT_FOUND",
+                "message": f"No {to_type} is associated with {from_type[:-1]} {from_id}.",
+                "context": {"fromObjectId": [from_id]},
+            }
+            for from_id in without
+        ]
+        return Reply(207, {**data, "numErrors": len(errors), "errors": errors})
 
     def _associate_default(
         self, call: Call, from_type: str, from_id: str, to_type: str, to_id: str

@@ -46,6 +46,11 @@ AUDIT_DATES = ("CreatedDate", "LastModifiedDate", "SystemModstamp")
 NOT_FOUND = [{"errorCode": "NOT_FOUND", "message": "The requested resource does not exist"}]
 INVALID_SESSION = [{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}]
 DAILY_LIMIT = [{"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}]
+# Too many concurrent requests of 20 s or more: the same error code, another limit.
+CONCURRENT_LIMIT = [
+    {"message": "ConcurrentPerOrgLongTxn Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}
+]
+CONVERTED_LEAD = "cannot reference converted lead"
 UNAVAILABLE_PAGE = (
     "<html><head><title>Service Unavailable</title></head><body><h1>Service Unavailable</h1>"
     "<p>The server is temporarily unable to service your request.</p></body></html>"
@@ -336,6 +341,10 @@ class SalesforceEmulator(EmulatorBase):
     State: ``records(obj)``, ``record(id)``, ``sessions``, ``logins``, ``api_used``,
     ``calls``, ``schema``. Knobs read per request: ``daily_max``, ``expire_always``,
     ``latency``, ``duplicate_rules``, ``jwt_public_key``.
+
+    ``api_used`` counts what Salesforce counts against the daily allocation: every data API
+    request that got past the session check (a Collections or Composite request is one),
+    not logins, not refusals; ``data_calls()`` lists them, for calls-per-record assertions.
     """
 
     json_content_type = "application/json;charset=UTF-8"
@@ -418,6 +427,34 @@ class SalesforceEmulator(EmulatorBase):
             # Audit dates given here are kept (older or newer records for ordering tests).
             record.update({k: clean[k] for k in AUDIT_DATES if k in clean})
             return str(record["Id"])
+
+    def data_calls(self, since: int = 0) -> list[str]:
+        """The data API requests among ``calls[since:]``, as "METHOD path" (logins left out)."""
+        with self.lock:
+            calls = self.calls[since:]
+        return [f"{c.method} {c.path}" for c in calls if c.path.startswith("/services/data/v")]
+
+    def convert_lead(self, lead_id: str, contact_id: str | None = None) -> str:
+        """Convert a Lead, as a rep does: it becomes read-only, ``IsConverted``, pointing at
+        its Contact (``contact_id``, or a new one with the Lead's name and email). Writes and
+        Tasks naming it are refused with CANNOT_UPDATE_CONVERTED_LEAD. Returns the Contact id."""
+        rid = normalise_id(lead_id) or lead_id
+        with self.lock:
+            lead = self._records["Lead"][rid]
+            if contact_id is None:
+                names = ("FirstName", "LastName", "Email", "Phone", "Title")
+                values = {k: lead.get(k) for k in names if lead.get(k) is not None}
+                contact_id = str(self._insert(self.schema["Contact"], values)["Id"])
+            lead.update(
+                IsConverted=True, ConvertedContactId=contact_id, Status="Closed - Converted"
+            )
+            return contact_id
+
+    def remove_sobject(self, name: str) -> None:
+        """Hide an object from the API user (no licence, no permission): describe, queries and
+        writes naming it answer as for an object that does not exist (404 NOT_FOUND)."""
+        with self.lock:
+            self.schema.pop(name)
 
     def delete(self, record_id: str) -> None:
         """Delete a record directly, to the recycle bin: ``queryAll`` still sees it and writes
@@ -522,9 +559,9 @@ class SalesforceEmulator(EmulatorBase):
         self.add_rule(self._data_matcher(match), n, Reply(status, UNAVAILABLE_PAGE, {}, HTML))
 
     def refuse_next_concurrent(self, n: int = 1, match: str | None = None) -> None:
-        """403 for too many concurrent long requests (retryable, unlike the daily limit)."""
-        error = SfError("REQUEST_LIMIT_EXCEEDED", "ConcurrentPerOrgLongTxn Limit exceeded.")
-        self.add_rule(self._data_matcher(match), n, Reply(403, [error.rest()]))
+        """403 REQUEST_LIMIT_EXCEEDED for too many concurrent long requests (clears in seconds,
+        unlike the daily limit); not counted, so its Sforce-Limit-Info shows the org's room."""
+        self.add_rule(self._data_matcher(match), n, Reply(403, copy.deepcopy(CONCURRENT_LIMIT)))
 
     @staticmethod
     def _data_matcher(match: str | None) -> Callable[[Call], bool]:
@@ -723,7 +760,7 @@ class SalesforceEmulator(EmulatorBase):
         if not isinstance(body, dict):
             return [not_json()]
         if sobj.name == "Lead" and record.get("IsConverted"):
-            return [SfError("CANNOT_UPDATE_CONVERTED_LEAD", "cannot reference converted lead", [])]
+            return [SfError("CANNOT_UPDATE_CONVERTED_LEAD", CONVERTED_LEAD, [])]
         if self._locked.get(record["Id"], 0) > 0:
             self._locked[record["Id"]] -= 1
             message = (
@@ -841,6 +878,9 @@ class SalesforceEmulator(EmulatorBase):
             return SfError("FIELD_INTEGRITY_EXCEPTION", message, [fdef.name])
         if targets[0] in self._records and rid not in self._records[targets[0]]:
             return SfError("INVALID_CROSS_REFERENCE_KEY", "invalid cross reference id", [])
+        if targets[0] == "Lead" and self._records["Lead"][rid].get("IsConverted"):
+            # A converted Lead takes no new activity (nor any reference): its Contact does.
+            return SfError("CANNOT_UPDATE_CONVERTED_LEAD", CONVERTED_LEAD, [])
         return None
 
     def _prefix_of(self, obj: str) -> str:

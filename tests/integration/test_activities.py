@@ -31,7 +31,8 @@ from tests.support import TOKEN, config_yaml, sample
 # 2024-05-01T12:00:00.250Z
 OCCURRED_AT = datetime(2024, 5, 1, 12, 0, 0, 250000, tzinfo=UTC).timestamp()
 NOTES, TASKS = "/crm/v3/objects/notes", "/crm/v3/objects/tasks"
-ASSOCIATIONS = "/crm/v4/objects/contacts/"
+CONTACTS_READ = "/crm/v3/objects/contacts/batch/read"
+ASSOCIATIONS = "/crm/v4/associations/contacts/"
 
 
 def activity(**overrides) -> Activity:
@@ -77,13 +78,14 @@ async def test_hubspot_note_on_the_contact_found_by_email(hubspot_emulator, hubs
         "<p><strong>Replied to &lt;Launch&gt;</strong></p>"
         "<p>Thanks &amp; see you<br>Monday</p><!-- crm-bridge:k1 -->"
     )
-    # A GET by email (never search: it lags behind writes), then the create with its
-    # association: no lookup of earlier notes on a first attempt.
-    get, create = hubspot_emulator.calls
-    assert (get.method, get.raw_path) == ("GET", "/crm/v3/objects/contacts/ada%40example.com")
-    assert get.param("idProperty") == "email"
-    assert (create.method, create.path) == ("POST", NOTES)
-    assert create.json["associations"] == [
+    # A batch read by email (never search: it lags behind writes), then the batch create with
+    # its association: no lookup of earlier notes on a first attempt.
+    read, create = hubspot_emulator.calls
+    assert (read.method, read.path) == ("POST", CONTACTS_READ)
+    assert read.json["idProperty"] == "email"
+    assert read.json["inputs"] == [{"id": "ada@example.com"}]
+    assert (create.method, create.path) == ("POST", f"{NOTES}/batch/create")
+    assert create.json["inputs"][0]["associations"] == [
         {
             "to": {"id": contact.id},
             "types": [{"associationCategory": "HUBSPOT_DEFINED", "associationTypeId": 202}],
@@ -107,27 +109,24 @@ async def test_hubspot_completed_task_on_the_hinted_contact(hubspot_emulator, hu
         "<p>Thanks &amp; see you<br>Monday</p><!-- crm-bridge:k1 -->"
     )
     assert task.properties["hs_timestamp"] == "2024-05-01T12:00:00.250Z"
-    # The hint spares the GET: one call.
+    # The hint spares the lookup: one call.
     (create,) = hubspot_emulator.calls
-    assert (create.method, create.path) == ("POST", TASKS)
-    assert create.json["associations"][0]["types"][0]["associationTypeId"] == 204
+    assert (create.method, create.path) == ("POST", f"{TASKS}/batch/create")
+    assert create.json["inputs"][0]["associations"][0]["types"][0]["associationTypeId"] == 204
 
 
-async def test_hubspot_creates_a_missing_contact_with_just_its_email(hubspot_emulator, hubspot_of):
+async def test_hubspot_reports_a_missing_contact_instead_of_creating_one(
+    hubspot_emulator, hubspot_of
+):
     connector = await hubspot_of()
 
     result = await connector.log_activity(activity(id_value="New@Example.com"))
 
-    contact = hubspot_emulator.contact_by_email("new@example.com")
-    assert contact is not None and result.record_id == contact.id
-    assert "firstname" not in contact.properties
-    assert result.detail["contact_created"] is True
-    assert len(hubspot_emulator.engagements_of("notes", contact.id)) == 1
-    assert [f"{c.method} {c.path}" for c in hubspot_emulator.calls] == [
-        "GET /crm/v3/objects/contacts/New@Example.com",
-        "POST /crm/v3/objects/contacts/batch/upsert",
-        f"POST {NOTES}",
-    ]
+    # The delivery engine decides (wait for the contact's upsert, skip, dead-letter).
+    assert result.missing is True and result.record_id is None
+    assert "New@Example.com" in result.skipped
+    assert hubspot_emulator.contacts == {} and hubspot_emulator.notes == {}
+    assert [f"{c.method} {c.path}" for c in hubspot_emulator.calls] == [f"POST {CONTACTS_READ}"]
 
 
 async def test_hubspot_a_stale_hint_falls_back_to_the_email(hubspot_emulator, hubspot_of):
@@ -167,7 +166,7 @@ async def test_hubspot_a_lost_answer_is_found_by_the_next_attempt(
     assert result.detail["activity_id"] == written.id
     assert len(hubspot_emulator.engagements_of(f"{kind}s", contact.id)) == 1
     assert calls_since(hubspot_emulator, start) == [
-        f"GET {ASSOCIATIONS}{contact.id}/associations/{kind}s",
+        f"POST {ASSOCIATIONS}{kind}s/batch/read",
         f"POST {path}/batch/read",
     ]
 
@@ -205,7 +204,11 @@ async def test_hubspot_a_later_attempt_without_an_earlier_write_creates(
 
     assert (result.record_id, result.created) == (contact.id, True)
     assert len(hubspot_emulator.engagements_of("notes", contact.id)) == 3
-    assert [c.method for c in hubspot_emulator.calls] == ["GET", "POST", "POST"]
+    assert calls_since(hubspot_emulator, 0) == [
+        f"POST {ASSOCIATIONS}notes/batch/read",
+        f"POST {NOTES}/batch/read",
+        f"POST {NOTES}/batch/create",
+    ]
 
 
 async def test_hubspot_finds_an_old_note_among_many_pages(hubspot_emulator, hubspot_of):
@@ -220,10 +223,10 @@ async def test_hubspot_finds_an_old_note_among_many_pages(hubspot_emulator, hubs
     result = await connector.log_activity(activity(record_id=contact.id, attempt=2))
 
     assert result.detail["activity_id"] == ours.id and result.created is False
-    lists = hubspot_emulator.calls_to("GET", ASSOCIATIONS)
+    lists = hubspot_emulator.calls_to("POST", ASSOCIATIONS)
     reads = hubspot_emulator.calls_to("POST", f"{NOTES}/batch/read")
     assert (len(lists), len(reads)) == (2, 7)  # 500 a page; 100 a read, newest first
-    assert lists[0].param("after") is None and lists[1].param("after")
+    assert "after" not in lists[0].json["inputs"][0] and lists[1].json["inputs"][0]["after"]
 
 
 async def test_hubspot_activity_errors_are_classified(hubspot_emulator, hubspot_of):
@@ -239,7 +242,7 @@ async def test_hubspot_activity_errors_are_classified(hubspot_emulator, hubspot_
     # Neither left the key marked unsure: the next first attempt creates without looking.
     start = len(hubspot_emulator.calls)
     assert (await connector.log_activity(activity(record_id=contact.id))).created is True
-    assert calls_since(hubspot_emulator, start) == [f"POST {NOTES}"]
+    assert calls_since(hubspot_emulator, start) == [f"POST {NOTES}/batch/create"]
 
 
 # -- Salesforce --------------------------------------------------------------------------------
@@ -310,11 +313,16 @@ async def test_salesforce_a_stale_hint_falls_back_to_the_email(salesforce_emulat
     assert [t["WhoId"] for t in salesforce_tasks(salesforce_emulator)] == [live]
 
 
-async def test_salesforce_a_missing_lead_is_permanent_and_named(salesforce_emulator, salesforce_of):
+async def test_salesforce_a_missing_lead_is_reported_missing_and_named(
+    salesforce_emulator, salesforce_of
+):
     connector = await salesforce_of()
 
-    with pytest.raises(PermanentDelivery, match="no Salesforce Lead with Email nobody@example"):
-        await connector.log_activity(activity(object="lead", id_value="nobody@example.com"))
+    # The delivery engine decides (wait for the upsert creating it, skip, dead-letter).
+    result = await connector.log_activity(activity(object="lead", id_value="nobody@example.com"))
+
+    assert result.missing is True
+    assert result.skipped.startswith("no Salesforce Lead with Email nobody@example.com")
     assert salesforce_tasks(salesforce_emulator) == []
 
 
@@ -345,8 +353,8 @@ async def test_salesforce_a_lost_answer_is_found_by_the_next_attempt(
     assert len(salesforce_tasks(salesforce_emulator)) == 1
     (query,) = salesforce_emulator.calls[start:]
     assert query.param("q") == (
-        f"SELECT Id, Description FROM Task WHERE WhoId = '{lead}' "
-        "AND Subject = 'Replied to <Launch>'"
+        f"SELECT Id, WhoId, Description FROM Task WHERE WhoId IN ('{lead}') "
+        "AND Subject IN ('Replied to <Launch>')"
     )
 
 

@@ -436,22 +436,25 @@ async def test_salesforce_near_its_daily_cap_stops_without_calling(salesforce_em
     with pytest.raises(RetryableDelivery, match="daily API requests") as info:
         await salesforce.upsert_leads([lead("a@x.io"), lead("b@x.io")])
 
-    assert info.value.retry_after == 3600
+    # Until it looks again (`daily_recheck_seconds`), not for a blind hour
+    assert info.value.retry_after == 300
     assert salesforce.api_usage == (13_500, 15_000)
     assert salesforce_emulator.calls_to(path_contains="composite") == []
     calls = len(salesforce_emulator.calls)
     with pytest.raises(RetryableDelivery) as info:
         await salesforce.upsert_lead(lead("c@x.io"))
-    assert info.value.retry_after == pytest.approx(3600, abs=1)
+    assert info.value.retry_after == pytest.approx(300, abs=1)
     assert len(salesforce_emulator.calls) == calls
 
 
-async def test_salesforce_daily_limit_exceeded_stops_for_an_hour(salesforce_emulator, salesforce):
+async def test_salesforce_daily_limit_exceeded_stops_until_the_recheck(
+    salesforce_emulator, salesforce
+):
     salesforce_emulator.api_used = salesforce_emulator.daily_max
 
     with pytest.raises(RetryableDelivery, match="REQUEST_LIMIT_EXCEEDED") as info:
         await salesforce.upsert_lead(lead("a@x.io"))
-    assert info.value.retry_after == 3600
+    assert info.value.retry_after == 300
 
     calls = len(salesforce_emulator.calls)
     with pytest.raises(RetryableDelivery):

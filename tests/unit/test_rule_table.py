@@ -36,7 +36,8 @@ BOUNCE = [
         "update_status",
         {
             "EmailBouncedReason": "Bounced in Supersend campaign d9ff359d",
-            "EmailBouncedDate": "2023-11-14T22:13:20.000Z",
+            # the contact's updatedAt in the sample, the same however often it is resent
+            "EmailBouncedDate": "2023-01-26T04:48:04.762Z",
         },
     ),
     ("bounce-note-to-hubspot", "hubspot", "log_activity", "Email bounced (campaign d9ff359d)"),

@@ -112,6 +112,12 @@ BEGIN
 END
 $$;
 
+-- name: migration_0002_field_ledger
+-- Per-field staleness (bridge.staleness): which event decided each field of a contact's record,
+-- as JSON; and the index retention uses to drop it with the contact's last delivery.
+ALTER TABLE contact_state ADD COLUMN fields TEXT;
+CREATE INDEX deliveries_by_contact ON deliveries (connector, contact_key);
+
 -- name: insert_events
 -- A batch of webhooks in one statement and one commit (group commit); RETURNING names the new
 -- ones, the others were already stored (by this instance or another).
@@ -152,6 +158,17 @@ SELECT event_id, rule, connector, action, contact_key, operation, $8, $9, sort_a
        AS d(event_id, rule, connector, action, contact_key, operation, sort_at, n)
  ORDER BY n
 RETURNING id
+
+-- name: awaited_enough
+-- Deliveries that waited for their record until their deadline: due again, to end as their
+-- rule's `if_missing` says (or to land, if the record appeared without us).
+UPDATE deliveries SET status = 'pending', updated_at = $2
+ WHERE connector = $1 AND status = 'awaiting' AND next_attempt_at <= $2
+
+-- name: release_awaiting
+-- The contact's record now exists on this connector: what waited for it is due at once.
+UPDATE deliveries SET status = 'pending', next_attempt_at = $3, updated_at = $3
+ WHERE connector = $1 AND contact_key = $2 AND status = 'awaiting'
 
 -- name: claim_pending
 -- As SQLite's claim_heads, first branch: each contact's first unfinished delivery when due,
@@ -202,7 +219,7 @@ UPDATE deliveries
 RETURNING *
 
 -- name: contact_states
-SELECT contact_key, record_id, applied_sort_at FROM contact_state
+SELECT contact_key, record_id, applied_sort_at, fields FROM contact_state
  WHERE connector = $1 AND contact_key = ANY($2::text[])
 
 -- name: finish
@@ -221,11 +238,13 @@ UPDATE deliveries d
 RETURNING d.id
 
 -- name: remember_contact
-INSERT INTO contact_state (connector, contact_key, record_id, applied_sort_at, updated_at)
-VALUES ($1, $2, $3, $4, $5)
+-- The ledger is replaced whole: one claim at a time holds a contact's deliveries.
+INSERT INTO contact_state (connector, contact_key, record_id, applied_sort_at, updated_at, fields)
+VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (connector, contact_key) DO UPDATE
    SET record_id = coalesce(excluded.record_id, contact_state.record_id),
        applied_sort_at = greatest(contact_state.applied_sort_at, excluded.applied_sort_at),
+       fields = coalesce(excluded.fields, contact_state.fields),
        updated_at = excluded.updated_at
 
 -- name: backlog
@@ -291,13 +310,19 @@ DELETE FROM events WHERE id = ANY($1::text[])
 -- What the connectors remember of the contact (its record ids) goes too.
 DELETE FROM contact_state WHERE contact_key = $1
 
+-- name: purge_contact_state
+-- Retention: what the connectors remember of a contact goes with the last of its deliveries.
+DELETE FROM contact_state c
+ WHERE NOT EXISTS (SELECT 1 FROM deliveries d
+                    WHERE d.connector = c.connector AND d.contact_key = c.contact_key)
+
 -- name: delivered_events
 -- Routed, old enough, and nothing of theirs waiting or dead.
 SELECT e.id FROM events e
  WHERE e.received_at < $1 AND e.routed_at IS NOT NULL
    AND NOT EXISTS (
         SELECT 1 FROM deliveries d
-         WHERE d.event_id = e.id AND d.status IN ('pending', 'in_flight', 'dead'))
+         WHERE d.event_id = e.id AND d.status IN ('pending', 'in_flight', 'awaiting', 'dead'))
    FOR UPDATE SKIP LOCKED
 
 -- name: seen_message

@@ -32,13 +32,15 @@ CREATE TABLE IF NOT EXISTS deliveries (
     updated_at      REAL NOT NULL
 );
 -- What each connector last confirmed for a contact: its record id (later writes skip the
--- lookup) and the newest `sort_at` applied (older deliveries are skipped, not applied).
+-- lookup), the newest `sort_at` applied, and the field ledger (bridge.staleness, JSON: which
+-- event decided each field; added by add_ledger to stores made before it).
 CREATE TABLE IF NOT EXISTS contact_state (
     connector       TEXT NOT NULL,
     contact_key     TEXT NOT NULL,
     record_id       TEXT,
     applied_sort_at REAL NOT NULL,
     updated_at      REAL NOT NULL,
+    fields          TEXT,
     PRIMARY KEY (connector, contact_key)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (connector, status, next_attempt_at);
@@ -57,6 +59,9 @@ CREATE TABLE IF NOT EXISTS webhook_messages (
     PRIMARY KEY (source, message_id)
 );
 CREATE INDEX IF NOT EXISTS webhook_messages_seen ON webhook_messages (seen_at);
+
+-- name: add_ledger
+ALTER TABLE contact_state ADD COLUMN fields TEXT
 
 -- name: insert_events
 -- One multi-row statement per commit group (the VALUES rows are added in code); RETURNING
@@ -88,6 +93,17 @@ VALUES (:event_id, :rule, :connector, :action, :contact_key, :operation,
 -- One process owns a SQLite store (a lock file sees to it), so whatever was in flight when it
 -- stopped was interrupted: send it again.
 UPDATE deliveries SET status = 'pending', lease_until = NULL WHERE status = 'in_flight'
+
+-- name: awaited_enough
+-- Deliveries that waited for their record until their deadline: due again, to end as their
+-- rule's `if_missing` says (or to land, if the record appeared without us).
+UPDATE deliveries SET status = 'pending', updated_at = :now
+ WHERE connector = :connector AND status = 'awaiting' AND next_attempt_at <= :now
+
+-- name: release_awaiting
+-- The contact's record now exists on this connector: what waited for it is due at once.
+UPDATE deliveries SET status = 'pending', next_attempt_at = :now, updated_at = :now
+ WHERE connector = :connector AND contact_key = :contact_key AND status = 'awaiting'
 
 -- name: claim_heads
 -- The first unfinished delivery of each contact, in (sort_at, id) order, when due; none for a
@@ -132,7 +148,7 @@ UPDATE deliveries
 RETURNING *
 
 -- name: contact_states
-SELECT contact_key, record_id, applied_sort_at FROM contact_state
+SELECT contact_key, record_id, applied_sort_at, fields FROM contact_state
  WHERE connector = ? AND contact_key IN ({keys})
 
 -- name: finish
@@ -145,11 +161,14 @@ UPDATE deliveries
  WHERE id = :id AND status = 'in_flight' AND attempts = :claim
 
 -- name: remember_contact
-INSERT INTO contact_state (connector, contact_key, record_id, applied_sort_at, updated_at)
-VALUES (:connector, :contact_key, :record_id, :applied_sort_at, :now)
+-- The ledger is replaced whole: one claim at a time holds a contact's deliveries.
+INSERT INTO contact_state (connector, contact_key, record_id, applied_sort_at, updated_at,
+                           fields)
+VALUES (:connector, :contact_key, :record_id, :applied_sort_at, :now, :fields)
 ON CONFLICT (connector, contact_key) DO UPDATE
    SET record_id = coalesce(excluded.record_id, contact_state.record_id),
        applied_sort_at = max(contact_state.applied_sort_at, excluded.applied_sort_at),
+       fields = coalesce(excluded.fields, contact_state.fields),
        updated_at = excluded.updated_at
 
 -- name: backlog
@@ -211,6 +230,13 @@ SELECT id FROM events WHERE email = :email
 
 -- name: forget_contact_state
 DELETE FROM contact_state WHERE contact_key = :email
+
+-- name: purge_contact_state
+-- Retention: what the connectors remember of a contact goes with the last of its deliveries.
+DELETE FROM contact_state
+ WHERE NOT EXISTS (SELECT 1 FROM deliveries d
+                    WHERE d.connector = contact_state.connector
+                      AND d.contact_key = contact_state.contact_key)
 
 -- name: purge_delivered
 -- Events received before :before, routed, whose deliveries all ended delivered or skipped
