@@ -75,12 +75,17 @@ class Invalid:
 class Summary:
     """What a backfill did; `invalid_lines` holds the first MAX_LISTED invalid ones."""
 
+    source: str = ""
+    probed_all: bool = False  # the first stored chunk was probed for every other type
     read: int = 0
     stored: int = 0
     duplicates: int = 0
     invalid: int = 0
     stored_bare: int = 0
     invalid_lines: list[Invalid] = field(default_factory=list)
+    # Rows stored now that an earlier run had stored with another --type, by that type.
+    other_types: dict[str, int] = field(default_factory=dict)
+    interrupted: bool = False  # Ctrl-C: the figures are what was stored until then
 
     def add_invalid(self, line: int, problems: list[str]) -> None:
         self.invalid += 1
@@ -255,14 +260,46 @@ def _problems(exc: ValidationError, bare: bool) -> list[str]:
     return out
 
 
-async def _store_chunk(store: Store, chunk: list[tuple[NewEvent, bool]], summary: Summary) -> None:
+Chunk = list[tuple[NewEvent, Line]]
+
+
+async def _store_chunk(store: Store, chunk: Chunk, summary: Summary, probe: list[str]) -> None:
     results = await asyncio.gather(*(store.ingest(event) for event, _ in chunk))
-    for result, (_, bare) in zip(results, chunk, strict=True):
+    fresh: list[Line] = []
+    for result, (_, line) in zip(results, chunk, strict=True):
         if result.duplicate:
             summary.duplicates += 1
         else:
             summary.stored += 1
-            summary.stored_bare += bare
+            summary.stored_bare += line.bare
+            if line.bare:
+                fresh.append(line)
+    await _find_other_types(store, fresh, probe, summary)
+
+
+async def _find_other_types(
+    store: Store, fresh: list[Line], probe: list[str], summary: Summary
+) -> None:
+    """Bare rows just stored that a run with another --type stored before: the type is part
+    of the event, so the same row is a new event. The first chunk is probed for every known
+    type, the rest for those found in it only."""
+    if not fresh or not probe:
+        return
+    source = summary.source
+    keys = [
+        (t, idempotency_key(source, {**line.data, "type": t}))
+        for line in fresh
+        if line.data is not None
+        for t in probe
+    ]
+    found = await asyncio.gather(*(store.event(key) for _, key in keys))
+    for (type_, _), event in zip(keys, found, strict=True):
+        if event is not None:
+            summary.other_types[type_] = summary.other_types.get(type_, 0) + 1
+    if summary.probed_all:
+        return
+    summary.probed_all = True
+    probe[:] = [t for t in probe if t in summary.other_types]
 
 
 async def run_backfill(
@@ -273,10 +310,15 @@ async def run_backfill(
     type_: str = DEFAULT_TYPE,
     fmt: Format | None = None,
     clock: Callable[[], float] = time.time,
+    other_types: tuple[str, ...] = (),
 ) -> Summary:
-    """Validate and store every line of `path`; what happened, line by line where it failed."""
+    """Validate and store every line of `path`; what happened, line by line where it failed.
+    `other_types`: the types an earlier run may have given the same bare rows (reported in
+    `Summary.other_types`). Cancelled (Ctrl-C), it lets the chunk being stored finish and
+    returns what was done, `interrupted`."""
     fmt = fmt or detect_format(path)
-    summary = Summary()
+    summary = Summary(source=source)
+    probe = [t for t in other_types if t != type_]
     bar = tqdm(
         total=path.stat().st_size,
         unit="B",
@@ -286,24 +328,38 @@ async def run_backfill(
         disable=None,  # no bar when stderr is not a terminal (cron, CI, pipes)
     )
     reader = read_csv if fmt == "csv" else read_jsonl
-    chunk: list[tuple[NewEvent, bool]] = []
+    chunk: Chunk = []
     with bar:
-        for line in reader(path, type_, bar.update):
-            summary.read += 1
-            if line.problems:
-                summary.add_invalid(line.number, line.problems)
-                continue
-            try:
-                chunk.append((to_event(line, source, clock(), typed_cells=fmt == "csv"), line.bare))
-            except ValidationError as exc:
-                summary.add_invalid(line.number, _problems(exc, line.bare))
-            if len(chunk) >= CHUNK:
-                await _store_chunk(store, chunk, summary)
-                chunk = []
-                bar.set_postfix_str(f"stored={summary.stored} invalid={summary.invalid}", False)
-        if chunk:
-            await _store_chunk(store, chunk, summary)
+        try:
+            for line in reader(path, type_, bar.update):
+                summary.read += 1
+                if line.problems:
+                    summary.add_invalid(line.number, line.problems)
+                    continue
+                try:
+                    chunk.append((to_event(line, source, clock(), typed_cells=fmt == "csv"), line))
+                except ValidationError as exc:
+                    summary.add_invalid(line.number, _problems(exc, line.bare))
+                if len(chunk) >= CHUNK:
+                    await _finish_chunk(store, chunk, summary, probe)
+                    chunk = []
+                    bar.set_postfix_str(f"stored={summary.stored} invalid={summary.invalid}", False)
+            if chunk:
+                await _finish_chunk(store, chunk, summary, probe)
+        except asyncio.CancelledError:
+            summary.interrupted = True
     return summary
+
+
+async def _finish_chunk(store: Store, chunk: Chunk, summary: Summary, probe: list[str]) -> None:
+    """Store a chunk; a cancellation meanwhile waits for the store's answer (what it was
+    handed is committed anyway), counts it, then goes on."""
+    task = asyncio.ensure_future(_store_chunk(store, chunk, summary, probe))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
 
 
 def render_summary(summary: Summary, path: Path, source: str, type_: str) -> str:
@@ -324,8 +380,20 @@ def render_summary(summary: Summary, path: Path, source: str, type_: str) -> str
             f"{summary.stored_bare} contact(s) stored with type {type_!r}: rules match on type, "
             "so only rules for that type apply to them (pass e.g. --type interest)"
         )
+    if summary.other_types:
+        earlier = ", ".join(f"{n} with --type {t}" for t, n in sorted(summary.other_types.items()))
+        lines.append(
+            f"rows of this file were stored before by a run with another --type ({earlier}):"
+            f" the type is part of an event, so they are now stored twice, once as {type_!r},"
+            " and the rules apply to both"
+        )
     if summary.stored:
         lines.append(
             "the daemon applies the rules to stored events as it polls, or when it next starts"
+        )
+    if summary.interrupted:
+        lines.append(
+            f"interrupted after {summary.read} line(s): run it again to store the rest (what"
+            " is stored already is skipped)"
         )
     return "\n".join(lines)

@@ -30,6 +30,9 @@ DATE_TYPES = {"date", "datetime"}
 class Finding:
     problem: ConfigProblem
     fatal: bool = True  # False: a warning; `check --online` still succeeds
+    # The connector it names was not checked at all (no credentials, or it cannot describe its
+    # fields): `check --online` says which, and fails when none was.
+    unchecked: str | None = None
 
 
 def _kind(info: FieldInfo) -> str:
@@ -147,9 +150,15 @@ async def check_online(config: Config, connectors: dict[str, Connector]) -> list
     for name, connector in connectors.items():
         rules = used.get(name, [])
         if not config.connector_settings[name].has_credentials():
-            findings.append(
-                Finding(config.problem(("connectors", name), "no credentials: not checked"), False)
+            message = "no credentials: not checked"
+            findings.append(Finding(config.problem(("connectors", name), message), False, name))
+            continue
+        if not describes(connector):
+            message = (
+                f"not checkable: the {config.connector_settings[name].type} connector cannot"
+                " describe its fields (its rules' fields are not checked)"
             )
+            findings.append(Finding(config.problem(("connectors", name), message), False, name))
             continue
         try:
             await connector.open()
@@ -170,6 +179,27 @@ async def check_online(config: Config, connectors: dict[str, Connector]) -> list
         for i, rule in rules:
             findings.extend(_rule_findings(config, name, i, rule, described))
     return findings
+
+
+def refusal(
+    connector: str, obj: str, fields: dict[str, FieldInfo], name: str, value: Any
+) -> str | None:
+    """Why the CRM would refuse `value` in its field `name` of `obj` (as `check --online` says
+    of a rule), or None: what `simulate --online` marks in its plan."""
+    info = fields.get(name)
+    if info is None:
+        hint = difflib.get_close_matches(name, list(fields), n=1)
+        return f"{connector} has no field {name!r} on {obj}" + (
+            f" (did you mean `{hint[0]}`?)" if hint else ""
+        )
+    if not info.writable:
+        return f"{info.name} is read-only in the CRM"
+    return _value_problem(value, info)
+
+
+def describes(connector: Connector) -> bool:
+    """Whether the connector can tell its CRM's fields (the interface's default cannot)."""
+    return type(connector).describe is not Connector.describe
 
 
 def _rule_findings(

@@ -441,6 +441,7 @@ class _Resolver:
 
     def interpolate(self, value: str, loc: Loc) -> str:
         unread: list[str] = []
+        handed_over = False  # a file the caller said systemd hands over: missing is a problem
 
         def replace(m: re.Match[str]) -> str:
             if m.group("file"):
@@ -451,8 +452,13 @@ class _Resolver:
                         self.readable_credentials.append(str(path))
                     return text
                 except OSError as exc:
+                    nonlocal handed_over
                     hint = ""
-                    if SYSTEMD_CREDENTIALS.match(str(path)):
+                    if self.credentials_dir is not None and path.is_relative_to(
+                        self.credentials_dir
+                    ):
+                        handed_over = True
+                    elif SYSTEMD_CREDENTIALS.match(str(path)):
                         hint = (
                             " (systemd makes it while the service runs; --credentials-dir DIR"
                             " reads the files it would hand over from DIR)"
@@ -474,7 +480,7 @@ class _Resolver:
             return out
         found = [(loc, message) for message in unread]
         self.failed.append(loc)
-        if loc[:1] and loc[0] in self.defer:
+        if loc[:1] and loc[0] in self.defer and not handed_over:
             self.unread += found
             return UNREAD_URL if loc == ("store", "url") else out
         self.problems += found
@@ -898,3 +904,42 @@ def listen_problems(config: Config, host: str) -> list[ConfigProblem]:
     problems = _Problems(config.source_file, config._marks)
     _check_sources(config, problems, host, " (--host)")
     return problems.items
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of config.yaml (`crm-bridge schema`), for editors to complete and check
+    it: the models above, each installed connector's own settings under `connectors:` (picked
+    by `type`), and none of the fields the loader fills in."""
+    from pydantic.json_schema import models_json_schema
+
+    models: list[type[BaseModel]] = [Config]
+    connector_models = {name: registry.get(name) for name in registry.names()}
+    models += [cls.config_model for cls in connector_models.values() if cls is not None]
+    refs, schema = models_json_schema([(m, "validation") for m in models], title="crm-bridge")
+    defs = schema["$defs"]
+    config = defs["Config"]
+    for name, field in Config.model_fields.items():
+        if field.exclude:
+            config["properties"].pop(name, None)
+    choices = [
+        refs[(cls.config_model, "validation")]
+        for cls in connector_models.values()
+        if cls is not None
+    ]
+    config["properties"]["connectors"] = {
+        "type": "object",
+        "description": "Connectors by name; each one's `type` picks its settings.",
+        "additionalProperties": {"oneOf": choices},
+    }
+    defs.pop("ConnectorEntry", None)
+    # A field is written as a bare value (`hs_lead_status: OPEN`) or as a mapping.
+    bare = {"type": ["string", "number", "integer", "boolean", "null", "array"]}
+    defs["RuleConfig"]["properties"]["fields"]["additionalProperties"] = {
+        "anyOf": [{"$ref": "#/$defs/FieldMapping"}, bare]
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "crm-bridge config.yaml",
+        "$ref": "#/$defs/Config",
+        "$defs": defs,
+    }

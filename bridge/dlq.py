@@ -64,28 +64,34 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
 
 
-def iso(timestamp: float | None) -> str | None:
-    """Wall-clock seconds as `2024-05-01T12:00:00Z`."""
+def iso(timestamp: float | None, *, precise: bool = False) -> str | None:
+    """Wall-clock seconds as `2024-05-01T12:00:00Z` (`precise`: `...:00.250Z`)."""
     if timestamp is None:
         return None
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    if precise:
+        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def readable(row: dict[str, Any]) -> dict[str, Any]:
-    """A store row with its times as ISO-8601 and an event's body as JSON, recursively."""
+def readable(row: Any, *, body_as_json: bool = True, precise: bool = False) -> Any:
+    """A store row with its times as ISO-8601 and an event's body as JSON (unless
+    `body_as_json` is false: then as stored, byte for byte), recursively."""
+    if isinstance(row, list):
+        return [readable(v, body_as_json=body_as_json, precise=precise) for v in row]
+    if not isinstance(row, dict):
+        return row
     out: dict[str, Any] = {}
     for key, value in row.items():
         if key in _TIME_KEYS and isinstance(value, int | float):
-            out[key] = iso(value)
-        elif key == "body" and isinstance(value, str):
+            out[key] = iso(value, precise=precise)
+        elif key == "body" and isinstance(value, str) and body_as_json:
             try:
                 out[key] = json.loads(value)
             except ValueError:
                 out[key] = value  # stored as received; show it as it is
-        elif isinstance(value, dict):
-            out[key] = readable(value)
         else:
-            out[key] = value
+            out[key] = readable(value, body_as_json=body_as_json, precise=precise)
     return out
 
 

@@ -126,7 +126,9 @@ def _constants(node: nodes.Node) -> list[str]:
     if isinstance(node, nodes.Const) and isinstance(node.value, str):
         return [node.value]
     if isinstance(node, nodes.Tuple | nodes.List):
-        return [i.value for i in node.items if isinstance(i, nodes.Const) and isinstance(i.value, str)]
+        return [
+            i.value for i in node.items if isinstance(i, nodes.Const) and isinstance(i.value, str)
+        ]
     return []
 
 

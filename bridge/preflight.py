@@ -122,7 +122,11 @@ def _port_holder(port: int) -> str | None:
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            if (
+                len(fields) > 9
+                and fields[3] == "0A"
+                and int(fields[1].rsplit(":", 1)[1], 16) == port
+            ):
                 inodes.add(f"socket:[{fields[9]}]")
     if not inodes:
         return None
@@ -132,7 +136,9 @@ def _port_holder(port: int) -> str | None:
         try:
             if not any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
                 continue
-            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            command = " ".join(
+                (proc / "cmdline").read_bytes().decode(errors="replace").replace("\0", " ").split()
+            )
         except OSError:
             continue
         return f"pid {proc.name} ({command[:120]})"

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from bridge.breaker import CircuitBreaker
 from bridge.config import Config, ServerConfig, SignatureConfig, SourceConfig
 from bridge.delivery import DeliveryWorker
+from bridge.dlq import readable
 from bridge.errors import FieldIssue, PayloadError, StoreUnavailable
 from bridge.ingress.auth import (
     check_address,
@@ -32,7 +33,7 @@ from bridge.ingress.auth import (
 )
 from bridge.ingress.limits import RateLimits, check_json_shape, overloaded
 from bridge.ingress.signatures import SignedMessage
-from bridge.logs import REDACTOR, RedactingAccessLogger, mask_address
+from bridge.logs import REDACTOR, LogLimiter, RedactingAccessLogger, mask_address
 from bridge.metrics import CONTENT_TYPE, UNKNOWN, Metrics
 from bridge.models import NewEvent, WebhookPayload, idempotency_key
 from bridge.openapi import document
@@ -91,6 +92,7 @@ class IngestLoad:
 
 LOAD = web.AppKey("load", IngestLoad)
 RATE_LIMITS = web.AppKey("rate_limits", RateLimits)
+UNKNOWN_SOURCES = web.AppKey("unknown_sources", LogLimiter)
 
 
 def _dumps(value: Any) -> str:
@@ -254,7 +256,9 @@ async def _receive(request: web.Request) -> web.Response:
     settings = config.sources.get(source)
     if settings is None:
         app[METRICS].received(UNKNOWN, None, "refused:404")  # any name: not a label value
-        return _error(PayloadError(404, "unknown_source", f"no source named {source!r}"))
+        refusal = PayloadError(404, "unknown_source", f"no source named {source[:64]!r}")
+        _log_unknown_source(request, refusal, source)
+        return _error(refusal)
     signature = settings.signature
     try:
         text, data, payload, signed = await _admit(request, config, source, settings)
@@ -318,6 +322,29 @@ async def _receive(request: web.Request) -> web.Response:
     # The one log line per event is the router's, once it knows what the rules made of it.
     return web.json_response(
         {"event_id": stored.event_id, "duplicate": stored.duplicate}, status=202, dumps=_dumps
+    )
+
+
+def _log_unknown_source(request: web.Request, refusal: PayloadError, source: str) -> None:
+    """A webhook to a source the config does not name (most likely a wrong URL in the
+    platform's form) is logged like every refusal, but 10 lines a minute at most: a scanner
+    trying names must not flood the log; each line counts those held back before it."""
+    app = request.app
+    held_back = app[UNKNOWN_SOURCES].allow(time.monotonic())
+    if held_back is None:
+        return
+    log.info(
+        "webhook refused: 404 %s (configured: %s)",
+        refusal,
+        ", ".join(sorted(app[CONFIG].sources)) or "none",
+        extra={
+            "action": "webhook.refused",
+            "source": source[:64],
+            "status": 404,
+            "error": refusal.code,
+            "remote": request.remote,
+            "held_back": held_back,
+        },
     )
 
 
@@ -440,7 +467,9 @@ async def show_event(request: web.Request) -> web.Response:
     event = await request.app[STORE].event(request.match_info["event_id"])
     if event is None:
         return web.json_response({"error": "not_found", "message": "no such event"}, status=404)
-    return web.json_response(event)
+    # Times as `crm-bridge dlq show` gives them (ISO 8601 UTC, to the millisecond); the body
+    # as it was received, byte for byte.
+    return web.json_response(readable(event, body_as_json=False, precise=True))
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -559,6 +588,7 @@ def create_app(
     app[BACKLOG] = Backlog()
     app[LOAD] = IngestLoad()
     app[RATE_LIMITS] = RateLimits(clock)
+    app[UNKNOWN_SOURCES] = LogLimiter(burst=10, period=60.0)
     app[STORE] = store or open_store(config.store)
     app[WORKERS] = {}
 

@@ -11,6 +11,7 @@ decision the connectors make), as `terraform plan` does.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +20,12 @@ import jinja2
 from jinja2 import nodes
 from pydantic import ValidationError
 
+from bridge.check import describes, refusal
 from bridge.config import Config
 from bridge.models import NewDelivery, WebhookPayload
 from bridge.rules import ENV, RULE_FAILURES, CompiledRule, RuleSet, Scope, parse_condition
 from connectors import registry
-from connectors.base import Activity, Connector, LeadUpsert, apply_policies
+from connectors.base import Activity, Connector, FieldInfo, LeadUpsert, apply_policies
 
 
 class EventFileError(Exception):
@@ -52,7 +54,8 @@ class FieldChange:
     name: str
     before: Any
     after: Any
-    change: str  # "+" set on a new record, "~" changed, "=" unchanged, "!" held back
+    # "+" set on a new record, "~" changed, "=" unchanged, "!" held back, "x" the CRM refuses
+    change: str
     why: str = ""
 
 
@@ -66,10 +69,15 @@ class PlannedOperation:
 
 
 def read_event(path: str) -> dict[str, Any]:
-    """A webhook payload from a JSON file, validated as the webhook endpoint would."""
+    """A webhook payload from a JSON file (`-`: standard input), validated as the webhook
+    endpoint would."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        if path == "-":
+            path = "(standard input)"
+            data = json.loads(sys.stdin.read())
+        else:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
     except OSError as exc:
         raise EventFileError(f"cannot read {path}: {exc.strerror}") from None
     except ValueError as exc:
@@ -301,11 +309,29 @@ async def plan(
             continue
         try:
             current = await connector.current(op, list(op.fields))
+            described = await connector.describe(op.object) if describes(connector) else None
         except Exception as exc:  # noqa: BLE001  # a plan shows any failure to read, no traceback
             item.error = f"cannot read the record: {exc}"
             continue
         item.headline, item.fields = _compare(op, current, delivery)
+        if described:  # a connector that describes nothing says nothing of its fields
+            _mark_refusals(item, delivery.connector, op.object, described)
     return planned
+
+
+def _mark_refusals(
+    item: PlannedOperation, connector: str, obj: str, fields: dict[str, FieldInfo]
+) -> None:
+    """Each field the CRM would refuse (`check --online`'s reasons): the daemon would dead-
+    letter the write, so the plan must not show it as a change."""
+    refused = 0
+    for change in item.fields:
+        why = refusal(connector, obj, fields, change.name, change.after)
+        if why is not None:
+            change.change, change.why = "x", why
+            refused += 1
+    if refused:
+        item.headline += f"; the CRM would refuse it ({refused} field(s) marked x)"
 
 
 def _compare(
@@ -403,6 +429,8 @@ def _render_plan(planned: list[PlannedOperation]) -> list[str]:
                 text = f"{_show(c.before)} -> {_show(c.after)}"
             elif c.change == "!":
                 text = f"{_show(c.before)} kept, not {_show(c.after)} ({c.why})"
+            elif c.change == "x":
+                text = f"{_show(c.after)} refused: {c.why}"
             else:
                 text = _show(c.after)
             lines.append(f"    {c.change} {c.name}: {text}")

@@ -99,7 +99,10 @@ def test_reloads_under_a_stream_of_events_lose_nothing(tmp_path, daemon_factory)
             written = d["result"]["detail"]["would_write"]["fields"]
             assert written == d["operation"]["fields"]
             assert set(written.values()) == {"v1" if d["rule"] == "v1" else "v2"}
-            crossed += any(d["created_at"] < t < d["updated_at"] for t in reloads)
+            made, sent = (
+                datetime.fromisoformat(d[k]).timestamp() for k in ("created_at", "updated_at")
+            )
+            crossed += any(made < t < sent for t in reloads)
     assert set(seen) == {("v1",), ("v2-hubspot", "v2-salesforce")}
     assert crossed > 0, crossed
     (failed,) = daemon.actions("config.reload_failed")

@@ -62,9 +62,14 @@ def test_check_offline_and_online_without_credentials():
     done = cli("check", "--config", str(EXAMPLE))
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == f"{EXAMPLE}: OK (2 connector(s), 13 rule(s))"
+    # Online without any credentials nothing is checked: no false pass.
     online = cli("check", "--online", "--config", str(EXAMPLE))
-    assert online.returncode == 0, online.stderr
+    assert online.returncode == 1, online.stderr
     assert "warning: " in online.stdout and "no credentials: not checked" in online.stdout
+    assert online.stderr.splitlines()[-1] == (
+        "crm-bridge: online: no connector was checked (not checked: hubspot, salesforce)"
+    )
+    assert "every mapped field exists" not in online.stdout
 
 
 def test_check_reports_every_problem_with_its_place(tmp_path):

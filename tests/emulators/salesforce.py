@@ -207,6 +207,8 @@ def default_schema() -> dict[str, SObjectDef]:
             restricted=True,
         ),
         FieldDef("LeadSource", "picklist", 255, "Lead Source", picklist=sources),
+        FieldDef("EmailBouncedReason", "string", 255, "Email Bounced Reason"),
+        FieldDef("EmailBouncedDate", "datetime", 0, "Email Bounced Date"),
         FieldDef("Website", "url", 255, "Website"),
         FieldDef("Description", "textarea", 32000, "Description"),
         FieldDef("IsConverted", "boolean", 0, "Converted", nillable=False, default=False, **ro),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+from datetime import datetime
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -40,6 +41,11 @@ async def post(client, body):
     return response.status, await response.json(), response.headers
 
 
+def epoch(moment: str) -> float:
+    """A time `/events/<id>` gives (ISO 8601, to the millisecond) as wall-clock seconds."""
+    return datetime.fromisoformat(moment).timestamp()
+
+
 async def delivery_of(client, event_id, predicate, timeout=20.0):
     async def poll():
         while True:
@@ -73,9 +79,9 @@ async def test_an_outage_over_many_retry_steps_ends_in_one_record(tmp_path, hubs
                 body["event_id"],
                 lambda d, n=attempt: d["attempts"] == n and d["status"] == "pending",
             )
-            delays.append(failed["next_attempt_at"] - clock())
+            delays.append(epoch(failed["next_attempt_at"]) - clock())
             assert failed["last_error"].startswith("HubSpot 503")
-            clock.advance(failed["next_attempt_at"] - clock() + 0.001)
+            clock.advance(epoch(failed["next_attempt_at"]) - clock() + 0.001)
         # Then the ninth attempt lands, once
         done = await delivery_of(client, body["event_id"], lambda d: d["status"] == "done")
         assert done["attempts"] == 9
@@ -101,7 +107,7 @@ async def test_an_outage_longer_than_the_horizon_dead_letters(tmp_path, hubspot_
             )
             if d["status"] == "dead":
                 break
-            clock.advance(d["next_attempt_at"] - clock() + 0.001)
+            clock.advance(epoch(d["next_attempt_at"]) - clock() + 0.001)
         assert d["last_error"].startswith(f"gave up after {d['attempts']} attempts: HubSpot 503")
         assert clock() - 1_700_000_000.0 <= 7200
     finally:
