@@ -38,6 +38,7 @@ class CircuitBreaker:
         self._current_cooldown = cooldown
         self._tripped = False
         self.reason: str | None = None  # why it opened, for readiness and status
+        self.kind: str | None = None  # what a person must fix: "auth", "configuration"
         self.auth_failed = False
 
     @property
@@ -57,13 +58,17 @@ class CircuitBreaker:
         self._tripped = False
         self._current_cooldown = self.cooldown
         self.reason = None
+        self.kind = None
         self.auth_failed = False
 
-    def record_failure(self, reason: str, *, auth: bool = False) -> None:
+    def record_failure(self, reason: str, *, auth: bool = False, kind: str | None = None) -> None:
+        """A failed call; `auth` (the connector cannot be used until a person fixes its
+        credentials or set-up, `kind` says which) opens it for the authentication pause."""
         self.failures += 1
         if auth:
             self._open(self.auth_cooldown, reason)
             self.auth_failed = True
+            self.kind = kind or "auth"
         elif self._tripped:
             # A failed probe: wait longer next time.
             self._current_cooldown = min(self._current_cooldown * 2, self.cooldown_max)

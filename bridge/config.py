@@ -221,9 +221,9 @@ class DeliveryConfig(_Strict):
     # A status update or an activity whose record does not exist yet waits this long for the
     # contact's delivery that creates it (released at once when it lands); then `if_missing`.
     await_record: float = Field(default=900.0, ge=0)
-    # Under load, gather what is due for this long (seconds) before a claim, so that batches
-    # fill; a lone delivery after an idle spell leaves at once.
-    batch_gather: float = Field(default=0.05, ge=0, le=5)
+    # Under load (a call in flight), gather what is due until a call ends, for this long
+    # (seconds) at most, so that batches fill; a lone delivery after an idle spell leaves at once.
+    batch_gather: float = Field(default=0.25, ge=0, le=5)
 
 
 class ConnectorEntry(BaseModel):

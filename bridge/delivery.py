@@ -26,6 +26,7 @@ from bridge.errors import (
     ConnectorUnusable,
     DeliveryError,
     LeaseExpired,
+    Misconfigured,
     PermanentDelivery,
     RetryableDelivery,
     StoreUnavailable,
@@ -114,6 +115,13 @@ def crm_held(result: DeliveryResult) -> frozenset[str]:
     return frozenset(held)
 
 
+def _pause_kind(error: Exception) -> str | None:
+    """What a person must fix before a connector that cannot be used resumes."""
+    if isinstance(error, Misconfigured):
+        return "configuration"
+    return "auth" if isinstance(error, ConnectorUnusable) else None
+
+
 class DeliveryWorker:
     """Sends one connector's due deliveries, at most `concurrency` calls at a time."""
 
@@ -153,6 +161,7 @@ class DeliveryWorker:
         self._await_record = await_record
         self._gather = gather
         self._wake = asyncio.Event()
+        self._call_ended = asyncio.Event()
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -167,7 +176,7 @@ class DeliveryWorker:
         try:
             await self.connector.verify()
         except ConnectorUnusable as exc:
-            self.breaker.record_failure(str(exc), auth=True)
+            self.breaker.record_failure(str(exc), auth=True, kind=_pause_kind(exc))
             log.warning(
                 "%s cannot be used until its set-up is fixed: %s",
                 self.name,
@@ -195,9 +204,12 @@ class DeliveryWorker:
                 free = 0 if self._inflight else 1
             if free > 0:
                 if self._inflight and self._gather and not probing:
-                    # Under load: let what is due gather a moment, so that batches fill;
-                    # after an idle spell (nothing in flight) a lone delivery leaves at once.
-                    await asyncio.sleep(self._gather)
+                    # Under load: while a call is in flight, let what is due gather until it
+                    # ends (or for `gather` at most), so that batches fill; after an idle
+                    # spell (nothing in flight) a lone delivery leaves at once.
+                    self._call_ended.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._call_ended.wait(), self._gather)
                 limit = 1 if probing else free * self.connector.max_batch
                 started = time.perf_counter()
                 claimed_at = self._clock()
@@ -244,6 +256,7 @@ class DeliveryWorker:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
+        self._call_ended.set()
         self._wake.set()
 
     def start(self) -> None:
@@ -460,7 +473,7 @@ class DeliveryWorker:
         first = outcomes[0]
         before = self.breaker.state
         unusable = isinstance(first, ConnectorUnusable)
-        self.breaker.record_failure(str(first), auth=unusable)
+        self.breaker.record_failure(str(first), auth=unusable, kind=_pause_kind(first))
         if self.breaker.state is BreakerState.OPEN and before is not BreakerState.OPEN:
             log.warning(
                 "%s paused for %.0fs %s: %s",

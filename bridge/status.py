@@ -39,7 +39,7 @@ def live_pauses(breaker: CircuitBreaker, connector: Connector, now: float) -> li
     ]
     if breaker.state is BreakerState.OPEN:
         reason = breaker.reason or "repeated failures"
-        held.append((now + breaker.wait_seconds(), BREAKER_PAUSE, reason))
+        held.append((now + breaker.wait_seconds(), breaker.kind or BREAKER_PAUSE, reason))
     return [
         {"kind": kind, "reason": reason, "until": iso(until), "seconds_left": round(until - now, 1)}
         for until, kind, reason in sorted(held, key=lambda h: h[0], reverse=True)

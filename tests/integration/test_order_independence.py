@@ -74,7 +74,9 @@ def histories(draw: st.DrawFn) -> tuple[list[Event], list[tuple[Event, bool]], i
                     contact=contact,
                     type=draw(st.sampled_from(TYPES)),
                     at=at,
-                    interest=draw(st.sampled_from(["interested", "interested", "not_interested", None])),
+                    interest=draw(
+                        st.sampled_from(["interested", "interested", "not_interested", None])
+                    ),
                     first_name=draw(st.sampled_from(["Ada", "Augusta"])),
                     title=draw(st.sampled_from(["CTO", "Countess"])),
                     phone=draw(st.sampled_from([None, "+44 20 7946 0000", "+44 20 7946 0999"])),
