@@ -115,7 +115,7 @@ def crm_held(result: DeliveryResult) -> frozenset[str]:
     return frozenset(held)
 
 
-def _pause_kind(error: Exception) -> str | None:
+def _pause_kind(error: object) -> str | None:
     """What a person must fix before a connector that cannot be used resumes."""
     if isinstance(error, Misconfigured):
         return "configuration"

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the `bridge` fixture, imported from test_delivery, is each test's argument)
 """Under a sustained stream the worker lets due deliveries gather while a call is in flight,
 so that CRM batches fill; a lone event after an idle spell still leaves at once."""
 

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the `bridge` fixture, imported from test_delivery, is each test's argument)
 """A metadata endpoint the connector needs answering 404 is a configuration problem: one clear
 log line and the connector paused (shown in status, readiness and metrics), its deliveries
 kept queued; not a dead letter per delivery."""

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the `bridge` fixture, imported from test_delivery, is each test's argument)
 """Events that arrive out of order, as a user sees them in the CRMs: the example config's
 rules, the real SDKs, the emulators (one scenario per cause the order-independence property
 found: whole writes skipped as stale, writes that gave up before their record existed, and
