@@ -391,7 +391,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     # The address is the operator's own input: echoing it masked keeps terminals and
     # scrollback free of it too.
     print(
-        f"forgot {mask_address(email)}: {events} event(s) and {deliveries} deliver"
+        f"forgot {mask_address(args.email.strip())}: {events} event(s) and {deliveries} deliver"
         f"{'y' if deliveries == 1 else 'ies'} deleted from {config.store.describe()}"
     )
     return 0

@@ -161,16 +161,18 @@ class TextFormatter(logging.Formatter):
         self.redactor = redactor
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        text = self.redactor.text(super().format(record))
+        # Each value masked alone: an address right after `key=` would otherwise take the key
+        # into its local part.
         pairs = [
-            f"{k}={_text_value(self.redactor.value(v))}"
+            f"{k}={self.redactor.text(_text_value(self.redactor.value(v)))}"
             for k, v in vars(record).items()
             if k not in _STANDARD and v is not None and v != [] and v != {}
         ]
         if pairs:
             head, sep, tail = text.partition("\n")  # a traceback stays below the line
             text = f"{head} {' '.join(pairs)}{sep}{tail}"
-        return self.redactor.text(text)
+        return text
 
 
 def _text_value(value: Any) -> str:
