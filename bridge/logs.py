@@ -29,8 +29,11 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 MASK = "***"
 # The local part's characters are RFC 5322's `atext` and dots.
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
+# A local part never starts with `/` here: `postgresql://user@host/db` is a URL's user and host,
+# shown as they are (only the password is secret), not an email to mask.
+_LOCAL_START = _ATEXT.replace("/", "")
 _EMAIL = re.compile(
-    rf"(?<![{_ATEXT}.])([{_ATEXT}])[{_ATEXT}.]*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)"
+    rf"(?<![{_ATEXT}.])([{_LOCAL_START}])[{_ATEXT}.]*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)"
 )
 # A key naming a credential, whatever comes before it (`hubspot_token`, `accessToken`,
 # `X-Api-Key`, `x-webhook-token`), then `:` or `=`, then the value. The key starts where a
@@ -177,7 +180,8 @@ class TextFormatter(logging.Formatter):
 
 def _text_value(value: Any) -> str:
     """A bare word as it is; anything else (spaces, quotes, `=`, lists, maps) as JSON."""
-    if isinstance(value, str) and value and not any(c in value for c in " \"'=\n\t"):
+    # `@` too: `=` may start an email's local part, so `key=j***@x.io` would mask the key.
+    if isinstance(value, str) and value and not any(c in value for c in " \"'=@\n\t"):
         return value
     return orjson.dumps(value, default=str).decode()
 
